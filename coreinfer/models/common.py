@@ -1,0 +1,247 @@
+"""Pieces every model family shares: norms, rotary embeddings, the KV cache, attention, the FFN.
+
+Shapes: B batch, T new tokens, S cache slots, H query heads, Hkv key/value heads, hd head dim,
+d model width, F FFN width.
+
+Batches are left-padded: every sequence writes the same cache slots, so one slot index list `slots`
+[T] serves the whole batch, while RoPE positions [B, T] differ per sequence (they skip the padding).
+"""
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+ACTIVATIONS = {
+    "silu": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32. Gemma stores its scale as w and multiplies by (1 + w): `offset=1`."""
+
+    def __init__(self, dim: int, eps: float, offset: float = 0.0):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim) if offset == 0 else torch.zeros(dim))
+        self.eps, self.offset = eps, offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:  # Gemma scales in fp32 before casting back
+            return (h * (self.offset + self.weight.float())).type_as(x)
+        return self.weight * h.type_as(x)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [hd/2] and the cos/sin scale, for the rope_scaling types checkpoints use."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind == "default":
+        return inv.float(), 1.0
+    if kind == "linear":
+        return (inv / scaling["factor"]).float(), 1.0
+    if kind == "llama3":
+        # Llama 3.1: long wavelengths slowed by `factor`, short kept, a smooth ramp between.
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        ramped = (1 - smooth) * inv / factor + smooth * inv
+        out = torch.where(wavelen > old_len / lo, inv / factor, inv)
+        is_mid = (wavelen <= old_len / lo) & (wavelen >= old_len / hi)
+        return torch.where(is_mid, ramped, out).float(), 1.0
+    if kind == "yarn":
+        factor, old_len = scaling["factor"], scaling["original_max_position_embeddings"]
+        beta_fast, beta_slow = scaling.get("beta_fast", 32), scaling.get("beta_slow", 1)
+
+        def dim_of(rotations):  # the dimension whose wavelength makes `rotations` turns over old_len
+            return head_dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+        lo = max(math.floor(dim_of(beta_fast)), 0)
+        hi = min(math.ceil(dim_of(beta_slow)), head_dim - 1)
+        ramp = ((torch.arange(head_dim // 2, dtype=torch.float64, device="cpu") - lo) / max(hi - lo, 1e-3)).clamp(0, 1)
+        extrapolate = 1 - ramp
+        inv = (inv / factor) * (1 - extrapolate) + inv * extrapolate
+        mscale = scaling.get("attention_factor") or (0.1 * math.log(factor) + 1.0)
+        return inv.float(), mscale
+    raise ValueError(f"unsupported rope_scaling type {kind!r}; supported: default, linear, llama3, yarn")
+
+
+class Rotary(nn.Module):
+    """cos/sin tables [S, hd], built for the cache length by `setup_caches`, looked up by position."""
+
+    def __init__(self, head_dim: int, theta: float, scaling: dict | None = None):
+        super().__init__()
+        self.inv_freq, self.scale = rope_inv_freq(head_dim, theta, scaling)
+        self.cos = self.sin = None
+
+    def ensure(self, length: int, device) -> None:
+        if self.cos is not None and self.cos.shape[0] >= length and self.cos.device == torch.device(device):
+            return
+        angles = torch.outer(torch.arange(length, dtype=torch.float32, device="cpu"), self.inv_freq)  # [S, hd/2]
+        angles = torch.cat([angles, angles], dim=-1).to(device)  # [S, hd], half-split layout as in HF
+        self.cos, self.sin = angles.cos() * self.scale, angles.sin() * self.scale
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # [B, T] -> [B, 1, T, hd], broadcast over heads
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values [B, Hkv, S, hd]; a forward writes its T slots in place."""
+
+    def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
+        """Write k, v [B, Hkv, T, hd] at `slots` [T]; return the first `kv_len` slots (views, no copy)."""
+        self.k.index_copy_(2, slots, k)
+        self.v.index_copy_(2, slots, v)
+        return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
+
+
+def attention_mask(slots: torch.Tensor, key_valid: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Boolean mask [B, 1, T, S'] of the keys each new token may see.
+
+    slots [T]: cache slots of the new tokens; key_valid [B, S']: slots that hold real tokens (not padding).
+    A token always sees itself so that padding rows never softmax over nothing (NaN would leak into V).
+    Slot distance equals position distance within a sequence, so the sliding window is checked on slots.
+    """
+    k_slots = torch.arange(key_valid.shape[1], device=slots.device)
+    dist = slots[:, None] - k_slots[None, :]  # [T, S']
+    visible = dist >= 0
+    if window is not None:
+        visible &= dist < window
+    mask = visible[None] & key_valid[:, None, :]  # [B, T, S']
+    mask |= dist[None] == 0
+    return mask[:, None]
+
+
+def attend(q, k, v, mask, scale: float) -> torch.Tensor:
+    """q [B, H, T, hd], k/v [B, Hkv, S', hd] -> [B, T, H*hd]; GQA by repeating kv heads inside SDPA."""
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    return out.transpose(1, 2).flatten(2)
+
+
+class FFN(nn.Module):
+    """The one FFN interface every family uses, so the core engine never looks inside a family.
+
+    Gated (SwiGLU/GeGLU): a = act(x W_gate^T) * (x W_up^T); plain (OPT): a = act(x W_up^T + b_up).
+    out = a @ down + b_down. `down` is stored transposed, [F, d], so a neuron is a *row* of up, gate
+    and down alike and compaction is three row gathers.
+    """
+
+    def __init__(self, dim: int, hidden: int, act: str, gated: bool, bias: bool):
+        super().__init__()
+        self.act_name, self.act = act, activation(act)
+        self.up = nn.Parameter(torch.empty(hidden, dim))  # [F, d]
+        self.gate = nn.Parameter(torch.empty(hidden, dim)) if gated else None  # [F, d]
+        self.down = nn.Parameter(torch.empty(hidden, dim))  # [F, d]
+        self.up_bias = nn.Parameter(torch.zeros(hidden)) if bias else None  # [F]
+        self.down_bias = nn.Parameter(torch.zeros(dim)) if bias else None  # [d]
+
+    @property
+    def gated(self) -> bool:
+        return self.gate is not None
+
+    def activations(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, d] -> a [B, T, F], the input of the down projection."""
+        up = F.linear(x, self.up, self.up_bias)
+        if self.gate is None:
+            return self.act(up)
+        return self.act(F.linear(x, self.gate)) * up
+
+    def project(self, a: torch.Tensor) -> torch.Tensor:
+        out = a @ self.down  # [B, T, F] @ [F, d]
+        return out if self.down_bias is None else out + self.down_bias
+
+    def forward(self, x: torch.Tensor, acts: list | None = None) -> torch.Tensor:
+        a = self.activations(x)
+        if acts is not None:
+            acts.append(a)
+        return self.project(a)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with GQA, optional q/k/v bias (Qwen2, OPT), q/k RMSNorm (Gemma 3), RoPE."""
+
+    def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, scale: float,
+                 qkv_bias: bool = False, out_bias: bool = False, qk_norm_eps: float | None = None):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim, self.scale = heads, kv_heads, head_dim, scale
+        self.q_proj = nn.Linear(dim, heads * head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(heads * head_dim, dim, bias=out_bias)
+        self.q_norm = RMSNorm(head_dim, qk_norm_eps, offset=1.0) if qk_norm_eps else None
+        self.k_norm = RMSNorm(head_dim, qk_norm_eps, offset=1.0) if qk_norm_eps else None
+        self.cache: KVCache | None = None
+
+    def forward(self, x, rope, slots, mask) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        k, v = self.cache.update(slots, k, v, kv_len=mask.shape[-1])  # [B, Hkv, S', hd]
+        return self.o_proj(attend(q, k, v, mask, self.scale))
+
+
+def feed_forward(block: nn.Module, h: torch.Tensor, sparse: bool, acts: list | None) -> torch.Tensor:
+    """A block's FFN: its compacted core weights when decoding sparse and a core set is loaded."""
+    if sparse and block.core.loaded:
+        return block.core(h)
+    return block.mlp(h, acts)
+
+
+class CausalLM(nn.Module):
+    """What every family shares: `layers` of blocks (each with `.mlp`, `.core`, `.self_attn.cache`)."""
+
+    def setup_caches(self, batch: int, max_len: int) -> None:
+        """Allocate the KV caches (and RoPE tables) once; reused while a request fits in them."""
+        ref = self.embed_tokens.weight  # FFN weights may be int8; the cache takes the compute dtype
+        for rotary in self.rotaries():
+            rotary.ensure(max_len, ref.device)
+        attn0 = self.layers[0].self_attn
+        if attn0.cache is not None and attn0.cache.k.shape[0] == batch and attn0.cache.k.shape[2] >= max_len:
+            return
+        for layer in self.layers:
+            a = layer.self_attn
+            a.cache = KVCache(batch, a.kv_heads, max_len, a.head_dim, ref.dtype, ref.device)
+
+    def rotaries(self) -> list[Rotary]:
+        return [m for m in self.children() if isinstance(m, Rotary)]
+
+    @property
+    def max_context(self) -> int:
+        return self.config.max_position_embeddings
+
+    @property
+    def cache_len(self) -> int:
+        cache = self.layers[0].self_attn.cache
+        return 0 if cache is None else cache.k.shape[2]
