@@ -1,0 +1,1 @@
+"""Model-free evaluation support: task data, prompt formats and scoring metrics."""
