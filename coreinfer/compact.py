@@ -24,7 +24,7 @@ class CompactFFN(nn.Module):
             return old
         return torch.empty(shape, dtype=like.dtype, device=like.device)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def load(self, ffn: FFN, index: torch.Tensor) -> None:
         """Gather the rows `index` [B, k] (neuron ids, one row of ids per sequence) of `ffn`."""
         B, k = index.shape

@@ -102,7 +102,7 @@ def ranking_for(core: CoreConfig, gated: bool) -> str:
     return "abs" if gated else "relu"
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def select(acts: list[torch.Tensor], valid: torch.Tensor, core: CoreConfig, gated: bool) -> dict[int, torch.Tensor]:
     """Per sparse layer, each sequence's core ids: acts[l] [B, T, F], valid [B, T] -> {l: [B, k]}."""
     ranking = ranking_for(core, gated)
@@ -114,7 +114,7 @@ def select(acts: list[torch.Tensor], valid: torch.Tensor, core: CoreConfig, gate
     return out
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def compact(model, index: dict[int, torch.Tensor]) -> None:
     """Load each sparse layer's core rows into its CompactFFN; every other layer decodes dense."""
     for i, layer in enumerate(model.layers):

@@ -33,8 +33,8 @@ def our_logits(model, prompts: list[list[int]], continuations: list[list[int]], 
     """
     steps = max(len(c) for c in continuations)
     batch = Batch(prompts, steps, pad_id=0, device="cpu")
-    model.setup_caches(len(prompts), batch.total_len)
-    with torch.no_grad():
+    with torch.inference_mode():
+        model.setup_caches(len(prompts), batch.total_len)
         acts = [] if core_hook else None
         T0 = batch.prompt_len
         pre = model(batch.ids, batch.prompt_positions, batch.slots[:T0], batch.key_valid[:, :T0], acts=acts)

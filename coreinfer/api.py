@@ -1,0 +1,127 @@
+"""The Python API: load a model once, then generate, stream or score with or without core neurons.
+
+    from coreinfer import LLM, GenerationConfig, CoreConfig
+    llm = LLM()                                   # the embedded SmolLM2-135M-Instruct
+    out = llm.generate("The capital of France is", GenerationConfig(max_new_tokens=16), core=CoreConfig(beta=0.7))
+"""
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .core import CoreConfig, CoreStats
+from .generate import GenerationConfig, generate_ids
+from .loading import load_checkpoint
+from .models import build_model
+from .text import TextStream, Tokenizer
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how the model runs. dtype None: fp32 on CPU, bf16 on CUDA. threads None: torch's default."""
+
+    model: str | None = None
+    device: str = "cpu"
+    dtype: str | None = None
+    threads: int | None = None
+
+    def torch_dtype(self) -> torch.dtype:
+        name = self.dtype or ("fp32" if torch.device(self.device).type == "cpu" else "bf16")
+        if name not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+        return DTYPES[name]
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    prompt_tokens: int
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    core: CoreStats | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def decode_tok_s(self) -> float:
+        """Tokens after the first over the time they took (the first comes from the prefill)."""
+        return (self.completion_tokens - 1) / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+
+@dataclass
+class StreamEvent:
+    index: int  # which prompt of the batch
+    text: str  # the new piece of its text ("" on the final event if nothing was held back)
+    completion: Completion | None = field(default=None)  # set on that prompt's final event
+
+
+class LLM:
+    def __init__(self, model: str | None = None, device: str = "cpu", dtype: str | None = None,
+                 threads: int | None = None, progress: bool = True):
+        self.runtime = RuntimeConfig(model, device, dtype, threads)
+        if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
+            torch.set_num_threads(threads)
+        ckpt = load_checkpoint(model, progress=progress)
+        self.name = ckpt.source
+        self.config = ckpt.config
+        self.model = build_model(ckpt.config, ckpt.weights, device, self.runtime.torch_dtype())
+        self.tokenizer = Tokenizer(ckpt.tokenizer_dir, ckpt.config)
+
+    def encode(self, prompt: str | list[dict], chat: bool = False) -> list[int]:
+        """A string (as is, or wrapped as one user turn when chat) or a list of chat messages."""
+        if isinstance(prompt, list):
+            return self.tokenizer.encode_chat(prompt)
+        return self.tokenizer.encode(prompt, chat=chat)
+
+    def stream(self, prompts, gen: GenerationConfig | None = None, core: CoreConfig | None = None,
+               chat: bool = False) -> Iterator[StreamEvent]:
+        """Yield text pieces as they are decoded; each prompt ends with an event carrying its Completion."""
+        gen = gen or GenerationConfig()
+        prompts = [prompts] if isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict)) else prompts
+        ids = [self.encode(p, chat) for p in prompts]
+        streams = [TextStream(self.tokenizer, gen.stop) for _ in ids]
+        finished = [False] * len(ids)
+        stats: dict = {}
+        t0 = time.perf_counter()
+        t_first = None
+        for token in generate_ids(self.model, ids, gen, core, self.tokenizer.eos_ids, self.tokenizer.pad_id, stats):
+            t_first = t_first or time.perf_counter()
+            for b, tok in enumerate(token.tolist()):
+                if finished[b]:
+                    continue
+                if tok in self.tokenizer.eos_ids and not gen.ignore_eos:
+                    finished[b] = "stop"
+                else:
+                    piece = streams[b].push(tok)
+                    if piece:
+                        yield StreamEvent(b, piece)
+                    if streams[b].stopped:
+                        finished[b] = "stop"
+            if all(finished):
+                break
+        t_end = time.perf_counter()
+        t_first = t_first or t_end
+        for b, s in enumerate(streams):
+            tail = s.finish()
+            done = Completion(s.text, s.ids, finished[b] or "length", len(ids[b]), prefill_s=t_first - t0,
+                              decode_s=t_end - t_first, core=stats.get("core"))
+            yield StreamEvent(b, tail, done)
+
+    def generate(self, prompts, gen: GenerationConfig | None = None, core: CoreConfig | None = None,
+                 chat: bool = False) -> list[Completion]:
+        return [e.completion for e in self.stream(prompts, gen, core, chat) if e.completion is not None]
