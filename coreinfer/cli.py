@@ -137,7 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     add_runtime_args(p), add_generation_args(p, max_new_tokens=256), add_core_args(p)
     p.set_defaults(func=cmd_chat)
+
+    # Each further command lives in its own module, which adds its parser here.
+    for add_parser in command_modules():
+        add_parser(sub)
     return parser
+
+
+def command_modules() -> list:
+    """The `add_parser(sub)` functions of the modules that bring their own commands."""
+    return []
 
 
 def main(argv: list[str] | None = None) -> int:
