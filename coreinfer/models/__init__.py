@@ -2,7 +2,7 @@
 
 import torch
 
-from . import llama
+from . import gemma3, llama, opt
 from .common import CausalLM
 
 # config.json `model_type` -> (config class, model class, sanitize)
@@ -10,6 +10,8 @@ FAMILIES = {
     "llama": (llama.LlamaConfig, llama.Model, llama.sanitize),
     "mistral": (llama.LlamaConfig, llama.Model, llama.sanitize),
     "qwen2": (llama.LlamaConfig, llama.Model, llama.sanitize),
+    "gemma3_text": (gemma3.Gemma3Config, gemma3.Model, llama.sanitize),  # same HF parameter names
+    "opt": (opt.OPTConfig, opt.Model, opt.sanitize),
 }
 
 
