@@ -7,10 +7,16 @@ decode step after that reads only the core rows.
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from .selection import RANKINGS, STATISTICS, core_neurons, keep_count
+
+if TYPE_CHECKING:
+    from .similarity import ClusterSet
+
+MODES = ("stability", "similarity")
 
 
 @dataclass
@@ -21,6 +27,8 @@ class CoreConfig:
     stay dense: on small models those layers are the least stable and sparsifying them costs the
     most), "all", a spec like "3-27" or "2,4-9", or a list of layer ids.
     ranking: token-wise strength; "auto" is |a| for gated FFNs and positive-only for ReLU FFNs.
+    mode: "stability" takes each prompt's own core set; "similarity" assigns the prompt to a cluster of
+    `clusters` (built by `coreinfer cluster`) and takes that cluster's precomputed core set.
     """
 
     alpha: float = 0.4
@@ -28,6 +36,8 @@ class CoreConfig:
     statistic: str = "frequency"
     ranking: str = "auto"
     layers: str | list[int] | None = None
+    mode: str = "stability"
+    clusters: "ClusterSet | None" = None
 
     def __post_init__(self):
         if not 0 < self.alpha <= 1:
@@ -39,6 +49,10 @@ class CoreConfig:
             raise ValueError(f"statistic must be one of {STATISTICS}, got {self.statistic!r}")
         if self.ranking != "auto" and self.ranking not in RANKINGS:
             raise ValueError(f"ranking must be 'auto' or one of {RANKINGS}, got {self.ranking!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "similarity" and self.clusters is None:
+            raise ValueError("similarity mode needs a cluster set (--clusters FILE, made by `coreinfer cluster`)")
 
     @property
     def betas(self) -> list[float]:
@@ -94,6 +108,8 @@ class CoreStats:
     compact_ms: float = 0.0
     bytes_dense: int = 0
     bytes_core: int = 0
+    cluster: list[int] | None = None  # similarity mode: each sequence's cluster
+    cluster_score: list[float] | None = None  # and its mean core-set overlap with that cluster's members
 
 
 def ranking_for(core: CoreConfig, gated: bool) -> str:
@@ -146,10 +162,16 @@ def decode_bytes(model, index: dict[int, torch.Tensor] | None = None) -> int:
 def select_and_compact(model, acts, valid, core: CoreConfig) -> CoreStats:
     gated = model.layers[0].mlp.gated
     t0 = time.perf_counter()
-    index = select(acts, valid, core, gated)
+    chosen = scores = None
+    if core.mode == "similarity":
+        core.clusters.check(model)
+        index, chosen, scores = core.clusters.index(acts, valid, core.keep(len(acts)))
+    else:
+        index = select(acts, valid, core, gated)
     t1 = time.perf_counter()
     compact(model, index)
     t2 = time.perf_counter()
     return CoreStats(core_sizes={i: ix.shape[1] for i, ix in index.items()}, ffn_width=acts[0].shape[-1],
                      select_ms=(t1 - t0) * 1e3, compact_ms=(t2 - t1) * 1e3,
-                     bytes_dense=decode_bytes(model), bytes_core=decode_bytes(model, index))
+                     bytes_dense=decode_bytes(model), bytes_core=decode_bytes(model, index),
+                     cluster=chosen, cluster_score=scores)
