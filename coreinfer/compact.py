@@ -4,44 +4,51 @@ import torch
 import torch.nn as nn
 
 from .models.common import FFN
+from .quant import int8_matmul
 
 
 class CompactFFN(nn.Module):
     """Core weights of one FFN layer, per sequence: up/gate/down [B, k, d], up bias [B, k].
 
-    The buffers are allocated on the first load and reused by every later load of the same shape, so
-    serving many prompts allocates nothing after warm-up. They are not part of the state dict.
+    int8 FFNs keep the int8 kernel's layout: down [B, d, k] (core *columns*) and per-neuron scales
+    [B, k] for up/gate. The buffers are allocated on the first load and reused by every later load of
+    the same shape, so serving many prompts allocates nothing after warm-up. Not in the state dict.
     """
 
     def __init__(self):
         super().__init__()
         self.act = None
         self.up = self.gate = self.down = self.up_bias = self.down_bias = None
-        self.loaded = False
+        self.up_scale = self.gate_scale = self.down_scale = None
+        self.quantized = self.loaded = False
 
-    def _buffer(self, old: torch.Tensor | None, shape, like: torch.Tensor) -> torch.Tensor:
-        if old is not None and old.shape == shape and old.dtype == like.dtype and old.device == like.device:
-            return old
-        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    def _gather(self, name: str, source: torch.Tensor | None, index: torch.Tensor, dim: int = 0):
+        """Gather `index` [B, k] along `dim` of `source` into the reused buffer `name` [B, ...]."""
+        if source is None:
+            setattr(self, name, None)
+            return
+        shape = list(source.shape)
+        shape[dim] = index.shape[1]
+        shape = (index.shape[0], *shape)
+        buf = getattr(self, name)
+        if buf is None or buf.shape != shape or buf.dtype != source.dtype or buf.device != source.device:
+            buf = torch.empty(shape, dtype=source.dtype, device=source.device)
+            setattr(self, name, buf)
+        for b in range(index.shape[0]):
+            torch.index_select(source, dim, index[b], out=buf[b])
 
     @torch.inference_mode()
     def load(self, ffn: FFN, index: torch.Tensor) -> None:
-        """Gather the rows `index` [B, k] (neuron ids, one row of ids per sequence) of `ffn`."""
-        B, k = index.shape
-        d = ffn.up.shape[1]
-        self.act = ffn.act
-        self.up = self._buffer(self.up, (B, k, d), ffn.up)
-        self.down = self._buffer(self.down, (B, k, d), ffn.down)
-        self.gate = self._buffer(self.gate, (B, k, d), ffn.gate) if ffn.gated else None
-        self.up_bias = self._buffer(self.up_bias, (B, k), ffn.up_bias) if ffn.up_bias is not None else None
-        self.down_bias = ffn.down_bias
-        for b in range(B):
-            torch.index_select(ffn.up, 0, index[b], out=self.up[b])
-            torch.index_select(ffn.down, 0, index[b], out=self.down[b])
-            if self.gate is not None:
-                torch.index_select(ffn.gate, 0, index[b], out=self.gate[b])
-            if self.up_bias is not None:
-                torch.index_select(ffn.up_bias, 0, index[b], out=self.up_bias[b])
+        """Gather the neurons `index` [B, k] (one row of neuron ids per sequence) of `ffn`."""
+        self.act, self.quantized, self.down_bias = ffn.act, ffn.quantized, ffn.down_bias
+        self._gather("up", ffn.up, index)
+        self._gather("gate", ffn.gate, index)
+        self._gather("down", ffn.down, index, dim=1 if ffn.quantized else 0)
+        self._gather("up_bias", ffn.up_bias, index)
+        if ffn.quantized:
+            self._gather("up_scale", ffn.up_scale, index)
+            self._gather("gate_scale", getattr(ffn, "gate_scale", None), index)
+            self.down_scale = ffn.down_scale
         self.loaded = True
 
     def clear(self) -> None:
@@ -49,9 +56,20 @@ class CompactFFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, d] -> [B, T, d] through the k core neurons of each sequence."""
-        up = torch.bmm(x, self.up.transpose(1, 2))  # [B, T, k]
-        if self.up_bias is not None:
-            up = up + self.up_bias[:, None, :]
-        a = self.act(up) if self.gate is None else self.act(torch.bmm(x, self.gate.transpose(1, 2))) * up
-        out = torch.bmm(a, self.down)  # [B, T, k] @ [B, k, d]
+        if self.quantized:
+            out = torch.stack([self._int8(x[b], b) for b in range(x.shape[0])])
+        else:
+            up = torch.bmm(x, self.up.transpose(1, 2))  # [B, T, k]
+            if self.up_bias is not None:
+                up = up + self.up_bias[:, None, :]
+            a = self.act(up) if self.gate is None else self.act(torch.bmm(x, self.gate.transpose(1, 2))) * up
+            out = torch.bmm(a, self.down)  # [B, T, k] @ [B, k, d]
         return out if self.down_bias is None else out + self.down_bias
+
+    def _int8(self, x: torch.Tensor, b: int) -> torch.Tensor:
+        """One sequence: x [T, d] -> [T, d]; the int8 kernel takes one weight matrix at a time."""
+        up = int8_matmul(x, self.up[b], self.up_scale[b])  # [T, k]
+        if self.up_bias is not None:
+            up = up + self.up_bias[b]
+        a = self.act(up) if self.gate is None else self.act(int8_matmul(x, self.gate[b], self.gate_scale[b])) * up
+        return int8_matmul(a, self.down[b], self.down_scale)  # [T, k] x [d, k]^T

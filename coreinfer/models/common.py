@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..quant import int8_matmul, quantize_int8
+
 ACTIVATIONS = {
     "silu": F.silu,
     "relu": F.relu,
@@ -150,11 +152,15 @@ class FFN(nn.Module):
     Gated (SwiGLU/GeGLU): a = act(x W_gate^T) * (x W_up^T); plain (OPT): a = act(x W_up^T + b_up).
     out = a @ down + b_down. `down` is stored transposed, [F, d], so a neuron is a *row* of up, gate
     and down alike and compaction is three row gathers.
+
+    After `quantize_()` the weights are int8 (see quant.py): up/gate [F, d] with a scale per neuron,
+    down as [d, F] with a scale per output channel, the layout the int8 kernel reads; a neuron is
+    then a row of up/gate and a column of down.
     """
 
     def __init__(self, dim: int, hidden: int, act: str, gated: bool, bias: bool):
         super().__init__()
-        self.act_name, self.act = act, activation(act)
+        self.act_name, self.act, self.gated, self.quantized = act, activation(act), gated, False
         self.up = nn.Parameter(torch.empty(hidden, dim))  # [F, d]
         self.gate = nn.Parameter(torch.empty(hidden, dim)) if gated else None  # [F, d]
         self.down = nn.Parameter(torch.empty(hidden, dim))  # [F, d]
@@ -162,18 +168,43 @@ class FFN(nn.Module):
         self.down_bias = nn.Parameter(torch.zeros(dim)) if bias else None  # [d]
 
     @property
-    def gated(self) -> bool:
-        return self.gate is not None
+    def width(self) -> int:
+        return self.up.shape[0]
+
+    def row_bytes(self) -> int:
+        """Weight bytes one neuron costs a decode step (its rows, scales and bias)."""
+        return sum(t.nbytes // self.width for t in (self.up, self.gate, self.down, self.up_bias,
+                                                  getattr(self, "up_scale", None), getattr(self, "gate_scale", None))
+                   if t is not None)
+
+    @torch.no_grad()
+    def quantize_(self) -> None:
+        scale_dtype = torch.bfloat16 if self.up.device.type == "cpu" else self.up.dtype
+        for name, w in (("up", self.up), ("gate", self.gate), ("down", self.down)):
+            if w is None:
+                continue
+            q, scale = quantize_int8(w.t().contiguous() if name == "down" else w)  # down: [d, F], scale [d]
+            delattr(self, name)
+            self.register_buffer(name, q)
+            self.register_buffer(f"{name}_scale", scale.to(scale_dtype))
+        self.quantized = True
 
     def activations(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, d] -> a [B, T, F], the input of the down projection."""
+        if self.quantized:
+            up = int8_matmul(x, self.up, self.up_scale)
+            up = up if self.up_bias is None else up + self.up_bias
+            return self.act(up) if not self.gated else self.act(int8_matmul(x, self.gate, self.gate_scale)) * up
         up = F.linear(x, self.up, self.up_bias)
         if self.gate is None:
             return self.act(up)
         return self.act(F.linear(x, self.gate)) * up
 
     def project(self, a: torch.Tensor) -> torch.Tensor:
-        out = a @ self.down  # [B, T, F] @ [F, d]
+        if self.quantized:
+            out = int8_matmul(a, self.down, self.down_scale)  # [B, T, F] x [d, F]^T
+        else:
+            out = a @ self.down  # [B, T, F] @ [F, d]
         return out if self.down_bias is None else out + self.down_bias
 
     def forward(self, x: torch.Tensor, acts: list | None = None) -> torch.Tensor:
