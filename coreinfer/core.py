@@ -140,22 +140,20 @@ def compact(model, index: dict[int, torch.Tensor]) -> None:
             layer.core.clear()
 
 
-def tensor_bytes(t: torch.Tensor | None) -> int:
-    return 0 if t is None else t.numel() * t.element_size()
-
-
 def decode_bytes(model, index: dict[int, torch.Tensor] | None = None) -> int:
-    """Weight bytes one decode step reads: everything but the embedding table (one row is read),
-    with each sparse layer's FFN counted at its core size."""
-    total = sum(tensor_bytes(p) for p in model.parameters())
-    emb = model.embed_tokens.weight
-    if model.lm_head.weight is not emb:
-        total -= tensor_bytes(emb)
-    for i, k in ((i, ix.shape[1]) for i, ix in (index or {}).items()):
+    """Weight bytes one decode step reads: all weights and buffers but the embedding table (a lookup
+    reads one row) and the caches, with each sparse layer's FFN counted at its core size."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.nbytes
+    if model.lm_head.weight is not model.embed_tokens.weight:
+        total -= model.embed_tokens.weight.nbytes
+    total -= sum(layer.self_attn.cache.k.nbytes * 2 for layer in model.layers if layer.self_attn.cache is not None)
+    for i, ix in (index or {}).items():
         ffn = model.layers[i].mlp
-        width = ffn.up.shape[0]
-        rows = sum(tensor_bytes(w) for w in (ffn.up, ffn.gate, ffn.down, ffn.up_bias))
-        total -= rows - rows * k // width
+        total -= (ffn.width - ix.shape[1]) * ffn.row_bytes()
     return total
 
 
