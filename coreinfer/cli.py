@@ -5,7 +5,7 @@ CoreConfig (--alpha --beta --statistic --ranking --layers; --dense for none)."""
 import argparse
 import sys
 
-from .core import CoreConfig
+from .core import MODES, CoreConfig
 from .generate import GenerationConfig
 
 
@@ -40,6 +40,10 @@ def add_core_args(p: argparse.ArgumentParser, grid: bool = False) -> None:
                    + (", comma-separated grid" if grid else ""))
     g.add_argument("--ranking", default=d.ranking, help="auto, abs, signed (reference code; for reproduction), relu")
     g.add_argument("--layers", default=None, help="sparse layers: 'all', '3-27', '2,4-9' (default: the policy)")
+    g.add_argument("--mode", default=d.mode, choices=None if grid else MODES,
+                   help="stability: the prompt's own core set; similarity: its cluster's set from --clusters"
+                   + (" (comma-separated grid)" if grid else ""))
+    g.add_argument("--clusters", default=None, metavar="FILE", help="cluster file made by `coreinfer cluster`")
 
 
 def parse_floats(text: str, flag: str) -> list[float]:
@@ -59,21 +63,42 @@ def generation_config(args) -> GenerationConfig:
                             stop=tuple(args.stop), ignore_eos=args.ignore_eos)
 
 
+def cluster_set(args, modes: list[str]):
+    """The --clusters file, read once, when a similarity mode asks for it (checked against the model
+    on its first use: CoreConfig travels before the model is loaded)."""
+    bad = sorted(set(modes) - set(MODES))
+    if bad:
+        raise ValueError(f"--mode takes {', '.join(MODES)}, got {', '.join(bad)}")
+    if "similarity" not in modes:
+        if args.clusters:
+            raise ValueError("--clusters is only used with --mode similarity")
+        return None
+    if not args.clusters:
+        raise ValueError("--mode similarity needs --clusters FILE (made by `coreinfer cluster`)")
+    from .similarity import ClusterSet
+
+    return ClusterSet.load(args.clusters)
+
+
 def core_config(args) -> CoreConfig | None:
     if args.dense:
         return None
     betas = parse_floats(args.beta, "--beta")
     return CoreConfig(alpha=args.alpha, beta=betas[0] if len(betas) == 1 else betas, statistic=args.statistic,
-                      ranking=args.ranking, layers=args.layers)
+                      ranking=args.ranking, layers=args.layers, mode=args.mode,
+                      clusters=cluster_set(args, [args.mode]))
 
 
 def core_grid(args) -> list[CoreConfig | None]:
-    """Dense first, then one CoreConfig per (statistic, beta) of the grid flags."""
+    """Dense first, then one CoreConfig per (mode, statistic, beta) of the grid flags."""
     if args.dense:
         return [None]
     stats = [s.strip() for s in args.statistic.split(",") if s.strip()]
-    return [None] + [CoreConfig(alpha=args.alpha, beta=b, statistic=s, ranking=args.ranking, layers=args.layers)
-                     for s in stats for b in parse_floats(args.beta, "--beta")]
+    modes = [m.strip() for m in args.mode.split(",") if m.strip()]
+    clusters = cluster_set(args, modes)
+    return [None] + [CoreConfig(alpha=args.alpha, beta=b, statistic=s, ranking=args.ranking, layers=args.layers,
+                                mode=m, clusters=clusters if m == "similarity" else None)
+                     for m in modes for s in stats for b in parse_floats(args.beta, "--beta")]
 
 
 def report_speed(completions) -> None:
@@ -146,7 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def command_modules() -> list:
     """The `add_parser(sub)` functions of the modules that bring their own commands."""
-    return []
+    from .evaluate import add_parser as evaluate
+    from .server import add_parser as serve
+
+    return [serve, evaluate]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,13 +34,15 @@ PROBE_TENSORS, PROBE_VALUES = 4, 128  # enough to tell models apart, cheap enoug
 
 
 def model_fingerprint(model) -> tuple[dict, torch.Tensor]:
-    """(shape facts, probe [n] fp32): the structure, and a strided sample of a few floating weights.
+    """(shape facts, probe [n] fp32): the structure, and a strided sample of a few weights.
 
     Values rather than a hash of bytes, because the same checkpoint loaded as fp32, bf16 or fp16 has
-    different bytes; `same_model` compares them with a tolerance above half-precision rounding.
+    different bytes; `same_model` compares them with a tolerance above half-precision rounding. Only
+    the embedding table and 1-D weights (norms, biases) are sampled: weight-only int8 never touches them.
     """
-    params = sorted((n, p) for n, p in model.named_parameters() if p.is_floating_point())
-    picks = [params[round(i * (len(params) - 1) / max(1, PROBE_TENSORS - 1))] for i in range(PROBE_TENSORS)]
+    vectors = sorted((n, p) for n, p in model.named_parameters() if p.dim() == 1 and p.is_floating_point())
+    picks = [("embed_tokens.weight", model.embed_tokens.weight)]
+    picks += [vectors[round(i * (len(vectors) - 1) / max(1, PROBE_TENSORS - 2))] for i in range(PROBE_TENSORS - 1)]
     probe = torch.cat([p.detach().reshape(-1)[torch.linspace(0, p.numel() - 1, PROBE_VALUES, device=p.device)
                                                .long()].float().cpu() for _, p in picks])
     facts = dict(model_type=getattr(model.config, "model_type", type(model).__module__), num_layers=len(model.layers),

@@ -1,0 +1,191 @@
+"""Similarity-guided selection: clustering recovers planted groups (hand-made core sets, and a tiny
+random model fed disjoint vocabularies), a new member of any length is assigned to its group, cluster
+files round-trip and refuse other models, and clusters equal to the prompts' own core sets decode
+exactly as stability mode."""
+
+import argparse
+
+import pytest
+import torch
+import transformers
+from safetensors import safe_open
+from sklearn.metrics import adjusted_rand_score
+
+from coreinfer.cli import add_core_args, core_config, core_grid
+from coreinfer.core import CoreConfig, select, select_and_compact
+from coreinfer.generate import Batch, prefill
+from coreinfer.models import build_model
+from coreinfer.scoring import continuation_logprobs
+from coreinfer.similarity import (ClusterSet, build_clusters, choose_k, kmeans, model_fingerprint,
+                                  rank_by_members, same_model, sentence_sets)
+from oracle import hf_pair
+
+TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=160)
+CORE = CoreConfig(alpha=0.4, beta=0.5, layers="1-2")
+GROUPS = [range(0, 4), range(30, 34), range(60, 64)]  # disjoint vocabularies: the planted topics
+
+
+def tiny_model(seed=0):
+    return hf_pair(transformers.LlamaConfig(**TINY), seed=seed)[1]
+
+
+def group_prompts(per_group: int, lengths: tuple[int, int], seed: int) -> tuple[list[list[int]], list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    prompts, truth = [], []
+    for label, vocab in enumerate(GROUPS):
+        for _ in range(per_group):
+            n = int(torch.randint(*lengths, (1,), generator=g))
+            prompts.append([vocab[int(i)] for i in torch.randint(len(vocab), (n,), generator=g)])
+            truth.append(label)
+    return prompts, truth
+
+
+def planted_sets(per_group=12, width=120, k=60, swaps=6, seed=0) -> tuple[torch.Tensor, list[int]]:
+    """Multi-hot core sets [N, F]: three random prototypes, each member with `swaps` neurons exchanged."""
+    g = torch.Generator().manual_seed(seed)
+    rows, truth = [], []
+    for label in range(3):
+        proto = torch.randperm(width, generator=g)[:k]
+        for _ in range(per_group):
+            ids = proto.clone()
+            outside = torch.tensor([n for n in range(width) if n not in set(proto.tolist())])
+            ids[torch.randperm(k, generator=g)[:swaps]] = outside[torch.randperm(len(outside), generator=g)[:swaps]]
+            rows.append(torch.zeros(width, dtype=torch.bool).index_fill_(0, ids, True))
+            truth.append(label)
+    return torch.stack(rows), truth
+
+
+def test_kmeans_on_planted_core_sets_recovers_groups_and_their_count():
+    x, truth = planted_sets()
+    k, scores = choose_k(x, list(range(2, 8)))
+    print("silhouette per k:", {c: round(s, 3) for c, s in scores.items()})
+    assert k == 3
+    labels, centroids = kmeans(x, 3)
+    assert adjusted_rand_score(truth, labels.numpy()) == 1.0
+    # each cluster's top-60 by member frequency is its prototype: every member holds it but for swaps
+    top = rank_by_members(x, labels, 3)[:, :60]
+    for c in range(3):
+        members = x[labels == c]
+        assert members.float().mean(0)[top[c]].min() > 0.5
+    assert torch.allclose(centroids.sum(1), torch.full((3,), 60.0))
+
+
+def test_rank_by_members_breaks_ties_by_corpus_frequency():
+    sets = torch.tensor([[1, 1, 0, 0], [1, 0, 1, 0], [0, 0, 1, 1], [0, 1, 1, 1]], dtype=torch.bool)
+    labels = torch.tensor([0, 0, 1, 1])
+    ranks = rank_by_members(sets, labels, 2)
+    # cluster 0: n0 in both; n1 and n2 once each, n2 is more frequent over the corpus (3 of 4)
+    assert ranks[0].tolist() == [0, 2, 1, 3]
+    assert ranks[1].tolist() == [2, 3, 1, 0]
+
+
+def test_tiny_model_clusters_recover_planted_groups_and_assign_new_members_of_any_length():
+    model = tiny_model()
+    prompts, truth = group_prompts(10, (6, 40), seed=0)
+    clusters = build_clusters(model, prompts, CORE, layer=1, ks=tuple(range(2, 7)))
+    print(clusters, clusters.info)
+    assert clusters.info["criterion"] == "silhouette" and len(clusters.sizes) == 3
+    own = sentence_sets(model, prompts, CORE)[:, 0]  # [N, F] at the clustering layer (sparse layer 1)
+    chosen, scores = clusters.assign(own)
+    assert adjusted_rand_score(truth, chosen) == 1.0
+    group_cluster = {t: c for t, c in zip(truth, chosen)}
+    # new members, from 2 tokens to 150: the assignment follows the vocabulary, not the length
+    for lengths in [(2, 4), (10, 20), (120, 150)]:
+        new, new_truth = group_prompts(3, lengths, seed=1)
+        got, got_scores = clusters.assign(sentence_sets(model, new, CORE)[:, 0])
+        print(lengths, got, [round(s, 3) for s in got_scores])
+        assert got == [group_cluster[t] for t in new_truth]
+        assert all(0.5 < s <= 1.0 for s in got_scores)
+
+
+def test_cluster_file_round_trips_and_refuses_another_model(tmp_path):
+    model = tiny_model()
+    prompts, _ = group_prompts(4, (6, 20), seed=0)
+    clusters = build_clusters(model, prompts, CORE, layer=2, k=3, info=dict(model="tiny-0"))
+    path = tmp_path / "tiny.clusters.safetensors"
+    clusters.save(path)
+    with safe_open(str(path), framework="pt") as f:  # plain safetensors, metadata as JSON
+        assert "coreinfer" in f.metadata() and "centroids" in f.keys()
+    back = ClusterSet.load(path, model)
+    assert back.layer == 2 and back.sizes == clusters.sizes and back.build == clusters.build
+    assert torch.equal(back.centroids, clusters.centroids)
+    assert all(torch.equal(back.ranks[l], clusters.ranks[l]) for l in (1, 2))
+    # the same weights in bf16 are the same model; other weights of the same shape are not
+    hf_config = transformers.LlamaConfig(**TINY)
+    as_bf16 = build_model(hf_config.to_dict(), hf_pair(hf_config, seed=0)[0].state_dict(), dtype=torch.bfloat16)
+    assert same_model(model_fingerprint(model), model_fingerprint(as_bf16))
+    with pytest.raises(ValueError, match="another model"):
+        ClusterSet.load(path, tiny_model(seed=1))
+    other = CoreConfig(alpha=0.4, beta=0.5, layers="1-2", mode="similarity", clusters=back)
+    with pytest.raises(ValueError, match="another model"):  # also refused at selection time
+        other_model = tiny_model(seed=1)
+        acts = [torch.randn(1, 3, 192) for _ in range(4)]
+        select_and_compact(other_model, acts, torch.ones(1, 3, dtype=torch.bool), other)
+    (tmp_path / "junk").write_bytes(b"not a cluster file")
+    with pytest.raises(ValueError, match="not a cluster file"):
+        ClusterSet.load(tmp_path / "junk")
+
+
+def test_similarity_mode_with_each_prompts_own_set_equals_stability_mode():
+    model = tiny_model()
+    prompts = [[5, 17, 3, 88, 42, 9, 61, 2, 33, 12, 70], [7, 21, 64]]
+    conts = [[11, 4, 90, 23, 6], [50, 8, 19, 70, 2]]
+    # one cluster per prompt, built from the prompts themselves: every cluster set is a prompt's own set
+    clusters = build_clusters(model, prompts, CORE, layer=1, k=2)
+    similar = CoreConfig(alpha=0.4, beta=0.5, layers="1-2", mode="similarity", clusters=clusters)
+    stable = continuation_logprobs(model, prompts, conts, CORE)
+    guided = continuation_logprobs(model, prompts, conts, similar)
+    for s, g in zip(stable, guided):
+        assert torch.equal(s, g)
+    # the selection itself, and what it reports
+    batch = Batch(prompts, 1, 0, "cpu")
+    with torch.inference_mode():
+        model.setup_caches(2, batch.total_len)
+        _, acts = prefill(model, batch, collect=True)
+    own = select(acts, batch.valid, CORE, gated=True)
+    index, chosen, scores = clusters.index(acts, batch.valid, CORE.keep(4))
+    assert all(torch.equal(index[l], own[l]) for l in own)
+    assert sorted(chosen) == [0, 1] and scores == [1.0, 1.0]
+    stats = select_and_compact(model, acts, batch.valid, similar)
+    assert stats.cluster == chosen and stats.cluster_score == [1.0, 1.0]
+    assert select_and_compact(model, acts, batch.valid, CORE).cluster is None
+
+
+def test_similarity_config_errors():
+    model = tiny_model()
+    prompts, _ = group_prompts(2, (4, 8), seed=0)
+    clusters = build_clusters(model, prompts, CORE, layer=1, k=2)
+    with pytest.raises(ValueError, match="needs a cluster set"):
+        CoreConfig(mode="similarity")
+    with pytest.raises(ValueError, match="mode must be"):
+        CoreConfig(mode="semantic")
+    with pytest.raises(ValueError, match="must be one of the sparse layers"):
+        build_clusters(model, prompts, CORE, layer=3, k=2)
+    wider = CoreConfig(layers="1-3", mode="similarity", clusters=clusters)
+    with pytest.raises(ValueError, match=r"sparse layers \[3\] have no cluster core sets"):
+        clusters.index([torch.randn(1, 2, 192) for _ in range(4)], torch.ones(1, 2, dtype=torch.bool),
+                       wider.keep(4))
+
+
+def parse(argv, grid=False):
+    p = argparse.ArgumentParser()
+    add_core_args(p, grid=grid)
+    return p.parse_args(argv)
+
+
+def test_cli_mode_and_clusters_flags(tmp_path):
+    model = tiny_model()
+    prompts, _ = group_prompts(2, (4, 8), seed=0)
+    path = tmp_path / "c.safetensors"
+    build_clusters(model, prompts, CORE, layer=1, k=2).save(path)
+    core = core_config(parse(["--layers", "1-2", "--mode", "similarity", "--clusters", str(path)]))
+    assert core.mode == "similarity" and isinstance(core.clusters, ClusterSet)
+    assert core_config(parse(["--layers", "1-2"])).clusters is None
+    grid = core_grid(parse(["--beta", "0.5", "--mode", "stability,similarity", "--clusters", str(path)], grid=True))
+    assert [c and c.mode for c in grid] == [None, "stability", "similarity"]
+    assert grid[2].clusters is not None and grid[1].clusters is None
+    for argv, message in [(["--mode", "similarity"], "needs --clusters"),
+                          (["--clusters", str(path)], "only used with --mode similarity")]:
+        with pytest.raises(ValueError, match=message):
+            core_config(parse(argv))
