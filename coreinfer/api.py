@@ -15,6 +15,7 @@ from .core import CoreConfig, CoreStats
 from .generate import GenerationConfig, generate_ids
 from .loading import load_checkpoint
 from .models import build_model
+from .quant import WEIGHT_FORMATS, quantize_model
 from .text import TextStream, Tokenizer
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -29,6 +30,13 @@ class RuntimeConfig:
     device: str = "cpu"
     dtype: str | None = None
     threads: int | None = None
+    weights: str = "dense"
+
+    def __post_init__(self):
+        if self.weights not in WEIGHT_FORMATS:
+            raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {self.weights!r}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
 
     def torch_dtype(self) -> torch.dtype:
         name = self.dtype or ("fp32" if torch.device(self.device).type == "cpu" else "bf16")
@@ -70,16 +78,16 @@ class StreamEvent:
 
 class LLM:
     def __init__(self, model: str | None = None, device: str = "cpu", dtype: str | None = None,
-                 threads: int | None = None, progress: bool = True):
-        self.runtime = RuntimeConfig(model, device, dtype, threads)
+                 threads: int | None = None, weights: str = "dense", progress: bool = True):
+        self.runtime = RuntimeConfig(model, device, dtype, threads, weights)
         if threads is not None:
-            if threads < 1:
-                raise ValueError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
         ckpt = load_checkpoint(model, progress=progress)
         self.name = ckpt.source
         self.config = ckpt.config
         self.model = build_model(ckpt.config, ckpt.weights, device, self.runtime.torch_dtype())
+        if weights == "int8":
+            quantize_model(self.model)
         self.tokenizer = Tokenizer(ckpt.tokenizer_dir, ckpt.config)
 
     def encode(self, prompt: str | list[dict], chat: bool = False) -> list[int]:
