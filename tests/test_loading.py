@@ -237,6 +237,9 @@ def test_tiny_gguf_round_trip(tmp_path, arch, model_type, tied):
         assert torch.equal(checkpoint.weights[name], torch.from_numpy(value)), name
     if arch == "qwen2":
         assert "model.layers.1.self_attn.q_proj.bias" in weights and checkpoint.config["attention_bias"]
+    # the cache folder is a valid HF checkpoint: transformers loads it to the same weights
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint.tokenizer_dir)
+    assert all(torch.equal(model.state_dict()[name], checkpoint.weights[name]) for name in weights)
 
 
 def test_damaged_cache_entry_is_rebuilt(tmp_path):
