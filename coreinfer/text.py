@@ -4,6 +4,10 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
+# Tokens that end an assistant turn in the chat templates of the families we run. GGUF files carry
+# no generation config to list them, so generation would otherwise run past the end of a turn.
+END_OF_TURN = ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>")
+
 
 class Tokenizer:
     """A transformers tokenizer plus the ids generation needs (every end-of-sequence id, a pad id)."""
@@ -12,7 +16,9 @@ class Tokenizer:
         self.hf = AutoTokenizer.from_pretrained(str(path))
         eos = config.get("eos_token_id")
         eos = eos if isinstance(eos, list) else [eos]
-        self.eos_ids = {i for i in [*eos, self.hf.eos_token_id] if i is not None}
+        vocab = self.hf.get_vocab()
+        turn_ends = [vocab[t] for t in END_OF_TURN if t in vocab]
+        self.eos_ids = {i for i in [*eos, self.hf.eos_token_id, *turn_ends] if i is not None}
         self.pad_id = self.hf.pad_token_id if self.hf.pad_token_id is not None else min(self.eos_ids, default=0)
 
     @property
