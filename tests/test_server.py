@@ -288,3 +288,24 @@ def test_full_queue_disconnect_and_timeout(llm, url):
         assert time.monotonic() - t0 < 10
         assert wait_idle(base, timeout=20)["requests_cancelled"] == 1
         assert post(base, ok()).status_code == 200
+
+
+def test_core_options_over_server_defaults():
+    """Request options lay over the server's core settings; a dense server turns sparse when asked."""
+    from types import SimpleNamespace
+
+    from coreinfer.core import CoreConfig
+    from coreinfer.server import RequestError, core_for
+
+    def req(**kw):
+        return SimpleNamespace(**{k: None for k in ("dense", "alpha", "beta", "statistic", "ranking", "layers",
+                                                    "mode")} | kw)
+
+    assert core_for(None, req(), 30) is None
+    assert core_for(None, req(beta=0.5), 30) == CoreConfig(beta=0.5)
+    assert core_for(CoreConfig(beta=0.6, statistic="norm"), req(alpha=0.3), 30) == \
+        CoreConfig(alpha=0.3, beta=0.6, statistic="norm")
+    assert core_for(CoreConfig(), req(dense=True), 30) is None
+    with pytest.raises(RequestError) as e:
+        core_for(CoreConfig(), req(beta=[0.5, 0.6]), 30)  # two betas for the default 25 sparse layers
+    assert e.value.status == 400 and "keep ratios" in e.value.message
