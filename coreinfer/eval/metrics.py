@@ -120,3 +120,20 @@ def perplexity(nll_sum: float, n_tokens: int) -> float:
     if n_tokens <= 0:
         raise ValueError(f"n_tokens must be positive, got {n_tokens}")
     return math.exp(nll_sum / n_tokens)
+
+
+def ratio_and_stderr(numerators: Sequence[float], denominators: Sequence[float]) -> tuple[float, float]:
+    """Pooled ratio sum(num) / sum(den) over items (e.g. mean NLL per token over documents) and its
+    standard error by the delta method (NaN for fewer than two items)."""
+    n = len(numerators)
+    if n == 0 or n != len(denominators):
+        raise ValueError("give one numerator and one denominator per item, at least one item")
+    total = sum(denominators)
+    if total <= 0:
+        raise ValueError("the denominators must sum to a positive number")
+    ratio = sum(numerators) / total
+    if n < 2:
+        return ratio, math.nan
+    residuals = [x - ratio * d for x, d in zip(numerators, denominators)]
+    variance = sum(r * r for r in residuals) / (n - 1)
+    return ratio, math.sqrt(variance / n) / (total / n)

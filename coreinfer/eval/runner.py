@@ -1,0 +1,167 @@
+"""Model-facing evaluation steps: tokenize as lm-eval does, score continuations sparse, decode greedily.
+
+Every number comes from the model as sparse decoding runs it: the prompt (a task's context, a
+document's first part) is prefilled densely, the core set is chosen from it, and the continuation
+goes through the compacted FFN. `teacher_forced` is `coreinfer.scoring.continuation_logprobs` plus
+the greedy token at each position, which top-1 agreement and lm-eval's `is_greedy` need; a test
+holds the two to exact equality.
+
+Rows are scored in batches sorted by their token content, so a set of requests is always batched
+the same way whoever asks (our evaluator or the lm-eval adapter) and gives bit-identical numbers.
+"""
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..core import CoreConfig, select_and_compact
+from ..generate import Batch, GenerationConfig, prefill
+from .data import Document, GenItem, MCItem
+
+Encode = Callable[[str], list[int]]
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One continuation under teacher forcing: log p(cont[j] | ...) and the argmax token, each [L]."""
+
+    logprobs: torch.Tensor
+    greedy: torch.Tensor
+
+    @property
+    def loglikelihood(self) -> float:
+        return float(self.logprobs.double().sum())
+
+    def is_greedy(self, continuation: Sequence[int]) -> bool:
+        return self.greedy.tolist() == list(continuation)
+
+
+def encode_pair(encode: Encode, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's `_encode_pair`: trailing spaces move to the continuation, whose tokens are the tail
+    of encode(context + continuation) after len(encode(context)) tokens."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    context_ids = encode(context)
+    return context_ids, encode(context + continuation)[len(context_ids):]
+
+
+@torch.inference_mode()
+def teacher_forced(model, prompts: list[list[int]], continuations: list[list[int]], core: CoreConfig | None,
+                   pad_id: int = 0) -> list[Scored]:
+    """continuation_logprobs, step for step, also keeping each position's argmax token."""
+    if len(prompts) != len(continuations) or any(len(c) == 0 for c in continuations):
+        raise ValueError("give one non-empty continuation per prompt")
+    L = max(len(c) for c in continuations)
+    batch = Batch(prompts, L, pad_id, model.embed_tokens.weight.device)
+    if batch.total_len > model.max_context:
+        raise ValueError(f"prompt + continuation ({batch.total_len} tokens) exceeds the model's context "
+                         f"of {model.max_context} tokens")
+    model.setup_caches(len(prompts), batch.total_len)
+    first, acts = prefill(model, batch, collect=core is not None)  # [B, V]
+    if core is not None:
+        select_and_compact(model, acts, batch.valid, core)
+        del acts
+    logits = [first[:, None]]
+    if L > 1:
+        T0 = batch.prompt_len
+        feed = torch.tensor([c[:-1] + [pad_id] * (L - len(c)) for c in continuations], device=batch.ids.device)
+        batch.key_valid[:, T0:T0 + L - 1] = True
+        positions = batch.positions + torch.arange(1, L, device=feed.device)  # [B, L-1]
+        logits.append(model(feed, positions, batch.slots[T0:T0 + L - 1], batch.key_valid[:, :T0 + L - 1],
+                            sparse=core is not None))
+    logits = torch.cat(logits, 1)  # [B, L, V]
+    out = []
+    for b, c in enumerate(continuations):  # one row at a time: [L, V] in fp32 is the peak memory
+        logp = logits[b, :len(c)].float().log_softmax(-1)
+        target = torch.tensor(c, device=logp.device)
+        out.append(Scored(logp.gather(1, target[:, None])[:, 0].cpu(), logp.argmax(-1).cpu()))
+    return out
+
+
+def score_rows(model, rows: list[tuple[list[int], list[int]]], core: CoreConfig | None, pad_id: int,
+               batch_size: int, desc: str | None = None) -> list[Scored]:
+    """Teacher-force every (prompt ids, continuation ids) row, in batches sorted by token content."""
+    order = sorted(range(len(rows)), key=lambda i: (len(rows[i][0]), len(rows[i][1]), rows[i]))
+    out: list[Scored | None] = [None] * len(rows)
+    with tqdm(total=len(rows), desc=desc, unit="row", leave=False, disable=desc is None) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            scored = teacher_forced(model, [rows[i][0] for i in chunk], [rows[i][1] for i in chunk], core, pad_id)
+            for i, s in zip(chunk, scored):
+                out[i] = s
+            bar.update(len(chunk))
+    return out
+
+
+def mc_rows(encode: Encode, items: list[MCItem]) -> list[tuple[list[int], list[int]]]:
+    """One row per choice of every item; the choices of an item share (a copy of) its context."""
+    return [encode_pair(encode, ctx, cont) for item in items for ctx, cont in item.requests()]
+
+
+def mc_loglikelihoods(llm, items: list[MCItem], core: CoreConfig | None, batch_size: int,
+                      desc: str | None = None) -> list[list[float]]:
+    """Per item, the summed log-likelihood of each choice (lm-eval's `loglikelihood`)."""
+    scored = score_rows(llm.model, mc_rows(llm.tokenizer.encode, items), core, llm.tokenizer.pad_id, batch_size,
+                        desc)
+    lls, at = [], 0
+    for item in items:
+        lls.append([s.loglikelihood for s in scored[at:at + len(item.choices)]])
+        at += len(item.choices)
+    return lls
+
+
+def greedy_matches(llm, items: list[GenItem], core: CoreConfig | None, batch_size: int,
+                   desc: str | None = None) -> list[float]:
+    """1.0 where greedy decoding yields the first answer's tokens exactly (LAMBADA's last-word accuracy,
+    lm-eval's `is_greedy`). Teacher forcing decides it in one pass: the compacted-FFN scorer equals
+    step-by-step sparse decoding, so the argmax at each position is the token decoding would pick."""
+    rows = [encode_pair(llm.tokenizer.encode, item.prompt, item.answers[0]) for item in items]
+    scored = score_rows(llm.model, rows, core, llm.tokenizer.pad_id, batch_size, desc)
+    return [float(s.is_greedy(cont)) for s, (_, cont) in zip(scored, rows)]
+
+
+def generate_texts(llm, prompts: list[str], stops: list[tuple[str, ...]], core: CoreConfig | None,
+                   batch_size: int, max_new_tokens: int, desc: str | None = None) -> list[str]:
+    """Sparse greedy completions, each cut at its stop strings. Batches are left-padded prompts that
+    share their stop strings, sorted by prompt tokens so the batching never depends on the caller."""
+    ids = [llm.tokenizer.encode(p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: (stops[i], len(ids[i]), ids[i]))
+    out: list[str | None] = [None] * len(prompts)
+    with tqdm(total=len(prompts), desc=desc, unit="item", leave=False, disable=desc is None) as bar:
+        start = 0
+        while start < len(order):
+            stop = stops[order[start]]
+            chunk = [i for i in order[start:start + batch_size] if stops[i] == stop]  # a prefix: sorted by stop
+            gen = GenerationConfig(max_new_tokens=max_new_tokens, stop=stop)
+            for i, done in zip(chunk, llm.generate([prompts[i] for i in chunk], gen, core)):
+                out[i] = done.text
+            start += len(chunk)
+            bar.update(len(chunk))
+    return out
+
+
+def generate_answers(llm, items: list[GenItem], core: CoreConfig | None, batch_size: int, max_new_tokens: int,
+                     desc: str | None = None) -> list[str]:
+    """Each item's sparse greedy answer, cut at its stop strings."""
+    return generate_texts(llm, [i.prompt for i in items], [i.stop for i in items], core, batch_size,
+                          max_new_tokens, desc)
+
+
+def split_document(ids: list[int], prompt: float | int) -> tuple[list[int], list[int]] | None:
+    """(prompt ids, continuation ids): a float in (0, 1) is the prompt's share of the tokens, an int
+    its token count. None when the document is too short to leave a token on each side."""
+    n = int(prompt * len(ids)) if isinstance(prompt, float) else prompt
+    if n < 1 or n >= len(ids):
+        return None
+    return ids[:n], ids[n:]
+
+
+def document_rows(encode: Encode, docs: list[Document], prompt: float | int,
+                  max_tokens: int) -> list[tuple[list[int], list[int]]]:
+    """The documents' (prompt, continuation) rows, each cut to its first max_tokens tokens; documents
+    too short to split are left out."""
+    rows = (split_document(encode(doc.text)[:max_tokens], prompt) for doc in docs)
+    return [row for row in rows if row is not None]

@@ -1,0 +1,292 @@
+"""Quality evaluation on the sparse model.
+
+Scorers on a tiny random model against hand-computed references (sums of continuation log-probs,
+lm-eval's acc and acc_norm), the evaluator's dense path against transformers on the embedded model,
+the CLI end to end, and the lm-eval adapter against our own evaluator on the same items.
+"""
+
+import json
+import math
+import random
+
+import pytest
+import torch
+import transformers
+
+from coreinfer import cli, evaluate
+from coreinfer.api import LLM
+from coreinfer.core import CoreConfig
+from coreinfer.eval import data, report, runner
+from coreinfer.eval.data import GenItem, MCItem
+from coreinfer.generate import GenerationConfig
+from coreinfer.scoring import continuation_logprobs
+
+SPARSE = CoreConfig(beta=0.5, layers="all")
+ITEMS = [
+    MCItem("The capital of France is", [" Paris.", " Rome.", " the press"], 0, target_delimiter=" "),
+    MCItem("Scholars argue about how much the press changed", [" the way people thought.", " Italy"], 0,
+           target_delimiter=" "),
+    # Winogrande-style partial evaluation: the contexts vary, the continuation is shared.
+    MCItem("The history of the", [" thought.", " thought."], 1,
+           contexts=["The history of the printing", "The history of the capital"], target_delimiter=" "),
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return LLM(str(tiny_model_dir), progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tiny_model_dir):
+    return transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager").eval()
+
+
+def hf_continuation_lls(hf, rows) -> list[float]:
+    """The oracle: one uncached transformers forward over prompt + continuation, summed log-probs."""
+    out = []
+    for ctx, cont in rows:
+        with torch.no_grad():
+            logp = hf(torch.tensor([ctx + cont])).logits[0].double().log_softmax(-1)
+        out.append(sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont)))
+    return out
+
+
+def test_encode_pair_moves_trailing_spaces_to_the_continuation(tiny):
+    encode = tiny.tokenizer.encode
+    ctx, cont = runner.encode_pair(encode, "The capital of France is  ", "Paris.")
+    assert ctx == encode("The capital of France is")
+    assert ctx + cont == encode("The capital of France is  Paris.")
+    # A toy tokenizer that merges "ab": the continuation is the tail after len(encode(context)).
+    toy = lambda s: [ord(c) for c in s.replace("ab", "\x00")]  # noqa: E731
+    assert runner.encode_pair(toy, "xa", "bc") == ([ord("x"), ord("a")], [ord("c")])
+
+
+@pytest.mark.parametrize("core", [None, SPARSE], ids=["dense", "sparse"])
+def test_teacher_forced_is_continuation_logprobs_plus_argmax(tiny, tiny_hf, core):
+    rows = runner.mc_rows(tiny.tokenizer.encode, ITEMS)
+    prompts, conts = [r[0] for r in rows], [r[1] for r in rows]
+    got = runner.teacher_forced(tiny.model, prompts, conts, core, tiny.tokenizer.pad_id)
+    ref = continuation_logprobs(tiny.model, prompts, conts, core, tiny.tokenizer.pad_id)
+    for g, r in zip(got, ref):
+        assert torch.equal(g.logprobs, r)
+    if core is None:
+        for g, ctx, cont in zip(got, prompts, conts):
+            with torch.no_grad():
+                logits = tiny_hf(torch.tensor([ctx + cont])).logits[0, len(ctx) - 1:-1]
+            assert g.greedy.tolist() == logits.argmax(-1).tolist()
+
+
+def test_argmax_under_teacher_forcing_is_sparse_greedy_decoding(tiny):
+    prompt = tiny.tokenizer.encode("The capital of Italy is")
+    done = tiny.generate("The capital of Italy is", GenerationConfig(max_new_tokens=6, ignore_eos=True), SPARSE)[0]
+    scored = runner.teacher_forced(tiny.model, [prompt], [done.token_ids], SPARSE, tiny.tokenizer.pad_id)[0]
+    assert scored.is_greedy(done.token_ids)
+    assert not scored.is_greedy(done.token_ids[:-1] + [(done.token_ids[-1] + 1) % 300])
+
+
+@pytest.mark.parametrize("core", [None, SPARSE], ids=["dense", "sparse"])
+def test_mc_loglikelihoods_are_summed_continuation_logprobs(tiny, tiny_hf, core):
+    encode = tiny.tokenizer.encode
+    lls = runner.mc_loglikelihoods(tiny, ITEMS, core, batch_size=3)
+    for item, item_lls in zip(ITEMS, lls):
+        for (ctx, cont), ll in zip(item.requests(), item_lls):
+            # by hand: lm-eval's split, then each continuation alone
+            ctx_ids = encode(ctx.rstrip())
+            cont_ids = encode(ctx.rstrip() + ctx[len(ctx.rstrip()):] + cont)[len(ctx_ids):]
+            alone = continuation_logprobs(tiny.model, [ctx_ids], [cont_ids], core, tiny.tokenizer.pad_id)[0]
+            assert ll == pytest.approx(float(alone.double().sum()), abs=1e-5)
+    if core is None:
+        ref = hf_continuation_lls(tiny_hf, runner.mc_rows(encode, ITEMS))
+        assert [ll for item_lls in lls for ll in item_lls] == pytest.approx(ref, abs=1e-4)
+
+
+def test_acc_and_acc_norm_per_item():
+    items = [MCItem("q", [" ab", " abcdefgh"], 1, target_delimiter=" "),
+             MCItem("q", [" ab", " abcdefgh"], 0, target_delimiter=" ")]
+    # acc takes the larger sum (-4 > -5: choice 0); acc_norm divides by the characters without the
+    # delimiter: -4/2 = -2 < -5/8 = -0.625, so choice 1.
+    per_item = evaluate.mc_per_item([[-4.0, -5.0], [-4.0, -5.0]], items)
+    assert per_item == {"acc": [0.0, 1.0], "acc_norm": [1.0, 0.0]}
+    # Winogrande normalises by the varying contexts.
+    wino = MCItem("a", [" x", " x"], 0, contexts=["a long", "a"], target_delimiter=" ")
+    assert evaluate.mc_per_item([[-3.0, -2.0]], [wino]) == {"acc": [0.0], "acc_norm": [1.0]}
+
+
+def test_scores_do_not_depend_on_the_order_of_the_rows(tiny):
+    rows = runner.mc_rows(tiny.tokenizer.encode, ITEMS)
+    shuffled = list(range(len(rows)))
+    random.Random(1).shuffle(shuffled)
+    a = runner.score_rows(tiny.model, rows, SPARSE, tiny.tokenizer.pad_id, 2)
+    b = runner.score_rows(tiny.model, [rows[i] for i in shuffled], SPARSE, tiny.tokenizer.pad_id, 2)
+    for j, i in enumerate(shuffled):
+        assert torch.equal(a[i].logprobs, b[j].logprobs)
+
+
+def test_batched_generation_equals_one_at_a_time(tiny):
+    items = [GenItem("The capital of France is", ["Paris"], (".",)),
+             GenItem("Scholars argue about how much the press", ["x"], ("\n",)),
+             GenItem("The history", ["x"], (".",))]
+    batched = runner.generate_answers(tiny, items, SPARSE, batch_size=3, max_new_tokens=8)
+    alone = [runner.generate_answers(tiny, [item], SPARSE, batch_size=1, max_new_tokens=8)[0] for item in items]
+    assert batched == alone
+    assert all(not any(s in text for s in item.stop) for text, item in zip(batched, items))
+
+
+def test_split_document_and_prompt_flag():
+    ids = list(range(10))
+    assert runner.split_document(ids, 0.5) == (ids[:5], ids[5:])
+    assert runner.split_document(ids, 3) == (ids[:3], ids[3:])
+    assert runner.split_document(ids, 10) is None and runner.split_document([1], 0.5) is None
+    assert evaluate.parse_prompt("64") == 64 and evaluate.parse_prompt("0.25") == 0.25
+    for bad in ("0", "1.0", "half"):
+        with pytest.raises(ValueError):
+            evaluate.parse_prompt(bad)
+
+
+def test_perplexity_and_top1_agreement(tiny):
+    docs = [data.Document(t) for t in ("The history of the printing press begins in the fifteenth century.",
+                                       "The capital of France is Paris. The capital of Italy is Rome.")]
+    rows = runner.document_rows(tiny.tokenizer.encode, docs, 0.5, max_tokens=64)
+    grid = [None, SPARSE, CoreConfig(beta=1.0, layers="all")]
+    dense, sparse, full = evaluate.ppl_results(tiny, "docs", rows, grid, batch_size=2)
+    lps = [continuation_logprobs(tiny.model, [p], [c], None, tiny.tokenizer.pad_id)[0] for p, c in rows]
+    by_hand = math.exp(-sum(float(lp.double().sum()) for lp in lps) / sum(len(lp) for lp in lps))
+    assert dense.metrics["ppl"][0] == pytest.approx(by_hand, rel=1e-5)
+    assert dense.metrics["top1_agree"][0] == 1.0
+    assert full.metrics["ppl"][0] == pytest.approx(by_hand, rel=1e-4) and full.metrics["top1_agree"][0] == 1.0
+    assert sparse.setting == "frequency keep 0.5 layers all" and 0 <= sparse.metrics["top1_agree"][0] <= 1
+
+
+def test_report_pairs_deltas_and_writes_json_and_markdown(tmp_path):
+    dense = report.mean_result("piqa", "dense", {"acc": [1.0, 0.0, 1.0, 1.0]}, 1.0)
+    sparse = report.mean_result("piqa", "frequency keep 0.7", {"acc": [1.0, 0.0, 0.0, 1.0]}, 1.0)
+    ppl = report.Result("squad", "dense", 2, {"ppl": (20.0, 1.5), "top1_agree": (1.0, 0.0)})
+    ppl_sparse = report.Result("squad", "frequency keep 0.7", 2, {"ppl": (25.0, 2.0), "top1_agree": (0.8, 0.05)})
+    doc = report.summary([dense, sparse, ppl, ppl_sparse], [None, CoreConfig(beta=0.7)], {"wall_s": 1})
+    entry = doc["tasks"]["piqa"]["metrics"]["acc"]["frequency keep 0.7"]
+    assert entry["delta"] == pytest.approx(-0.25) and entry["delta_stderr"] == pytest.approx(0.25)
+    assert doc["tasks"]["squad"]["metrics"]["ppl"]["frequency keep 0.7"]["delta_stderr"] is None
+    json_path, md_path = report.write(doc, tmp_path / "out" / "r")
+    assert json.loads(json_path.read_text())["tasks"]["piqa"]["n"] == 4
+    table = md_path.read_text()
+    assert "| piqa | acc | 4 | 75.0 ± 25.0 | 50.0 ± 28.9 (−25.0 ± 25.0) |" in table
+    assert "| squad | ppl | 2 | 20.00 ± 1.50 | 25.00 ± 2.00 (+5.00) |" in table
+
+
+def strip_timing(doc: dict) -> dict:
+    doc = dict(doc, wall_s=None)
+    for task in doc["tasks"].values():
+        task["seconds"] = None
+    return doc
+
+
+def test_cli_runs_user_files_and_is_deterministic(tiny_model_dir, tmp_path, capsys):
+    mc = tmp_path / "mine.jsonl"
+    mc.write_text("\n".join(json.dumps({"context": i.context, "choices": i.choices, "label": i.label})
+                            for i in ITEMS[:2]))
+    gen = tmp_path / "qa.jsonl"
+    gen.write_text(json.dumps({"prompt": "The capital of France is", "answers": ["Paris"], "stop": ["."]}))
+    text = tmp_path / "notes.txt"
+    text.write_text("The history of the printing press.\n\nThe capital of France is Paris, of Italy Rome.\n")
+    common = ["--model", str(tiny_model_dir), "--beta", "0.5,1", "--layers", "all"]
+    docs = []
+    for run in ("a", "b"):
+        assert cli.main(["eval", "tasks", "--mc-jsonl", str(mc), "--gen-jsonl", str(gen), *common,
+                         "--output", str(tmp_path / run)]) == 0
+        docs.append(json.loads((tmp_path / f"{run}.json").read_text()))
+    assert strip_timing(docs[0])["tasks"] == strip_timing(docs[1])["tasks"]
+    tasks = docs[0]["tasks"]
+    assert set(tasks) == {"mine", "qa"} and tasks["mine"]["n"] == 2
+    assert tasks["mine"]["metrics"]["acc"]["frequency keep 1 layers all"]["delta"] == 0.0
+    assert set(tasks["qa"]["metrics"]) == {"exact_match", "f1"}
+    assert cli.main(["eval", "ppl", "--text", str(text), "--prompt", "4", *common,
+                     "--output", str(tmp_path / "ppl")]) == 0
+    ppl = json.loads((tmp_path / "ppl.json").read_text())["tasks"]["notes"]
+    assert ppl["n"] == 2 and ppl["metrics"]["top1_agree"]["frequency keep 1 layers all"]["value"] == 1.0
+    assert "| notes | ppl | 2 |" in capsys.readouterr().out
+    assert cli.main(["eval", "tasks", "--tasks", "nope", *common]) == 2
+
+
+def test_dense_eval_reproduces_transformers_on_the_embedded_model():
+    llm = LLM(progress=False)
+    # The tokenizer folder of the embedded model is its converted HF checkpoint (config + safetensors).
+    hf = transformers.AutoModelForCausalLM.from_pretrained(llm.tokenizer.hf.name_or_path,
+                                                           attn_implementation="eager").eval()
+    items = [item for task in ("piqa", "winogrande", "arc_easy", "copa") for item in data.load_mc(task, 1, seed=3)]
+    lls = runner.mc_loglikelihoods(llm, items, None, batch_size=4)
+    ref = hf_continuation_lls(hf, runner.mc_rows(llm.tokenizer.encode, items))
+    got = [ll for item_lls in lls for ll in item_lls]
+    print(f"max |ours - transformers| = {max(abs(a - b) for a, b in zip(got, ref)):.2e}")
+    assert got == pytest.approx(ref, abs=2e-3)
+
+
+LM_EVAL_TASK = """task: coreinfer_items
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {path}
+test_split: test
+output_type: multiple_choice
+doc_to_text: context
+doc_to_choice: choices
+doc_to_target: label
+target_delimiter: ""
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+def test_lm_eval_adapter_agrees_with_coreinfer_eval_tasks(tiny_model_dir, tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    from coreinfer.eval.harness import CoreInferLM
+
+    # Packaged items as a user JSONL: the choices keep their leading space and the YAML task adds no
+    # delimiter, so lm-eval and `coreinfer eval tasks --mc-jsonl` see the same strings.
+    # (short ones: the tiny model's byte-level vocabulary spends a token per character or so)
+    fits = lambda i: len(i.context) + max(map(len, i.choices)) < 150  # noqa: E731
+    items = [i for i in data.load_mc("piqa", 40, seed=0) if fits(i)][:6] + data.load_mc("copa", 4, seed=0)
+    jsonl = tmp_path / "items.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"context": i.context, "choices": i.choices, "label": i.label})
+                               for i in items))
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "coreinfer_items.yaml").write_text(LM_EVAL_TASK.format(path=jsonl))
+    flags = ["--model", str(tiny_model_dir), "--beta", "0.5", "--layers", "all", "--batch-size", "4"]
+    assert cli.main(["eval", "tasks", "--mc-jsonl", str(jsonl), *flags, "--output", str(tmp_path / "ours")]) == 0
+    ours = json.loads((tmp_path / "ours.json").read_text())["tasks"]["items"]
+    manager = TaskManager(include_path=str(tmp_path / "tasks"))
+    for setting, args in (("dense", {"dense": True}), ("frequency keep 0.5 layers all", {"beta": 0.5, "layers": "all"})):
+        lm = CoreInferLM(pretrained=tiny, batch_size=4, **args)
+        out = lm_eval.simple_evaluate(model=lm, tasks=["coreinfer_items"], task_manager=manager, log_samples=True,
+                                      bootstrap_iters=0)
+        samples = sorted(out["samples"]["coreinfer_items"], key=lambda s: s["doc_id"])
+        for metric in ("acc", "acc_norm"):
+            assert [s[metric] for s in samples] == ours["per_item"][setting][metric]
+            assert out["results"]["coreinfer_items"][f"{metric},none"] == ours["metrics"][metric][setting]["value"]
+        # the log-likelihoods themselves, bit for bit: same rows, same batches
+        lls = runner.mc_loglikelihoods(tiny, items, lm.core, batch_size=4)
+        assert [[float(resp[0][0]) for resp in s["resps"]] for s in samples] == lls
+
+
+def test_lm_eval_adapter_generates_and_rolls_sparse(tiny):
+    pytest.importorskip("lm_eval")
+    from lm_eval.api.instance import Instance
+
+    from coreinfer.eval.harness import CoreInferLM
+
+    lm = CoreInferLM(pretrained=tiny, beta=0.5, layers="all", batch_size=2)
+    prompts = ["The capital of France is", "Scholars argue about"]
+    requests = [Instance("generate_until", {}, (p, {"until": ["."], "max_gen_toks": 6}), i)
+                for i, p in enumerate(prompts)]
+    assert lm.generate_until(requests, disable_tqdm=True) == runner.generate_texts(
+        tiny, prompts, [(".",)] * 2, lm.core, batch_size=2, max_new_tokens=6)
+    text = "The history of the printing press."
+    rolled = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)], disable_tqdm=True)
+    ids = tiny.tokenizer.encode(text)
+    ref = continuation_logprobs(tiny.model, [[lm.prefix_token_id]], [ids], lm.core, tiny.tokenizer.pad_id)[0]
+    assert rolled[0] == pytest.approx(float(ref.double().sum()), abs=1e-5)
