@@ -133,8 +133,7 @@ def per_token_breakdown(model, ids: list[int], core: CoreConfig | None, steps: i
             return (time.perf_counter() - t) / steps
 
         ffn = timed(lambda: [layer.core(x) if sparse and layer.core.loaded else layer.mlp(x) for layer in model.layers])
-        qkvo = timed(lambda: [p(x) for layer in model.layers for p in (layer.self_attn.q_proj, layer.self_attn.o_proj,
-                                                                      layer.self_attn.k_proj, layer.self_attn.v_proj)])
+        qkvo = timed(lambda: [p(x) for layer in model.layers for p in (layer.self_attn.qkv_proj, layer.self_attn.o_proj)])
         head = timed(lambda: model.lm_head(x))
     parts = {"ffn": ffn, "attention_proj": qkvo, "head": head}
     parts["attention_sdpa_and_overhead"] = max(total - sum(parts.values()), 0.0)

@@ -51,7 +51,7 @@ def quantize_model(model) -> None:
     (a lookup reads one row), norms stay dense (tiny)."""
     for layer in model.layers:
         attn = layer.self_attn
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        for name in ("qkv_proj", "o_proj"):
             setattr(attn, name, Int8Linear(getattr(attn, name)))
         layer.mlp.quantize_()
     model.lm_head = Int8Linear(model.lm_head)

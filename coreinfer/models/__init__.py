@@ -3,7 +3,7 @@
 import torch
 
 from . import gemma3, llama, opt
-from .common import CausalLM
+from .common import CausalLM, fuse_qkv
 
 # config.json `model_type` -> (config class, model class, sanitize)
 FAMILIES = {
@@ -28,7 +28,7 @@ def build_model(config: dict, weights: dict, device="cpu", dtype=torch.float32) 
     cfg = config_cls.from_dict(config)
     with torch.device("meta"):
         model = model_cls(cfg)
-    state = sanitize(weights, cfg)
+    state = fuse_qkv(sanitize(weights, cfg))
     expected = set(model.state_dict())
     missing, unexpected = expected - set(state), set(state) - expected
     if missing or unexpected:

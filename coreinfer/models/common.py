@@ -39,11 +39,9 @@ class RMSNorm(nn.Module):
         self.eps, self.offset = eps, offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.offset:  # Gemma scales in fp32 before casting back
-            return (h * (self.offset + self.weight.float())).type_as(x)
-        return self.weight * h.type_as(x)
+        # one fused kernel instead of six elementwise ops: norms run 60+ times per decoded token
+        weight = self.weight.float() + self.offset if self.offset else self.weight.float()
+        return F.rms_norm(x.float(), weight.shape, weight, self.eps).type_as(x)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
@@ -97,8 +95,8 @@ class Rotary(nn.Module):
         self.cos, self.sin = angles.cos() * self.scale, angles.sin() * self.scale
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # [B, T] -> [B, 1, T, hd], broadcast over heads
-        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+        # [B, T] -> [B, T, 1, hd], broadcast over the heads of a [B, T, heads, hd] tensor
+        return self.cos[positions].unsqueeze(2).to(dtype), self.sin[positions].unsqueeze(2).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -215,15 +213,17 @@ class FFN(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with GQA, optional q/k/v bias (Qwen2, OPT), q/k RMSNorm (Gemma 3), RoPE."""
+    """Multi-head attention with GQA, optional q/k/v bias (Qwen2, OPT), q/k RMSNorm (Gemma 3), RoPE.
+
+    q, k and v come from one fused projection `qkv_proj` ([H + 2 Hkv] * hd rows; `fuse_qkv` builds it
+    from a checkpoint's three), and RoPE turns q and k in one go: fewer kernels per decoded token.
+    """
 
     def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, scale: float,
                  qkv_bias: bool = False, out_bias: bool = False, qk_norm_eps: float | None = None):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim, self.scale = heads, kv_heads, head_dim, scale
-        self.q_proj = nn.Linear(dim, heads * head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(dim, kv_heads * head_dim, bias=qkv_bias)
+        self.qkv_proj = nn.Linear(dim, (heads + 2 * kv_heads) * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(heads * head_dim, dim, bias=out_bias)
         self.q_norm = RMSNorm(head_dim, qk_norm_eps, offset=1.0) if qk_norm_eps else None
         self.k_norm = RMSNorm(head_dim, qk_norm_eps, offset=1.0) if qk_norm_eps else None
@@ -231,16 +231,28 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, slots, mask) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.heads, self.head_dim)
-        k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(B, T, self.kv_heads, self.head_dim)
+        H, Hkv = self.heads, self.kv_heads
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, self.head_dim)
+        qk, v = qkv[:, :, :H + Hkv], qkv[:, :, H + Hkv:]  # [B, T, H + Hkv, hd], [B, T, Hkv, hd]
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
+            qk = torch.cat([self.q_norm(qk[:, :, :H]), self.k_norm(qk[:, :, H:])], dim=2)
         if rope is not None:
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            qk = apply_rotary(qk, *rope)
+        q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
         k, v = self.cache.update(slots, k, v, kv_len=mask.shape[-1])  # [B, Hkv, S', hd]
         return self.o_proj(attend(q, k, v, mask, self.scale))
+
+
+def fuse_qkv(state: dict) -> dict:
+    """Checkpoint q/k/v projections -> one `qkv_proj` per attention (rows stacked q, k, v)."""
+    out = {}
+    for name, w in state.items():
+        if ".q_proj." in name:
+            parts = [state[name.replace(".q_proj.", f".{p}.")] for p in ("q_proj", "k_proj", "v_proj")]
+            out[name.replace(".q_proj.", ".qkv_proj.")] = torch.cat(parts)
+        elif ".k_proj." not in name and ".v_proj." not in name:
+            out[name] = w
+    return out
 
 
 def feed_forward(block: nn.Module, h: torch.Tensor, sparse: bool, acts: list | None) -> torch.Tensor:
