@@ -12,13 +12,14 @@ import argparse
 import math
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from .cli import add_core_args, add_runtime_args, core_grid, runtime_kwargs
 from .core import CoreConfig
 from .eval import data, report, runner
-from .eval.metrics import exact_match, f1, mc_accuracy, normalized_exact_match, ratio_and_stderr
+from .eval.metrics import f1, mc_accuracy, normalized_exact_match, ratio_and_stderr
 from .eval.report import Result, mean_result, setting_name
 
 # How each packaged generative task is scored. LAMBADA is lm-eval's last-word accuracy: the answer
@@ -26,7 +27,7 @@ from .eval.report import Result, mean_result, setting_name
 GEN_METRICS = {"lambada": ("acc",), "triviaqa": ("exact_match",), "nq_open": ("exact_match",),
                "squad": ("exact_match", "f1")}
 USER_GEN_METRICS = ("exact_match", "f1")
-SCORERS = {"exact_match": normalized_exact_match, "f1": f1, "last_word": exact_match}
+SCORERS = {"exact_match": normalized_exact_match, "f1": f1}
 TASK_GROUPS = {"all": data.MC_TASKS + data.GEN_TASKS, "mc": data.MC_TASKS, "gen": data.GEN_TASKS}
 
 
@@ -86,12 +87,12 @@ def run_task(llm, task: Task, core: CoreConfig | None, batch_size: int, max_new_
     return mean_result(task.name, setting_name(core), per_item, time.perf_counter() - t0)
 
 
-def ppl_results(llm, name: str, rows: list, grid: list[CoreConfig | None], batch_size: int) -> list[Result]:
-    """Perplexity of each row's continuation, and how often each setting's top-1 token agrees with
-    dense's. Dense must come first in the grid: its predictions are the reference."""
+def ppl_results(llm, name: str, rows: list, grid: list[CoreConfig | None], batch_size: int) -> Iterator[Result]:
+    """Per setting, as each finishes: the perplexity of the rows' continuations, and how often the
+    setting's top-1 token agrees with dense's. Dense comes first in the grid: it is the reference."""
     if grid[0] is not None:
         raise ValueError("the grid must start with dense (None)")
-    results, dense_greedy = [], None
+    dense_greedy = None
     for core in grid:
         t0 = time.perf_counter()
         scored = runner.score_rows(llm.model, rows, core, llm.tokenizer.pad_id, batch_size,
@@ -103,8 +104,7 @@ def ppl_results(llm, name: str, rows: list, grid: list[CoreConfig | None], batch
         ppl = math.exp(mean_nll)
         agree = ratio_and_stderr([float((s.greedy == d).sum()) for s, d in zip(scored, dense_greedy)], counts)
         metrics = {"ppl": (ppl, ppl * nll_stderr), "top1_agree": agree}  # delta method: d exp(x) = exp(x) dx
-        results.append(Result(name, setting_name(core), len(rows), metrics, seconds=time.perf_counter() - t0))
-    return results
+        yield Result(name, setting_name(core), len(rows), metrics, seconds=time.perf_counter() - t0)
 
 
 def log_result(r: Result) -> None:
@@ -151,9 +151,10 @@ def cmd_ppl(args) -> None:
     if not rows:
         raise ValueError("no document is long enough to split into a prompt and a continuation")
     name = Path(args.text).stem if args.text else "squad_paragraphs"
-    results = ppl_results(llm, name, rows, grid, args.batch_size)
-    for r in results:
+    results = []
+    for r in ppl_results(llm, name, rows, grid, args.batch_size):
         log_result(r)
+        results.append(r)
     finish(results, grid, args, llm, t0)
 
 

@@ -260,7 +260,8 @@ def test_lm_eval_adapter_agrees_with_coreinfer_eval_tasks(tiny_model_dir, tiny, 
     assert cli.main(["eval", "tasks", "--mc-jsonl", str(jsonl), *flags, "--output", str(tmp_path / "ours")]) == 0
     ours = json.loads((tmp_path / "ours.json").read_text())["tasks"]["items"]
     manager = TaskManager(include_path=str(tmp_path / "tasks"))
-    for setting, args in (("dense", {"dense": True}), ("frequency keep 0.5 layers all", {"beta": 0.5, "layers": "all"})):
+    settings = {"dense": {"dense": True}, "frequency keep 0.5 layers all": {"beta": 0.5, "layers": "all"}}
+    for setting, args in settings.items():
         lm = CoreInferLM(pretrained=tiny, batch_size=4, **args)
         out = lm_eval.simple_evaluate(model=lm, tasks=["coreinfer_items"], task_manager=manager, log_samples=True,
                                       bootstrap_iters=0)

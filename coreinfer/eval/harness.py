@@ -20,7 +20,10 @@ ppl` for perplexity under sparsity). Tokenization is lm-eval's: `_encode_pair` f
 special tokens as the tokenizer adds them (as `HFLM` does by default).
 """
 
+import logging
+
 import lm_eval.models  # noqa: F401  (registers the built-in models first, so none goes missing)
+import torch
 from lm_eval import utils as lm_utils
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -31,6 +34,15 @@ from ..core import CoreConfig
 from .runner import generate_texts, score_rows
 
 
+def pick_device(device: str | None) -> str:
+    """lm-eval's command line asks for "cuda" by default; like its HF model, fall back to the CPU
+    when CUDA is not there."""
+    if device and device.startswith("cuda") and not torch.cuda.is_available():
+        logging.getLogger(__name__).warning("CUDA is not available: running on the CPU")
+        return "cpu"
+    return device or "cpu"
+
+
 @register_model("coreinfer")
 class CoreInferLM(TemplateLM):
     def __init__(self, pretrained=None, device: str | None = None, dtype: str | None = None,
@@ -39,7 +51,9 @@ class CoreInferLM(TemplateLM):
                  ranking: str = CoreConfig.ranking, layers: str | None = None, batch_size: int | str = 8,
                  max_batch_size: int | None = None, max_gen_toks: int = 256):
         super().__init__()
-        self.llm = pretrained if isinstance(pretrained, LLM) else LLM(pretrained, device=device or "cpu", dtype=dtype, threads=threads)
+        if not isinstance(pretrained, LLM):
+            pretrained = LLM(pretrained, device=pick_device(device), dtype=dtype, threads=threads)
+        self.llm = pretrained
         self.core = None if dense else CoreConfig(alpha=alpha, beta=beta, statistic=statistic, ranking=ranking,
                                                   layers=None if layers is None else str(layers))
         # "auto" asks HFLM to probe memory; our batches are small either way.
