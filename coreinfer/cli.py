@@ -171,10 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def command_modules() -> list:
     """The `add_parser(sub)` functions of the modules that bring their own commands."""
+    from .analysis_cli import add_parser as analyses
     from .evaluate import add_parser as evaluate
     from .server import add_parser as serve
 
-    return [serve, evaluate]
+    return [serve, evaluate, analyses]
 
 
 def main(argv: list[str] | None = None) -> int:

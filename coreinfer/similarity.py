@@ -43,12 +43,16 @@ def model_fingerprint(model) -> tuple[dict, torch.Tensor]:
     vectors = sorted((n, p) for n, p in model.named_parameters() if p.dim() == 1 and p.is_floating_point())
     picks = [("embed_tokens.weight", model.embed_tokens.weight)]
     picks += [vectors[round(i * (len(vectors) - 1) / max(1, PROBE_TENSORS - 2))] for i in range(PROBE_TENSORS - 1)]
-    probe = torch.cat([p.detach().reshape(-1)[torch.linspace(0, p.numel() - 1, PROBE_VALUES, device=p.device)
-                                               .long()].float().cpu() for _, p in picks])
+    probe = torch.cat([p.detach().reshape(-1)[strided(p.numel(), p.device)].float().cpu() for _, p in picks])
     facts = dict(model_type=getattr(model.config, "model_type", type(model).__module__), num_layers=len(model.layers),
                  ffn_width=model.layers[0].mlp.up.shape[0], hidden_size=model.embed_tokens.weight.shape[1],
                  vocab_size=model.embed_tokens.weight.shape[0], probe_tensors=[n for n, _ in picks])
     return facts, probe
+
+
+def strided(n: int, device) -> torch.Tensor:
+    """PROBE_VALUES evenly spaced positions in [0, n), in integers: float32 cannot count past 2^24."""
+    return torch.arange(PROBE_VALUES, device=device) * (n - 1) // max(1, PROBE_VALUES - 1)
 
 
 def same_model(a: tuple[dict, torch.Tensor], b: tuple[dict, torch.Tensor]) -> bool:
@@ -228,7 +232,11 @@ def build_clusters(model, prompts: list[list[int]], core: CoreConfig, layer: int
     build = dict(alpha=core.alpha, beta=keep[layer], statistic=core.statistic,
                  ranking=ranking_for(core, model.layers[0].mlp.gated), layers=list(keep))
     sizes = torch.bincount(labels, minlength=k).tolist()
-    info["mean_member_overlap"] = round(float(mean_member_overlap(x, labels, centroids)), 4)
+    info.update(mean_member_overlap=round(float(mean_member_overlap(x, labels, centroids)), 4),
+                labels=labels.tolist(),  # which cluster each corpus sentence went to, for inspection
+                # mean prompt length per cluster: shows when clusters follow length rather than content
+                mean_tokens=[round(sum(len(p) for p, c in zip(prompts, labels.tolist()) if c == i) / max(1, n), 1)
+                             for i, n in enumerate(torch.bincount(labels, minlength=k).tolist())])
     return ClusterSet(model_fingerprint(model), layer, build, centroids, ranks, sizes, info)
 
 
