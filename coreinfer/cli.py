@@ -7,6 +7,7 @@ import sys
 
 from .core import MODES, CoreConfig
 from .generate import GenerationConfig
+from .loading import CheckpointError
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -15,6 +16,7 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     g.add_argument("--dtype", default=None, help="fp32 (CPU default), bf16 (CUDA default), fp16")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    g.add_argument("--weights", default="dense", help="dense (the dtype's) or int8 (weight-only, per channel)")
 
 
 def add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
@@ -54,7 +56,7 @@ def parse_floats(text: str, flag: str) -> list[float]:
 
 
 def runtime_kwargs(args) -> dict:
-    return dict(model=args.model, device=args.device, dtype=args.dtype, threads=args.threads)
+    return dict(model=args.model, device=args.device, dtype=args.dtype, threads=args.threads, weights=args.weights)
 
 
 def generation_config(args) -> GenerationConfig:
@@ -172,10 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
 def command_modules() -> list:
     """The `add_parser(sub)` functions of the modules that bring their own commands."""
     from .analysis_cli import add_parser as analyses
+    from .bench import add_parser as bench
     from .evaluate import add_parser as evaluate
     from .server import add_parser as serve
 
-    return [serve, evaluate, analyses]
+    return [serve, evaluate, bench, analyses]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except KeyboardInterrupt:
         return 130
-    except (ValueError, OSError, NotImplementedError) as e:
+    except (ValueError, OSError, NotImplementedError, CheckpointError) as e:
         print(f"coreinfer: error: {e}", file=sys.stderr)
         return 2
     return 0
