@@ -4,6 +4,7 @@ files round-trip and refuse other models, and clusters equal to the prompts' own
 exactly as stability mode."""
 
 import argparse
+import shutil
 
 import pytest
 import torch
@@ -11,7 +12,8 @@ import transformers
 from safetensors import safe_open
 from sklearn.metrics import adjusted_rand_score
 
-from coreinfer.cli import add_core_args, core_config, core_grid
+from coreinfer.analysis import group_separation, paraphrase_separation, prefix_stability
+from coreinfer.cli import add_core_args, core_config, core_grid, main
 from coreinfer.core import CoreConfig, select, select_and_compact
 from coreinfer.generate import Batch, prefill
 from coreinfer.models import build_model
@@ -189,3 +191,51 @@ def test_cli_mode_and_clusters_flags(tmp_path):
                           (["--clusters", str(path)], "only used with --mode similarity")]:
         with pytest.raises(ValueError, match=message):
             core_config(parse(argv))
+
+
+def test_cluster_command_then_similarity_generate_and_refusal(tiny_model_dir, tmp_path, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(["The capital of France is Paris.", "The capital of Italy is Rome.",
+                                 "The printing press changed how people thought.",
+                                 "Scholars argue about the fifteenth century press."] * 3))
+    out = tmp_path / "tiny.clusters.safetensors"
+    common = ["--model", str(tiny_model_dir), "--threads", "1", "--layers", "1-2"]
+    assert main(["cluster", "--corpus", str(corpus), "--layer", "1", "--clusters", "2", "--output", str(out),
+                 *common]) == 0
+    printed = capsys.readouterr().out
+    assert "2 clusters (given)" in printed and "cluster 1:" in printed
+    gen = ["generate", "The capital of Italy", "--max-new-tokens", "3", "--mode", "similarity",
+           "--clusters", str(out), *common]
+    assert main(gen) == 0
+    # the same folder with other weights is another model: refused before decoding
+    other = tmp_path / "other"
+    shutil.copytree(tiny_model_dir, other)
+    torch.manual_seed(1)
+    config = transformers.AutoConfig.from_pretrained(other)
+    transformers.LlamaForCausalLM(config).save_pretrained(other)
+    capsys.readouterr()
+    assert main([*gen[:-len(common)], "--model", str(other), "--threads", "1", "--layers", "1-2"]) == 2
+    assert "another model" in capsys.readouterr().err
+
+
+def test_analysis_separation_numbers_on_planted_sets():
+    x, truth = planted_sets(per_group=6)
+    sets = torch.stack([x, x], 1)  # [N, L=2, F]: the same sets at two layers
+    res = group_separation(sets, truth, lengths=[10] * len(truth))
+    assert res["auc"] == [1.0, 1.0] and res["length_auc"] == 0.5  # equal lengths carry no signal
+    assert res["within"][0] > 0.75 > 0.6 > res["across"][0]  # 54 of 60 shared vs random halves
+    # MRPC-like pairs: a member with a same-group member (paraphrase) or an other-group member (not)
+    a = x[[0, 1, 6, 7]]
+    y = [1, 0, 1, 0]
+    b = x[[2, 12, 8, 13]]  # same group, other group, same group, other group
+    para = paraphrase_separation(a[:, None], b[:, None], y, [[1, 2], [3], [1], [4]], [[1, 2], [5], [1], [6]])
+    assert para["auc"] == [1.0] and para["token_jaccard_auc"] == 1.0 and para["paraphrase"][0] > para["other"][0]
+
+
+def test_prefix_stability_is_one_when_the_whole_ffn_is_kept():
+    model = tiny_model()
+    docs = [list(range(1, 41)), list(range(41, 81))]
+    full = prefix_stability(model, docs, CoreConfig(beta=1.0), lengths=[4, 16], window=8)
+    assert torch.tensor(full["same"]).eq(1.0).all() and len(full["same"]) == 2 and len(full["same"][0]) == 4
+    half = prefix_stability(model, docs, CoreConfig(beta=0.5), lengths=[4, 16], window=8)
+    assert 0.0 < torch.tensor(half["same"]).min() and torch.tensor(half["same"]).max() <= 1.0
