@@ -2,6 +2,7 @@
 
     coreinfer eval ppl   [--text FILE] [--prompt 0.5] ...   continuation perplexity and top-1 agreement
     coreinfer eval tasks [--tasks all|mc|gen|piqa,...] ...  lm-eval-style benchmark tasks
+    coreinfer eval report A.json B.json ...                 one table from several runs
 
 One run evaluates dense and every setting of the grid (--beta 0.5,0.7,0.85 x --statistic) on the
 same items, so each delta against dense is paired. Items are sampled with --limit/--seed and
@@ -9,6 +10,7 @@ everything after is deterministic. Results go to PREFIX.json and PREFIX.md (--ou
 """
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -170,7 +172,26 @@ def cmd_tasks(args) -> None:
         for core in grid:
             results.append(run_task(llm, task, core, args.batch_size, args.max_new_tokens))
             log_result(results[-1])
-    finish(results, grid, args, llm, t0)
+    finish(results + report.pooled(results), grid, args, llm, t0)
+
+
+def cmd_report(args) -> None:
+    """One table from the JSON of several runs (e.g. one task per run) over the same settings."""
+    docs = [json.loads(Path(p).read_text(encoding="utf-8")) for p in args.files]
+    results, settings = [], None
+    for path, doc in zip(args.files, docs):
+        found, grid = report.results_from_summary(doc)
+        if settings is not None and grid != settings:
+            raise ValueError(f"{path} was run with other settings than {args.files[0]}")
+        if {r.task for r in found} & {r.task for r in results}:
+            raise ValueError(f"{path} repeats a task of another file")
+        settings, results = grid, results + found
+    meta = {"model": " + ".join(sorted({str(d.get("model")) for d in docs})), "merged": list(args.files),
+            "wall_s": round(sum(d.get("wall_s", 0) for d in docs), 1)}
+    doc = report.summary(results + report.pooled(results), settings, meta)
+    json_path, md_path = report.write(doc, args.output)
+    print(report.markdown(doc))
+    print(f"wrote {json_path} and {md_path}", file=sys.stderr)
 
 
 def add_common_args(p: argparse.ArgumentParser, kind: str, batch_size: int) -> None:
@@ -211,3 +232,8 @@ def add_parser(sub) -> None:
     t.add_argument("--max-new-tokens", type=int, default=32, help="cap on each generated answer")
     add_common_args(t, "tasks", batch_size=8)
     t.set_defaults(func=cmd_tasks)
+
+    r = ev.add_parser("report", help="merge the JSON results of several runs into one table")
+    r.add_argument("files", nargs="+", metavar="FILE.json")
+    r.add_argument("--output", default="coreinfer-eval-report", help="writes OUTPUT.json and OUTPUT.md")
+    r.set_defaults(func=cmd_report)

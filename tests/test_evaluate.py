@@ -167,6 +167,11 @@ def test_report_pairs_deltas_and_writes_json_and_markdown(tmp_path):
     entry = doc["tasks"]["piqa"]["metrics"]["acc"]["frequency keep 0.7"]
     assert entry["delta"] == pytest.approx(-0.25) and entry["delta_stderr"] == pytest.approx(0.25)
     assert doc["tasks"]["squad"]["metrics"]["ppl"]["frequency keep 0.7"]["delta_stderr"] is None
+    # two multiple-choice tasks pool into one row over all their items
+    other = report.mean_result("copa", "dense", {"acc": [0.0, 0.0], "acc_norm": [1.0, 1.0]}, 1.0)
+    piqa = report.mean_result("piqa", "dense", {"acc": [1.0, 0.0], "acc_norm": [0.0, 0.0]}, 1.0)
+    (all_mc,) = report.pooled([piqa, other, ppl])
+    assert all_mc.task == report.POOLED and all_mc.n == 4 and all_mc.metrics["acc_norm"][0] == 0.5
     json_path, md_path = report.write(doc, tmp_path / "out" / "r")
     assert json.loads(json_path.read_text())["tasks"]["piqa"]["n"] == 4
     table = md_path.read_text()
@@ -205,6 +210,12 @@ def test_cli_runs_user_files_and_is_deterministic(tiny_model_dir, tmp_path, caps
     ppl = json.loads((tmp_path / "ppl.json").read_text())["tasks"]["notes"]
     assert ppl["n"] == 2 and ppl["metrics"]["top1_agree"]["frequency keep 1 layers all"]["value"] == 1.0
     assert "| notes | ppl | 2 |" in capsys.readouterr().out
+    assert cli.main(["eval", "report", str(tmp_path / "a.json"), str(tmp_path / "ppl.json"),
+                     "--output", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert merged["tasks"]["notes"] == json.loads((tmp_path / "ppl.json").read_text())["tasks"]["notes"]
+    assert set(merged["tasks"]) == {"mine", "qa", "notes"}
+    assert cli.main(["eval", "report", str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 2  # same tasks twice
     assert cli.main(["eval", "tasks", "--tasks", "nope", *common]) == 2
 
 

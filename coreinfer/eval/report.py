@@ -14,6 +14,8 @@ from pathlib import Path
 from ..core import CoreConfig
 from .metrics import mean_and_stderr
 
+# The row that pools every multiple-choice task's items.
+POOLED = "all multiple choice"
 # Metrics shown as percentages; the rest (perplexity) as they are.
 PERCENT = {"acc", "acc_norm", "exact_match", "f1", "top1_agree"}
 
@@ -47,6 +49,35 @@ def mean_result(task: str, setting: str, per_item: dict[str, list[float]], secon
     n = len(next(iter(per_item.values())))
     metrics = {name: mean_and_stderr(values) for name, values in per_item.items()}
     return Result(task, setting, n, metrics, per_item, seconds)
+
+
+def pooled(results: list[Result]) -> list[Result]:
+    """Per setting, acc and acc_norm over the items of every multiple-choice task together (so each
+    task weighs by its item count, as lm-eval's groups do), when there are at least two such tasks."""
+    by_setting: dict[str, list[Result]] = {}
+    for r in results:
+        if "acc_norm" in r.per_item and r.task != POOLED:
+            by_setting.setdefault(r.setting, []).append(r)
+    out = []
+    for setting, runs in by_setting.items():
+        if len(runs) >= 2:
+            per_item = {m: [v for r in runs for v in r.per_item[m]] for m in ("acc", "acc_norm")}
+            out.append(mean_result(POOLED, setting, per_item, sum(r.seconds for r in runs)))
+    return out
+
+
+def results_from_summary(doc: dict) -> tuple[list[Result], list[CoreConfig | None]]:
+    """Results and settings back from a summary() document (its pooled rows are left out)."""
+    settings = [None if s["core"] is None else CoreConfig(**s["core"]) for s in doc["settings"]]
+    results = []
+    for task, t in doc["tasks"].items():
+        if task == POOLED:
+            continue
+        for setting, seconds in t["seconds"].items():
+            metrics = {m: (cells[setting]["value"], math.nan if cells[setting]["stderr"] is None
+                           else cells[setting]["stderr"]) for m, cells in t["metrics"].items()}
+            results.append(Result(task, setting, t["n"], metrics, t["per_item"].get(setting, {}), seconds))
+    return results, settings
 
 
 def delta(result: Result, dense: Result, metric: str) -> tuple[float, float]:
