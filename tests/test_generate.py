@@ -124,3 +124,12 @@ def test_cli_errors_are_one_clear_line(argv, message, tiny_model_dir, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("coreinfer: error:") and message in err[0]
+
+
+def test_chat_command_streams_turns(tiny_model_dir, monkeypatch, capsys):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\nand again\n"))
+    assert main(["chat", "--model", str(tiny_model_dir), "--max-new-tokens", "6", "--ignore-eos", "--dense"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("decode 6 tok") == 2  # two turns, each reporting its speed
