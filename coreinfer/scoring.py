@@ -12,9 +12,10 @@ from .generate import Batch, prefill
 
 
 @torch.inference_mode()
-def continuation_logprobs(model, prompts: list[list[int]], continuations: list[list[int]],
-                          core: CoreConfig | None, pad_id: int = 0) -> list[torch.Tensor]:
-    """Per sequence, log p(cont[j] | prompt, cont[:j]) [len(cont)] under dense or core decoding.
+def continuation_logits(model, prompts: list[list[int]], continuations: list[list[int]],
+                        core: CoreConfig | None, pad_id: int = 0) -> torch.Tensor:
+    """Logits [B, L, V] predicting each continuation token (L = longest continuation), under dense
+    or core decoding. Row j predicts cont[j]: row 0 from the dense prefill, the rest in one forward.
 
     Prompts are left-padded as in generation; continuations are right-padded, which is harmless
     because the padding comes after every scored token.
@@ -39,7 +40,15 @@ def continuation_logprobs(model, prompts: list[list[int]], continuations: list[l
         positions = batch.positions + torch.arange(1, L, device=feed.device)  # [B, L-1]
         logits.append(model(feed, positions, batch.slots[T0:T0 + L - 1], batch.key_valid[:, :T0 + L - 1],
                             sparse=core is not None))
-    logp = torch.cat(logits, 1).float().log_softmax(-1)  # [B, L, V]
-    target = torch.tensor([c + [pad_id] * (L - len(c)) for c in continuations], device=logp.device)
-    picked = logp.gather(2, target[:, :, None])[:, :, 0]  # [B, L]
-    return [picked[b, :len(c)].cpu() for b, c in enumerate(continuations)]
+    return torch.cat(logits, 1)
+
+
+def continuation_logprobs(model, prompts: list[list[int]], continuations: list[list[int]],
+                          core: CoreConfig | None, pad_id: int = 0) -> list[torch.Tensor]:
+    """Per sequence, log p(cont[j] | prompt, cont[:j]) [len(cont)] under dense or core decoding."""
+    logits = continuation_logits(model, prompts, continuations, core, pad_id)  # [B, L, V]
+    out = []
+    for b, c in enumerate(continuations):  # one row at a time: [L, V] in fp32 is the peak memory
+        logp = logits[b, :len(c)].float().log_softmax(-1)
+        out.append(logp.gather(1, torch.tensor(c, device=logp.device)[:, None])[:, 0].cpu())
+    return out
