@@ -20,7 +20,7 @@ from .eval import data
 from .eval.metrics import mean_and_stderr, normalize_answer, normalized_exact_match
 from .generate import Batch, GenerationConfig, generate_ids, prefill
 from .selection import core_neurons
-from .similarity import build_clusters, sentence_sets
+from .similarity import check_build, cluster_sets, sentence_sets
 
 
 def all_layers(core: CoreConfig) -> CoreConfig:
@@ -173,28 +173,61 @@ def answers(llm, items, core: CoreConfig | None, batch_size: int, max_new_tokens
     return texts, clusters
 
 
-def compare_modes(llm, task: str, limit: int, corpus_size: int, core: CoreConfig, layer: int, k: int | None,
+def answer_nll(llm, items, core: CoreConfig | None, batch_size: int) -> list[float]:
+    """Per item, the gold answer's negative log-likelihood per token, teacher-forced on the sparse
+    model: graded where exact match sits at its floor (a small model rarely answers exactly)."""
+    from .eval.runner import encode_pair, score_rows
+
+    rows = [encode_pair(llm.tokenizer.encode, it.prompt, " " + it.answers[0]) for it in items]
+    return [-s.logprobs.mean().item() for s in score_rows(llm.model, rows, core, llm.tokenizer.pad_id, batch_size)]
+
+
+def paired(deltas: torch.Tensor, where: torch.Tensor) -> list[float]:
+    """Mean and standard error of per-item differences over the items `where` holds."""
+    return list(mean_and_stderr(deltas[where].tolist()))
+
+
+def compare_modes(llm, task: str, limit: int, corpus_size: int, core: CoreConfig, layers: list[int], k: int | None,
                   seed: int, batch_size: int = 16, max_new_tokens: int = 24) -> dict:
-    """Dense vs stability vs similarity on `limit` items of a packaged short-answer task; the clusters
-    are built from `corpus_size` *other* items of the same task, in the same prompt format."""
+    """Dense vs stability vs similarity (one cluster set per clustering layer) on `limit` items of a
+    packaged short-answer task; clusters come from `corpus_size` *other* items of the task, in the
+    same prompt format. Similarity is compared with stability item by item, overall and on the
+    shorter and longer half of the prompts (the claim: it helps where a prompt's own statistics are thin)."""
     items = data.load_gen(task, None, seed)
     if any(it.stop != items[0].stop for it in items):
         raise ValueError(f"{task}: items with different stop strings")
     evaluated, corpus = items[:limit], items[limit:limit + corpus_size]
-    clusters = build_clusters(llm.model, [llm.encode(it.prompt) for it in corpus], core, layer, k, seed=seed,
-                              info=dict(model=llm.name, corpus=f"{task} prompts ({len(corpus)}, seed {seed})"))
-    settings = {"dense": None, "stability": core, "similarity": replace(core, mode="similarity", clusters=clusters)}
-    texts, out = {}, dict(task=task, items=len(evaluated), corpus=len(corpus), clusters=len(clusters.sizes),
-                          cluster_info=clusters.info, results={})
+    for layer in layers:
+        check_build(llm.model, core, layer)
+    corpus_ids = [llm.encode(it.prompt) for it in corpus]
+    sets = sentence_sets(llm.model, corpus_ids, core)  # one corpus pass for every clustering layer
+    settings = {"dense": None, "stability": core}
+    for layer in layers:
+        info = dict(model=llm.name, corpus=f"{task} prompts {limit}..{limit + len(corpus)} (seed {seed})")
+        clusters = cluster_sets(llm.model, sets, [len(p) for p in corpus_ids], core, layer, k, seed=seed, info=info)
+        settings[f"similarity@{layer}"] = replace(core, mode="similarity", clusters=clusters)
+    lengths = torch.tensor([len(llm.encode(it.prompt)) for it in evaluated])
+    short = lengths <= lengths.float().median()
+    everyone = torch.ones_like(short)
+    out = dict(task=task, items=len(evaluated), corpus=len(corpus), median_prompt_tokens=lengths.median().item(),
+               results={})
+    texts, nll = {}, {}
     for name, setting in settings.items():
         texts[name], chosen = answers(llm, evaluated, setting, batch_size, max_new_tokens)
-        em = [normalized_exact_match(t, it.answers) for t, it in zip(texts[name], evaluated)]
-        agree = [float(normalize_answer(t) == normalize_answer(d)) for t, d in zip(texts[name], texts["dense"])]
-        res = dict(zip(("exact_match", "exact_match_stderr"), mean_and_stderr(em)))
-        res.update(zip(("dense_agreement", "dense_agreement_stderr"), mean_and_stderr(agree)))
-        if name == "similarity":
-            res["mean_cluster_score"] = sum(s for _, s in chosen) / len(chosen)
-            res["cluster_counts"] = torch.bincount(torch.tensor([c for c, _ in chosen]),
-                                                   minlength=len(clusters.sizes)).tolist()
+        nll[name] = torch.tensor(answer_nll(llm, evaluated, setting, batch_size))
+        answered = [i for i, d in enumerate(texts["dense"]) if normalize_answer(d)]
+        res = dict(exact_match=mean_and_stderr([normalized_exact_match(t, it.answers)
+                                                for t, it in zip(texts[name], evaluated)]),
+                   dense_agreement=mean_and_stderr([float(normalize_answer(texts[name][i]) ==
+                                                          normalize_answer(texts["dense"][i])) for i in answered]),
+                   dense_answered=len(answered), answer_nll=mean_and_stderr(nll[name].tolist()))
+        if setting is not None and setting.mode == "similarity":
+            delta = nll[name] - nll["stability"]  # < 0: similarity assigns the gold answer more probability
+            res.update(nll_minus_stability=paired(delta, everyone), short_half=paired(delta, short),
+                       long_half=paired(delta, ~short), mean_cluster_score=sum(s for _, s in chosen) / len(chosen),
+                       clusters=len(setting.clusters.sizes), cluster_info={k: v for k, v in setting.clusters.info.items()
+                                                                          if k != "labels"},
+                       cluster_counts=torch.bincount(torch.tensor([c for c, _ in chosen]),
+                                                     minlength=len(setting.clusters.sizes)).tolist())
         out["results"][name] = res
     return out

@@ -154,17 +154,26 @@ def cmd_similarity(args) -> None:
 def cmd_modes(args) -> None:
     core = selection(args)
     llm = load_llm(args)
-    layer = len(llm.model.layers) // 2 if args.layer is None else args.layer
-    runs = [analysis.compare_modes(llm, task, args.limit, args.corpus_size, core, layer, args.clusters, args.seed,
+    layers = int_list(args.layer) if args.layer else [len(llm.model.layers) // 2]
+    runs = [analysis.compare_modes(llm, task, args.limit, args.corpus_size, core, layers, args.clusters, args.seed,
                                    args.batch_size, args.max_new_tokens) for task in args.tasks.split(",")]
-    result = dict(model=llm.name, beta=core.betas[0], alpha=core.alpha, layer=layer, runs=runs)
+    result = dict(model=llm.name, beta=core.betas[0], alpha=core.alpha, layers=layers, runs=runs)
     print(f"wrote {write_json(args.output, result)}")
-    print("task      setting     exact match      agreement with dense   cluster score")
+    print("task      setting         exact match    agrees w/ dense  answer NLL/token  "
+          "NLL - stability (all | short half | long half)  clusters")
     for run in runs:
         for name, r in run["results"].items():
-            score = f"{r['mean_cluster_score']:.3f}" if "mean_cluster_score" in r else ""
-            print(f"{run['task']:<9} {name:<11} {r['exact_match']:.3f} ± {r['exact_match_stderr']:.3f}    "
-                  f"{r['dense_agreement']:.3f} ± {r['dense_agreement_stderr']:.3f}          {score}")
+            line = f"{run['task']:<9} {name:<15} {pm(r['exact_match'])}  {pm(r['dense_agreement'])}  " \
+                   f"{pm(r['answer_nll'])}  "
+            if "nll_minus_stability" in r:
+                line += f"{pm(r['nll_minus_stability'], '+')} | {pm(r['short_half'], '+')} | " \
+                        f"{pm(r['long_half'], '+')}  " \
+                        f"{r['clusters']} (score {r['mean_cluster_score']:.3f})"
+            print(line)
+
+
+def pm(mean_stderr: list[float], sign: str = "") -> str:
+    return f"{mean_stderr[0]:{sign}.3f} ± {mean_stderr[1]:.3f}"
 
 
 # --- plots -------------------------------------------------------------------------------------------
@@ -236,8 +245,9 @@ def plot_similarity(result: dict, sets, prefix: str) -> Path:
     b.set(title=f"t-SNE of MMLU core sets (1 - overlap), layer {layer}", xticks=[], yticks=[])
     b.legend(fontsize=7)
     ov = r["overlaps"][layer]
+    bins = [min(ov) + (max(ov) - min(ov)) * i / 25 for i in range(26)]  # shared, so the bars compare
     for lab, name in ((1, "paraphrase"), (0, "not paraphrase")):
-        c.hist([o for o, y in zip(ov, r["labels"]) if y == lab], bins=25, alpha=0.6, label=name, density=True)
+        c.hist([o for o, y in zip(ov, r["labels"]) if y == lab], bins=bins, alpha=0.6, label=name, density=True)
     c.set(xlabel="core-set overlap of the two sentences", title=f"MRPC pairs, layer {layer}")
     c.legend(fontsize=7)
     fig.suptitle(f"Core-set similarity, beta {result['beta']}: {model_name(result)}", fontsize=10)
@@ -301,7 +311,7 @@ def add_parser(sub) -> None:
     s.add_argument("--tasks", default="triviaqa,nq_open")
     s.add_argument("--limit", type=int, default=200, help="evaluated items per task")
     s.add_argument("--corpus-size", type=int, default=1000, help="other items of the task to cluster")
-    s.add_argument("--layer", type=int, default=None, help="clustering layer (default: the middle layer)")
+    s.add_argument("--layer", default=None, help="clustering layer(s), comma-separated (default: the middle one)")
     s.add_argument("--clusters", type=int, default=None, help="number of clusters (default: best silhouette)")
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--max-new-tokens", type=int, default=24)

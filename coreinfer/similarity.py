@@ -214,14 +214,28 @@ class ClusterSet:
 def build_clusters(model, prompts: list[list[int]], core: CoreConfig, layer: int, k: int | None = None,
                    ks: tuple[int, ...] = tuple(range(2, 13)), seed: int = 0, info: dict | None = None) -> ClusterSet:
     """Cluster `prompts` (token ids) by their core sets at `layer`; k None = the best silhouette in `ks`."""
+    check_build(model, core, layer)
+    sets = sentence_sets(model, prompts, core)  # [N, L, F]
+    return cluster_sets(model, sets, [len(p) for p in prompts], core, layer, k, ks, seed, info)
+
+
+def check_build(model, core: CoreConfig, layer: int) -> dict[int, float]:
+    """The sparse layers and keep ratios of a build; errors before any forward pass."""
     if core.mode != "stability":
         raise ValueError("clusters are built from each sentence's own core set: use a stability CoreConfig")
     keep = core.keep(len(model.layers))
     if layer not in keep:
         raise ValueError(f"the clustering layer {layer} must be one of the sparse layers {sorted(keep)}")
-    sets = sentence_sets(model, prompts, core)  # [N, L, F]
+    return keep
+
+
+def cluster_sets(model, sets: torch.Tensor, lengths: list[int], core: CoreConfig, layer: int, k: int | None = None,
+                 ks: tuple[int, ...] = tuple(range(2, 13)), seed: int = 0, info: dict | None = None) -> ClusterSet:
+    """The clusters of precomputed core sets [N, L, F] (`sentence_sets` under `core`) of prompts of
+    `lengths` tokens: one corpus pass serves several clustering layers."""
+    keep = check_build(model, core, layer)
     x = sets[:, list(keep).index(layer)]  # [N, F]
-    info = dict(info or {}, sentences=len(prompts))
+    info = dict(info or {}, sentences=len(sets))
     if k is None:
         k, scores = choose_k(x, list(ks), seed)
         info.update(criterion="silhouette", silhouette={str(c): round(s, 4) for c, s in scores.items()})
@@ -232,11 +246,11 @@ def build_clusters(model, prompts: list[list[int]], core: CoreConfig, layer: int
     build = dict(alpha=core.alpha, beta=keep[layer], statistic=core.statistic,
                  ranking=ranking_for(core, model.layers[0].mlp.gated), layers=list(keep))
     sizes = torch.bincount(labels, minlength=k).tolist()
+    tokens = torch.zeros(k).index_add_(0, labels, torch.tensor(lengths, dtype=torch.float))
     info.update(mean_member_overlap=round(float(mean_member_overlap(x, labels, centroids)), 4),
                 labels=labels.tolist(),  # which cluster each corpus sentence went to, for inspection
                 # mean prompt length per cluster: shows when clusters follow length rather than content
-                mean_tokens=[round(sum(len(p) for p, c in zip(prompts, labels.tolist()) if c == i) / max(1, n), 1)
-                             for i, n in enumerate(torch.bincount(labels, minlength=k).tolist())])
+                mean_tokens=[round(t / max(1, n), 1) for t, n in zip(tokens.tolist(), sizes)])
     return ClusterSet(model_fingerprint(model), layer, build, centroids, ranks, sizes, info)
 
 
