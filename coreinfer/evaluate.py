@@ -135,7 +135,7 @@ def finish(results: list[Result], grid: list, args, llm, t0: float) -> None:
     """Write PREFIX.json and PREFIX.md, print the table."""
     meta = {"model": llm.name, "args": {k: v for k, v in vars(args).items() if k != "func"},
             "wall_s": round(time.perf_counter() - t0, 1)}
-    doc = report.summary(results, grid, meta)
+    doc = report.summary(results, [report.setting_json(core) for core in grid], meta)
     json_path, md_path = report.write(doc, args.output)
     print(report.markdown(doc))
     print(f"wrote {json_path} and {md_path} ({meta['wall_s']} s)", file=sys.stderr)
@@ -180,7 +180,7 @@ def cmd_report(args) -> None:
     docs = [json.loads(Path(p).read_text(encoding="utf-8")) for p in args.files]
     results, settings = [], None
     for path, doc in zip(args.files, docs):
-        found, grid = report.results_from_summary(doc)
+        found, grid = report.results_from_summary(doc), doc["settings"]
         if settings is not None and grid != settings:
             raise ValueError(f"{path} was run with other settings than {args.files[0]}")
         if {r.task for r in found} & {r.task for r in results}:

@@ -163,7 +163,8 @@ def test_report_pairs_deltas_and_writes_json_and_markdown(tmp_path):
     sparse = report.mean_result("piqa", "frequency keep 0.7", {"acc": [1.0, 0.0, 0.0, 1.0]}, 1.0)
     ppl = report.Result("squad", "dense", 2, {"ppl": (20.0, 1.5), "top1_agree": (1.0, 0.0)})
     ppl_sparse = report.Result("squad", "frequency keep 0.7", 2, {"ppl": (25.0, 2.0), "top1_agree": (0.8, 0.05)})
-    doc = report.summary([dense, sparse, ppl, ppl_sparse], [None, CoreConfig(beta=0.7)], {"wall_s": 1})
+    settings = [report.setting_json(core) for core in (None, CoreConfig(beta=0.7))]
+    doc = report.summary([dense, sparse, ppl, ppl_sparse], settings, {"wall_s": 1})
     entry = doc["tasks"]["piqa"]["metrics"]["acc"]["frequency keep 0.7"]
     assert entry["delta"] == pytest.approx(-0.25) and entry["delta_stderr"] == pytest.approx(0.25)
     assert doc["tasks"]["squad"]["metrics"]["ppl"]["frequency keep 0.7"]["delta_stderr"] is None

@@ -8,7 +8,7 @@ standard error.
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core import CoreConfig
@@ -37,11 +37,22 @@ def setting_name(core: CoreConfig | None) -> str:
     if core is None:
         return "dense"
     name = f"{core.statistic} keep {','.join(f'{b:g}' for b in core.betas)}"
+    if core.mode != "stability":
+        name = f"{core.mode} {name}"
     if core.layers is not None:
         name += f" layers {core.layers}"
     if core.alpha != CoreConfig().alpha:
         name += f" alpha {core.alpha:g}"
     return name
+
+
+def setting_json(core: CoreConfig | None) -> dict:
+    """A setting's name and its CoreConfig as JSON (a cluster set by its repr: it is a file's content)."""
+    if core is None:
+        return {"name": "dense", "core": None}
+    fields = {k: v for k, v in vars(core).items() if k != "clusters"}
+    return {"name": setting_name(core), "core": {**fields, "clusters": None if core.clusters is None
+                                                  else repr(core.clusters)}}
 
 
 def mean_result(task: str, setting: str, per_item: dict[str, list[float]], seconds: float) -> Result:
@@ -66,9 +77,8 @@ def pooled(results: list[Result]) -> list[Result]:
     return out
 
 
-def results_from_summary(doc: dict) -> tuple[list[Result], list[CoreConfig | None]]:
-    """Results and settings back from a summary() document (its pooled rows are left out)."""
-    settings = [None if s["core"] is None else CoreConfig(**s["core"]) for s in doc["settings"]]
+def results_from_summary(doc: dict) -> list[Result]:
+    """The Results back from a summary() document (its pooled rows are left out)."""
     results = []
     for task, t in doc["tasks"].items():
         if task == POOLED:
@@ -77,7 +87,7 @@ def results_from_summary(doc: dict) -> tuple[list[Result], list[CoreConfig | Non
             metrics = {m: (cells[setting]["value"], math.nan if cells[setting]["stderr"] is None
                            else cells[setting]["stderr"]) for m, cells in t["metrics"].items()}
             results.append(Result(task, setting, t["n"], metrics, t["per_item"].get(setting, {}), seconds))
-    return results, settings
+    return results
 
 
 def delta(result: Result, dense: Result, metric: str) -> tuple[float, float]:
@@ -89,10 +99,9 @@ def delta(result: Result, dense: Result, metric: str) -> tuple[float, float]:
     return diff, mean_and_stderr([a - b for a, b in zip(mine, base)])[1]
 
 
-def summary(results: list[Result], settings: list[CoreConfig | None], meta: dict) -> dict:
-    """The JSON document: run metadata, the settings, and per task, metric and setting
-    value, stderr, delta vs dense and its stderr (plus per-item values)."""
-    names = [setting_name(core) for core in settings]
+def summary(results: list[Result], settings: list[dict], meta: dict) -> dict:
+    """The JSON document: run metadata, the settings (see setting_json), and per task, metric and
+    setting value, stderr, delta vs dense and its stderr (plus per-item values)."""
     by_task: dict[str, dict[str, Result]] = {}
     for r in results:
         by_task.setdefault(r.task, {})[r.setting] = r
@@ -112,8 +121,7 @@ def summary(results: list[Result], settings: list[CoreConfig | None], meta: dict
                 table[metric][name] = entry
         tasks[task] = {"n": first.n, "metrics": table, "seconds": {n: r.seconds for n, r in runs.items()},
                        "per_item": {n: r.per_item for n, r in runs.items() if r.per_item}}
-    settings_json = [{"name": n, "core": None if c is None else asdict(c)} for n, c in zip(names, settings)]
-    return {**meta, "settings": settings_json, "tasks": tasks}
+    return {**meta, "settings": settings, "tasks": tasks}
 
 
 def _finite(x: float) -> float | None:
