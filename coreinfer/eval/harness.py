@@ -11,7 +11,7 @@ imported; coreinfer itself never imports it, and never requires lm-eval. Either
     lm_eval.simple_evaluate(model="coreinfer", model_args="beta=0.7,layers=3-27", tasks=["piqa"])
 
 model_args: pretrained (HF folder or .gguf; default the embedded model; or an `LLM` instance from
-Python), device, dtype, threads, dense, alpha, beta, statistic, ranking, layers, batch_size,
+Python), device, dtype, threads, weights, dense, alpha, beta, statistic, ranking, layers, batch_size,
 max_gen_toks. `loglikelihood` chooses the core set from each request's context and scores the
 continuation through the compacted FFN (`is_greedy` included); `generate_until` decodes sparse with
 the core set chosen from the prompt; `loglikelihood_rolling` scores each window sparse, the core set
@@ -46,13 +46,15 @@ def pick_device(device: str | None) -> str:
 @register_model("coreinfer")
 class CoreInferLM(TemplateLM):
     def __init__(self, pretrained=None, device: str | None = None, dtype: str | None = None,
-                 threads: int | None = None, dense: bool = False, alpha: float = CoreConfig.alpha,
-                 beta: float = CoreConfig.beta, statistic: str = CoreConfig.statistic,
-                 ranking: str = CoreConfig.ranking, layers: str | None = None, batch_size: int | str = 8,
-                 max_batch_size: int | None = None, max_gen_toks: int = 256):
+                 threads: int | None = None, weights: str = "dense", dense: bool = False,
+                 alpha: float = CoreConfig.alpha, beta: float = CoreConfig.beta,
+                 statistic: str = CoreConfig.statistic, ranking: str = CoreConfig.ranking,
+                 layers: str | None = None, batch_size: int | str = 8, max_batch_size: int | None = None,
+                 max_gen_toks: int = 256):
+        # max_batch_size: lm-eval passes it to every model; it only bounds HFLM's "auto" probing.
         super().__init__()
         if not isinstance(pretrained, LLM):
-            pretrained = LLM(pretrained, device=pick_device(device), dtype=dtype, threads=threads)
+            pretrained = LLM(pretrained, device=pick_device(device), dtype=dtype, threads=threads, weights=weights)
         self.llm = pretrained
         self.core = None if dense else CoreConfig(alpha=alpha, beta=beta, statistic=statistic, ranking=ranking,
                                                   layers=None if layers is None else str(layers))
