@@ -164,6 +164,8 @@ def decode_bytes(model, index: dict[int, torch.Tensor] | None = None) -> int:
 
 def select_and_compact(model, acts, valid, core: CoreConfig) -> CoreStats:
     gated = model.layers[0].mlp.gated
+    sync = torch.cuda.synchronize if acts[0].is_cuda else (lambda: None)  # time the GPU's work, not its queue
+    sync()
     t0 = time.perf_counter()
     chosen = scores = None
     if core.mode == "similarity":
@@ -171,8 +173,10 @@ def select_and_compact(model, acts, valid, core: CoreConfig) -> CoreStats:
         index, chosen, scores = core.clusters.index(acts, valid, core.keep(len(acts)))
     else:
         index = select(acts, valid, core, gated)
+    sync()
     t1 = time.perf_counter()
     compact(model, index)
+    sync()
     t2 = time.perf_counter()
     return CoreStats(core_sizes={i: ix.shape[1] for i, ix in index.items()}, ffn_width=acts[0].shape[-1],
                      select_ms=(t1 - t0) * 1e3, compact_ms=(t2 - t1) * 1e3,

@@ -45,7 +45,10 @@ class RMSNorm(nn.Module):
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies [hd/2] and the cos/sin scale, for the rope_scaling types checkpoints use."""
+    """Inverse frequencies [hd/2] and the cos/sin scale, for the rope_scaling types checkpoints use.
+
+    Computed on the CPU in fp64 (models are built on the meta device); the tables move to the
+    model's device in `Rotary.ensure`."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device="cpu") / head_dim))
     kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
     if kind == "default":
