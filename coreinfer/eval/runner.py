@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..core import CoreConfig, select_and_compact
-from ..generate import Batch, GenerationConfig, prefill
+from ..core import CoreConfig
+from ..generate import GenerationConfig
+from ..scoring import continuation_logits
 from .data import Document, GenItem, MCItem
 
 Encode = Callable[[str], list[int]]
@@ -48,31 +49,10 @@ def encode_pair(encode: Encode, context: str, continuation: str) -> tuple[list[i
     return context_ids, encode(context + continuation)[len(context_ids):]
 
 
-@torch.inference_mode()
 def teacher_forced(model, prompts: list[list[int]], continuations: list[list[int]], core: CoreConfig | None,
                    pad_id: int = 0) -> list[Scored]:
     """continuation_logprobs, step for step, also keeping each position's argmax token."""
-    if len(prompts) != len(continuations) or any(len(c) == 0 for c in continuations):
-        raise ValueError("give one non-empty continuation per prompt")
-    L = max(len(c) for c in continuations)
-    batch = Batch(prompts, L, pad_id, model.embed_tokens.weight.device)
-    if batch.total_len > model.max_context:
-        raise ValueError(f"prompt + continuation ({batch.total_len} tokens) exceeds the model's context "
-                         f"of {model.max_context} tokens")
-    model.setup_caches(len(prompts), batch.total_len)
-    first, acts = prefill(model, batch, collect=core is not None)  # [B, V]
-    if core is not None:
-        select_and_compact(model, acts, batch.valid, core)
-        del acts
-    logits = [first[:, None]]
-    if L > 1:
-        T0 = batch.prompt_len
-        feed = torch.tensor([c[:-1] + [pad_id] * (L - len(c)) for c in continuations], device=batch.ids.device)
-        batch.key_valid[:, T0:T0 + L - 1] = True
-        positions = batch.positions + torch.arange(1, L, device=feed.device)  # [B, L-1]
-        logits.append(model(feed, positions, batch.slots[T0:T0 + L - 1], batch.key_valid[:, :T0 + L - 1],
-                            sparse=core is not None))
-    logits = torch.cat(logits, 1)  # [B, L, V]
+    logits = continuation_logits(model, prompts, continuations, core, pad_id)  # [B, L, V]
     out = []
     for b, c in enumerate(continuations):  # one row at a time: [L, V] in fp32 is the peak memory
         logp = logits[b, :len(c)].float().log_softmax(-1)
