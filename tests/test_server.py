@@ -19,6 +19,7 @@ openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 pytest.importorskip("fastapi")
 
+from coreinfer.core import CoreConfig  # noqa: E402
 from coreinfer.server import Settings  # noqa: E402
 from coreinfer.server_app import create_app  # noqa: E402
 
@@ -102,7 +103,7 @@ def test_completion_stream_reassembles(url, app):
     assert full.usage.completion_tokens <= 8 and full.usage.prompt_tokens > 0
     assert full.usage.total_tokens == full.usage.prompt_tokens + full.usage.completion_tokens
     info = full.model_extra["coreinfer"]
-    assert not info["dense"] and info["beta"] == 0.7 and info["decode_tok_s"] >= 0
+    assert not info["dense"] and info["beta"] == CoreConfig().beta and info["decode_tok_s"] >= 0
     assert all(0 < k < info["ffn_width"] for k in info["core_sizes"].values())
 
     chunks = list(c.completions.create(model="coreinfer", prompt=PROMPTS[0], stream=True, **GREEDY))
