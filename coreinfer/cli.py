@@ -103,13 +103,15 @@ def core_grid(args) -> list[CoreConfig | None]:
                      for m in modes for s in stats for b in parse_floats(args.beta, "--beta")]
 
 
-def report_speed(completions) -> None:
-    c = completions[0]
+def report_speed(c) -> None:
+    """One stderr line: prompt and decode speed, and what the core set saved (a Completion in)."""
     line = f"prompt {c.prompt_tokens} tok at {c.prefill_tok_s:.1f} tok/s, decode {c.completion_tokens} tok at " \
            f"{c.decode_tok_s:.1f} tok/s"
     if c.core is not None:
         line += f", core {c.core.bytes_core / c.core.bytes_dense:.0%} of weight bytes per token " \
                 f"(select {c.core.select_ms:.1f} ms, compact {c.core.compact_ms:.1f} ms)"
+        if c.core.cluster is not None:
+            line += f", cluster {c.core.cluster[0]} (overlap {c.core.cluster_score[0]:.2f})"
     print(line, file=sys.stderr)
 
 
@@ -123,7 +125,7 @@ def cmd_generate(args) -> None:
         print(event.text, end="", flush=True)
         final = event.completion or final
     print()
-    report_speed([final])
+    report_speed(final)
 
 
 def cmd_chat(args) -> None:
@@ -146,7 +148,7 @@ def cmd_chat(args) -> None:
             print(event.text, end="", flush=True)
             final = event.completion or final
         print()
-        report_speed([final])
+        report_speed(final)
         messages.append({"role": "assistant", "content": final.text})
 
 

@@ -207,6 +207,7 @@ def test_cluster_command_then_similarity_generate_and_refusal(tiny_model_dir, tm
     gen = ["generate", "The capital of Italy", "--max-new-tokens", "3", "--mode", "similarity",
            "--clusters", str(out), *common]
     assert main(gen) == 0
+    assert ", cluster " in capsys.readouterr().err  # the chosen cluster and its overlap are reported
     # the same folder with other weights is another model: refused before decoding
     other = tmp_path / "other"
     shutil.copytree(tiny_model_dir, other)
