@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from oracle import hf_logits, hf_pair, our_logits
+from oracle import assert_parity
 
 TOL = 1e-4
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -33,11 +33,4 @@ CONTS = [[11, 4, 90, 23], [50, 8, 19, 70]]
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_parity_with_transformers(name):
-    hf, ours = hf_pair(CONFIGS[name])
-    batched = our_logits(ours, PROMPTS, CONTS)
-    for b, (p, c) in enumerate(zip(PROMPTS, CONTS)):
-        ref = hf_logits(hf, p + c)
-        alone = our_logits(ours, [p], [c])[0]
-        err_alone, err_batch = (alone - ref).abs().max().item(), (batched[b] - ref).abs().max().item()
-        print(f"{name} seq{b}: max|ours-hf| alone {err_alone:.2e}, in batch {err_batch:.2e}")
-        assert err_alone < TOL and err_batch < TOL
+    assert_parity(name, CONFIGS[name], PROMPTS, CONTS, TOL)
