@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 from .models.common import FFN
-from .quant import int8_matmul
+from .quant import INT8_K_ALIGN, int8_matmul
 
 
 class CompactFFN(nn.Module):
@@ -41,6 +41,12 @@ class CompactFFN(nn.Module):
     def load(self, ffn: FFN, index: torch.Tensor) -> None:
         """Gather the neurons `index` [B, k] (one row of neuron ids per sequence) of `ffn`."""
         self.act, self.quantized, self.down_bias = ffn.act, ffn.quantized, ffn.down_bias
+        k = index.shape[1]
+        if ffn.quantized and k % INT8_K_ALIGN:
+            # pad the core to the int8 kernel's block with repeats of its first neuron; their down
+            # columns are zeroed below, so they add nothing
+            pad = index[:, :1].expand(-1, INT8_K_ALIGN - k % INT8_K_ALIGN)
+            index = torch.cat([index, pad], dim=1)
         self._gather("up", ffn.up, index)
         self._gather("gate", ffn.gate, index)
         self._gather("down", ffn.down, index, dim=1 if ffn.quantized else 0)
@@ -49,6 +55,7 @@ class CompactFFN(nn.Module):
             self._gather("up_scale", ffn.up_scale, index)
             self._gather("gate_scale", getattr(ffn, "gate_scale", None), index)
             self.down_scale = ffn.down_scale
+            self.down[:, :, k:] = 0  # [B, d, k_padded]: the padding neurons' columns
         self.loaded = True
 
     def clear(self) -> None:

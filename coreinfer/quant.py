@@ -9,6 +9,9 @@ import torch
 import torch.nn as nn
 
 WEIGHT_FORMATS = ("dense", "int8")
+# The CPU int8 kernel reads K (the inner width) in blocks of 16: other widths crash it or return garbage
+# (seen with torch 2.13), so they take the dequantized path and compaction pads cores to a multiple.
+INT8_K_ALIGN = 16
 
 
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,9 +25,9 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ (q [N, K] * scale[:, None]).T -> [..., N] in x's dtype."""
     flat = x.reshape(-1, x.shape[-1])  # [M, K]
-    if flat.device.type == "cpu":
+    if flat.device.type == "cpu" and flat.shape[-1] % INT8_K_ALIGN == 0:
         out = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), q, scale)
-    else:  # no int8 GEMV kernel everywhere: dequantize (correct, not fast)
+    else:  # no int8 GEMV kernel for this device or width: dequantize (correct, not fast)
         out = flat.to(scale.dtype) @ (q.to(scale.dtype) * scale[:, None]).t()
     return out.to(x.dtype).view(*x.shape[:-1], q.shape[0])
 

@@ -1,5 +1,6 @@
 """Weight-only int8: close to fp32, and compacted int8 equals masked int8."""
 
+import pytest
 import torch
 import transformers
 
@@ -26,6 +27,16 @@ def test_quantize_roundtrip():
     assert (out - ref).abs().max().item() < 0.05 * ref.abs().max().item()
 
 
+@pytest.mark.parametrize("K", [64, 43, 1075])
+def test_int8_matmul_any_width(K):
+    """Widths the CPU kernel cannot take (not a multiple of 16) still give the right product."""
+    q, s = quantize_int8(torch.randn(24, K))
+    x = torch.randn(2, K)
+    ref = x @ (q.float() * s[:, None]).t()
+    out = int8_matmul(x, q, s.bfloat16())
+    assert (out - ref).abs().max().item() < 0.02 * ref.abs().max().item()
+
+
 def test_int8_model_close_to_fp32():
     _, dense = hf_pair(transformers.LlamaConfig(**TINY))
     ref = our_logits(dense, PROMPTS, CONTS)
@@ -38,10 +49,11 @@ def test_int8_model_close_to_fp32():
     assert decode_bytes(model) < 0.4 * decode_bytes(dense)
 
 
-def test_compacted_int8_equals_masked_int8():
+@pytest.mark.parametrize("beta", [0.5, 0.45])  # k = 48, and k = 43: padded to the kernel's block of 16
+def test_compacted_int8_equals_masked_int8(beta):
     _, model = hf_pair(transformers.LlamaConfig(**TINY))
     quantize_model(model)
-    core = CoreConfig(beta=0.5, layers="1-2")
+    core = CoreConfig(beta=beta, layers="1-2")
     chosen = {}
 
     def sparse_hook(acts, valid):
