@@ -286,8 +286,3 @@ class CausalLM(nn.Module):
     @property
     def max_context(self) -> int:
         return self.config.max_position_embeddings
-
-    @property
-    def cache_len(self) -> int:
-        cache = self.layers[0].self_attn.cache
-        return 0 if cache is None else cache.k.shape[2]
