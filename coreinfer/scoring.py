@@ -43,12 +43,18 @@ def continuation_logits(model, prompts: list[list[int]], continuations: list[lis
     return torch.cat(logits, 1)
 
 
+def per_token(logits: torch.Tensor, continuations: list[list[int]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """logits [B, L, V] -> per sequence (log p of each continuation token [len], argmax token [len])."""
+    out = []
+    for b, c in enumerate(continuations):  # one row at a time: [L, V] in fp32 is the peak memory
+        logp = logits[b, :len(c)].float().log_softmax(-1)
+        target = torch.tensor(c, device=logp.device)
+        out.append((logp.gather(1, target[:, None])[:, 0].cpu(), logp.argmax(-1).cpu()))
+    return out
+
+
 def continuation_logprobs(model, prompts: list[list[int]], continuations: list[list[int]],
                           core: CoreConfig | None, pad_id: int = 0) -> list[torch.Tensor]:
     """Per sequence, log p(cont[j] | prompt, cont[:j]) [len(cont)] under dense or core decoding."""
     logits = continuation_logits(model, prompts, continuations, core, pad_id)  # [B, L, V]
-    out = []
-    for b, c in enumerate(continuations):  # one row at a time: [L, V] in fp32 is the peak memory
-        logp = logits[b, :len(c)].float().log_softmax(-1)
-        out.append(logp.gather(1, torch.tensor(c, device=logp.device)[:, None])[:, 0].cpu())
-    return out
+    return [logprobs for logprobs, _ in per_token(logits, continuations)]

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ..core import CoreConfig
 from ..generate import GenerationConfig
-from ..scoring import continuation_logits
+from ..scoring import continuation_logits, per_token
 from .data import Document, GenItem, MCItem
 
 Encode = Callable[[str], list[int]]
@@ -53,12 +53,7 @@ def teacher_forced(model, prompts: list[list[int]], continuations: list[list[int
                    pad_id: int = 0) -> list[Scored]:
     """continuation_logprobs, step for step, also keeping each position's argmax token."""
     logits = continuation_logits(model, prompts, continuations, core, pad_id)  # [B, L, V]
-    out = []
-    for b, c in enumerate(continuations):  # one row at a time: [L, V] in fp32 is the peak memory
-        logp = logits[b, :len(c)].float().log_softmax(-1)
-        target = torch.tensor(c, device=logp.device)
-        out.append(Scored(logp.gather(1, target[:, None])[:, 0].cpu(), logp.argmax(-1).cpu()))
-    return out
+    return [Scored(logprobs, greedy) for logprobs, greedy in per_token(logits, continuations)]
 
 
 def score_rows(model, rows: list[tuple[list[int], list[int]]], core: CoreConfig | None, pad_id: int,
