@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .core import CoreConfig, decode_bytes
+from .core import CoreConfig, decode_bytes, select_and_compact
 from .generate import Batch, GenerationConfig, decode_one_token, generate_ids, prefill
 from .quant import quantize_model
 
@@ -115,8 +115,6 @@ def per_token_breakdown(model, ids: list[int], core: CoreConfig | None, steps: i
         model.setup_caches(1, batch.total_len)
         _, acts = prefill(model, batch, collect=core is not None)
         if core is not None:
-            from .core import select_and_compact
-
             select_and_compact(model, acts, batch.valid, core)
         sparse = core is not None
         t = time.perf_counter()
