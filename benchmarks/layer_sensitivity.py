@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from coreinfer import LLM, CoreConfig
 from coreinfer.eval.data import squad_documents
-from coreinfer.scoring import continuation_logprobs
+from coreinfer.eval.scoring import continuation_logprobs
 
 
 def split_halves(llm, docs, max_tokens=512):

@@ -11,12 +11,15 @@ from typing import Iterator
 
 import torch
 
-from .core import CoreConfig, CoreStats
-from .generate import GenerationConfig, generate_ids
-from .loading import load_checkpoint
+from .engine.clusters import ClusterSet
+from .engine.compact import CoreWeights
+from .engine.generate import GenerationConfig, decode
+from .engine.policy import CoreConfig, SelectionPolicy
+from .engine.quant import WEIGHT_FORMATS, quantize_model
+from .engine.session import CoreStats, Session, make_policy
+from .io.loading import load_checkpoint
+from .io.text import TextStream, Tokenizer
 from .models import build_model
-from .quant import WEIGHT_FORMATS, quantize_model
-from .text import TextStream, Tokenizer
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -89,6 +92,20 @@ class LLM:
         if weights == "int8":
             quantize_model(self.model)
         self.tokenizer = Tokenizer(ckpt.tokenizer_dir, ckpt.config)
+        self.cores = CoreWeights()  # compacted weights, reused by every session
+        self._clusters: dict[str, ClusterSet] = {}
+
+    def load_clusters(self, path: str) -> ClusterSet:
+        """A cluster file, read once per LLM."""
+        if path not in self._clusters:
+            self._clusters[path] = ClusterSet.load(path)
+        return self._clusters[path]
+
+    def session(self, ids: list[list[int]], max_new_tokens: int,
+                core: CoreConfig | SelectionPolicy | None = None) -> Session:
+        """A decode session over token ids; `core` None decodes dense."""
+        policy = make_policy(core, self.model, self.load_clusters)
+        return Session(self.model, ids, max_new_tokens, self.tokenizer.pad_id, policy, self.cores)
 
     def encode(self, prompt: str | list[dict], chat: bool = False) -> list[int]:
         """A string (as is, or wrapped as one user turn when chat) or a list of chat messages."""
@@ -96,7 +113,7 @@ class LLM:
             return self.tokenizer.encode_chat(prompt)
         return self.tokenizer.encode(prompt, chat=chat)
 
-    def stream(self, prompts, gen: GenerationConfig | None = None, core: CoreConfig | None = None,
+    def stream(self, prompts, gen: GenerationConfig | None = None, core: CoreConfig | SelectionPolicy | None = None,
                chat: bool = False) -> Iterator[StreamEvent]:
         """Yield text pieces as they are decoded; each prompt ends with an event carrying its Completion."""
         gen = gen or GenerationConfig()
@@ -104,10 +121,10 @@ class LLM:
         ids = [self.encode(p, chat) for p in prompts]
         streams = [TextStream(self.tokenizer, gen.stop) for _ in ids]
         finished = [False] * len(ids)
-        stats: dict = {}
+        session = self.session(ids, gen.max_new_tokens, core)
         t0 = time.perf_counter()
         t_first = None
-        for token in generate_ids(self.model, ids, gen, core, self.tokenizer.eos_ids, self.tokenizer.pad_id, stats):
+        for token in decode(session, gen, self.tokenizer.eos_ids):
             t_first = t_first or time.perf_counter()
             for b, tok in enumerate(token.tolist()):
                 if finished[b]:
@@ -127,9 +144,9 @@ class LLM:
         for b, s in enumerate(streams):
             tail = s.finish()
             done = Completion(s.text, s.ids, finished[b] or "length", len(ids[b]), prefill_s=t_first - t0,
-                              decode_s=t_end - t_first, core=stats.get("core"))
+                              decode_s=t_end - t_first, core=session.stats)
             yield StreamEvent(b, tail, done)
 
-    def generate(self, prompts, gen: GenerationConfig | None = None, core: CoreConfig | None = None,
+    def generate(self, prompts, gen: GenerationConfig | None = None, core: CoreConfig | SelectionPolicy | None = None,
                  chat: bool = False) -> list[Completion]:
         return [e.completion for e in self.stream(prompts, gen, core, chat) if e.completion is not None]

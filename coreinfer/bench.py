@@ -5,7 +5,6 @@ machine's state hits all of them alike; each figure is the median over the round
 read bandwidth is measured in the same run, so each contender's GB/s shows its share of the limit.
 """
 
-import argparse
 import json
 import statistics
 import sys
@@ -15,9 +14,11 @@ from pathlib import Path
 
 import torch
 
-from .core import CoreConfig, decode_bytes, select_and_compact
-from .generate import Batch, GenerationConfig, decode_one_token, generate_ids, prefill
-from .quant import quantize_model
+from .engine.compact import CoreWeights
+from .engine.generate import GenerationConfig, decode
+from .engine.policy import CoreConfig
+from .engine.quant import quantize_model
+from .engine.session import Session, make_policy
 
 
 @dataclass
@@ -44,26 +45,36 @@ def read_bandwidth_gb_s(mib: int = 512, repeats: int = 5) -> float:
     return x.nbytes / statistics.median(times) / 1e9
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a timer measures the work and not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class Ours:
     """coreinfer on one model copy: dense or core, fp32/bf16 or int8 weights."""
 
     def __init__(self, name, model, core: CoreConfig | None):
         self.name, self.model, self.core, self.note = name, model, core, ""
+        self.cores = CoreWeights()
+        self.device = model.embed_tokens.weight.device
 
     def run(self, ids: list[int], new_tokens: int, eos: set[int]) -> tuple[float, float, float, int]:
         """One generation -> (prefill s, select+compact ms, decode tok/s, bytes per decode step)."""
-        stats: dict = {}
         gen = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
+        session = Session(self.model, [ids], new_tokens, policy=make_policy(self.core, self.model), cores=self.cores)
         t0 = time.perf_counter()
-        steps = generate_ids(self.model, [ids], gen, self.core, eos, pad_id=0, stats=stats)
+        steps = decode(session, gen, eos)
         next(steps)
+        synchronize(self.device)
         t1 = time.perf_counter()
         n = sum(1 for _ in steps)
+        synchronize(self.device)
         t2 = time.perf_counter()
-        core = stats.get("core")
+        core = session.stats
         ms = core.select_ms + core.compact_ms if core else 0.0
         prefill_s = t1 - t0 - ms / 1e3
-        return prefill_s, ms, n / (t2 - t1), core.bytes_core if core else decode_bytes(self.model)
+        return prefill_s, ms, n / (t2 - t1), core.bytes_core if core else self.model.weight_bytes()
 
 
 class Transformers:
@@ -73,7 +84,7 @@ class Transformers:
         self.name, self.hf, self.note = "transformers", hf_model, "dense"
 
     def run(self, ids, new_tokens, eos):
-        x = torch.tensor([ids])
+        x = torch.tensor([ids], device=self.hf.device)
         kw = dict(do_sample=False, min_new_tokens=new_tokens, pad_token_id=0)
         t0 = time.perf_counter()
         self.hf.generate(x, max_new_tokens=1, **{**kw, "min_new_tokens": 1})
@@ -110,27 +121,28 @@ class LlamaCpp:
 def per_token_breakdown(model, ids: list[int], core: CoreConfig | None, steps: int = 32) -> dict[str, float]:
     """Where one decode step's time goes (ms): each part timed on its own over the same steps, the
     remainder (Python, norms, sampling, cache writes) is overhead."""
-    batch = Batch([ids], steps + 1, 0, model.embed_tokens.weight.device)
+    device = model.embed_tokens.weight.device
     with torch.inference_mode():
-        model.setup_caches(1, batch.total_len)
-        _, acts = prefill(model, batch, collect=core is not None)
-        if core is not None:
-            select_and_compact(model, acts, batch.valid, core)
-        sparse = core is not None
-        t = time.perf_counter()
-        for s in range(steps):
-            decode_one_token(model, batch, s, sparse)
-        total = (time.perf_counter() - t) / steps
-        x = torch.randn(1, 1, model.embed_tokens.weight.shape[1], dtype=model.embed_tokens.weight.dtype)
+        session = Session(model, [ids], steps + 1, policy=make_policy(core, model))
+        token = session.prefill().argmax(-1)  # [1]
 
         def timed(fn):
             fn()
+            synchronize(device)
             t = time.perf_counter()
             for _ in range(steps):
                 fn()
+            synchronize(device)
             return (time.perf_counter() - t) / steps
 
-        ffn = timed(lambda: [layer.core(x) if sparse and layer.core.loaded else layer.mlp(x) for layer in model.layers])
+        synchronize(device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            session.step(token)
+        synchronize(device)
+        total = (time.perf_counter() - t) / steps
+        x = torch.randn(1, 1, model.embed_tokens.weight.shape[1], dtype=model.embed_tokens.weight.dtype, device=device)
+        ffn = timed(lambda: [session.run_ffn(f, x) for f in model.ffns()])
         qkvo = timed(lambda: [p(x) for layer in model.layers for p in (layer.self_attn.qkv_proj, layer.self_attn.o_proj)])
         head = timed(lambda: model.lm_head(x))
     parts = {"ffn": ffn, "attention_proj": qkvo, "head": head}
@@ -205,8 +217,8 @@ def transformers_model(ckpt, dtype):
 
 
 def contenders_for(args, ckpt, dtype):
-    from .cli import core_grid
-    from .loading import embedded_model_path
+    from .cli.args import core_grid
+    from .io.loading import embedded_model_path
     from .models import build_model
 
     out = []
@@ -233,8 +245,8 @@ def contenders_for(args, ckpt, dtype):
 
 def cmd_bench(args) -> None:
     from .api import RuntimeConfig
-    from .loading import load_checkpoint
-    from .text import Tokenizer
+    from .io.loading import load_checkpoint
+    from .io.text import Tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -265,7 +277,7 @@ def cmd_bench(args) -> None:
 
 
 def add_parser(sub) -> None:
-    from .cli import add_core_args, add_runtime_args
+    from .cli.args import add_core_args, add_runtime_args
 
     p = sub.add_parser("bench", help="decode speed side by side: transformers, coreinfer dense/core, llama.cpp")
     add_runtime_args(p)

@@ -2,7 +2,7 @@
 
 import torch
 
-from coreinfer.generate import Batch, decode_one_token
+from coreinfer.engine.session import Session
 from coreinfer.models import build_model
 
 
@@ -25,39 +25,61 @@ def hf_logits(hf, ids: list[int]) -> torch.Tensor:
         return hf(torch.tensor([ids])).logits[0]
 
 
-def our_logits(model, prompts: list[list[int]], continuations: list[list[int]], sparse=False, core_hook=None):
-    """Prefill the left-padded batch, then feed each continuation token by token through the cache.
+def our_logits(model, prompts: list[list[int]], continuations: list[list[int]], policy=None,
+               prefill_chunk: int = 512) -> list[torch.Tensor]:
+    """Prefill the left-padded batch (choosing core sets if `policy`), then feed each continuation token
+    by token through the cache.
 
     Returns, per sequence, logits [len(prompt) + len(cont), V] aligned with hf_logits (prompt rows
-    come from the prefill, the rest from cached decode steps).
+    come from the prefill, the rest from cached decode steps), and the session.
     """
     steps = max(len(c) for c in continuations)
-    batch = Batch(prompts, steps, pad_id=0, device="cpu")
-    with torch.inference_mode():
-        model.setup_caches(len(prompts), batch.total_len)
-        acts = [] if core_hook else None
-        T0 = batch.prompt_len
-        pre = model(batch.ids, batch.prompt_positions, batch.slots[:T0], batch.key_valid[:, :T0], acts=acts)
-        if core_hook:
-            core_hook(acts, batch.valid)
-        rows = [[pre[b, T0 - len(p):]] for b, p in enumerate(prompts)]
-        for step in range(steps):
-            batch.token[:, 0] = torch.tensor([c[step] if step < len(c) else 0 for c in continuations])
-            logits = decode_one_token(model, batch, step, sparse=sparse)
-            for b, c in enumerate(continuations):
-                if step < len(c):
-                    rows[b].append(logits[b:b + 1])
-    return [torch.cat(r) for r in rows]
+    session = Session(model, prompts, steps, policy=policy, prefill_chunk=prefill_chunk)
+    pre = session.prefill(all_logits=True)
+    T0 = session.batch.prompt_len
+    rows = [[pre[b, T0 - len(p):]] for b, p in enumerate(prompts)]
+    for step in range(steps):
+        logits = session.step(torch.tensor([c[step] if step < len(c) else 0 for c in continuations]))
+        for b, c in enumerate(continuations):
+            if step < len(c):
+                rows[b].append(logits[b:b + 1])
+    return [torch.cat(r) for r in rows], session
 
 
 def assert_parity(name, hf_config, prompts, continuations, tol: float) -> None:
     """Ours alone and in a left-padded batch (prefill + cached decode) vs an uncached transformers
-    forward, max abs logit difference below `tol`; prints the differences."""
+    forward, max abs logit difference below `tol`; prints the differences. The batch is prefilled in
+    chunks of 3 tokens, so chunked prefill is held to the same oracle."""
     hf, ours = hf_pair(hf_config)
-    batched = our_logits(ours, prompts, continuations)
+    batched, _ = our_logits(ours, prompts, continuations, prefill_chunk=3)
     for b, (p, c) in enumerate(zip(prompts, continuations)):
         ref = hf_logits(hf, p + c)
-        alone = our_logits(ours, [p], [c])[0]
+        alone, _ = our_logits(ours, [p], [c])
+        alone = alone[0]
         err_alone, err_batch = (alone - ref).abs().max().item(), (batched[b] - ref).abs().max().item()
-        print(f"{name} seq{b}: max|ours-hf| alone {err_alone:.2e}, in batch {err_batch:.2e}")
+        print(f"{name} seq{b}: max|ours-hf| alone {err_alone:.2e}, in batch (chunked prefill) {err_batch:.2e}")
         assert err_alone < tol and err_batch < tol
+
+
+def masked_dense_logits(model, prompt: list[int], cont: list[int], index: dict[int, torch.Tensor]) -> torch.Tensor:
+    """The reference for compacted decoding: a dense prefill, then dense decode steps with every
+    non-core neuron of each layer in `index` (ids [k]) switched off by zeroing its slice of `down`
+    (a row in float, a column in int8). Logits [len(prompt) + len(cont), V]; weights restored after."""
+    session = Session(model, [prompt], len(cont))
+    rows = [session.prefill(all_logits=True)[0]]
+    saved = {}
+    with torch.inference_mode():
+        for layer, ids in index.items():
+            down, axis = model.ffns()[layer].neuron_tensors()["down"]
+            saved[layer] = down.clone()
+            keep = torch.zeros(down.shape[axis], dtype=torch.bool)
+            keep[ids] = True
+            down.index_fill_(axis, (~keep).nonzero()[:, 0], 0)
+    try:
+        for token in cont:
+            rows.append(session.step(torch.tensor([token])))
+    finally:
+        with torch.inference_mode():
+            for layer, w in saved.items():
+                model.ffns()[layer].neuron_tensors()["down"][0].copy_(w)
+    return torch.cat(rows)

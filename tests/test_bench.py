@@ -2,7 +2,7 @@
 
 import json
 
-from coreinfer.cli import main
+from coreinfer.cli.main import main
 
 FIELDS = {"name", "prefill_tok_s", "select_compact_ms", "decode_tok_s", "bytes_per_token", "gb_s",
           "share_of_bandwidth", "note"}

@@ -1,62 +1,51 @@
-"""The core engine: compacted decoding equals the masked-dense model; keep 1.0 equals dense;
-the teacher-forced scorer equals step-by-step sparse decoding; config errors are clear."""
+"""The core engine: compacted decoding equals the masked-dense model in every family's sparse path;
+keep 1.0 equals dense; the teacher-forced scorer equals step-by-step sparse decoding; prefill
+observes only what the policy needs; config errors are clear."""
 
 import pytest
 import torch
 import transformers
 
-from coreinfer.core import CoreConfig, compact, decode_bytes, parse_layers, select, select_and_compact
-from coreinfer.scoring import continuation_logprobs
-from oracle import hf_pair, our_logits
+from coreinfer.engine.compact import CoreWeights
+from coreinfer.engine.policy import CoreConfig, Selection, parse_layers
+from coreinfer.engine.selection import core_neurons
+from coreinfer.engine.session import Session, stability_policy
+from coreinfer.eval.scoring import continuation_logprobs
+from oracle import hf_pair, masked_dense_logits, our_logits
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128)
+GEMMA = dict(TINY, head_dim=16, query_pre_attn_scalar=24, sliding_window=4,
+             layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"])
+OPT = dict(vocab_size=97, hidden_size=64, ffn_dim=96, num_hidden_layers=4, num_attention_heads=4,
+           max_position_embeddings=128, dropout=0.0)
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(**TINY),
+    "qwen2": lambda: transformers.Qwen2Config(**TINY),
+    "gemma3": lambda: transformers.Gemma3TextConfig(**GEMMA),  # GeGLU, post-FFN norm
+    "opt": lambda: transformers.OPTConfig(**OPT),  # ReLU, up bias, down bias
+}
 PROMPTS = [[5, 17, 3, 88, 42, 9, 61, 2, 33, 12, 70], [7, 21, 64]]
 CONTS = [[11, 4, 90, 23, 6], [50, 8, 19, 70, 2]]
 CORE = CoreConfig(alpha=0.4, beta=0.5, layers="1-2")
 
 
 def model_of(family="llama"):
-    configs = {"llama": transformers.LlamaConfig(**TINY), "qwen2": transformers.Qwen2Config(**TINY)}
-    return hf_pair(configs[family])[1]
+    return hf_pair(CONFIGS[family]())[1]
 
 
-def sparse_logits(model, core, prompts=PROMPTS, conts=CONTS):
-    chosen = {}
-
-    def hook(acts, valid):
-        chosen.update(select(acts, valid, core, model.layers[0].mlp.gated))
-        compact(model, chosen)
-
-    return our_logits(model, prompts, conts, sparse=True, core_hook=hook), chosen
-
-
-def masked_dense_logits(model, prompt, cont, index_b: dict[int, torch.Tensor]):
-    """Reference: dense prefill, then dense decode with every non-core row of `down` zeroed."""
-    saved = {l: model.layers[l].mlp.down.detach().clone() for l in index_b}
-
-    def hook(acts, valid):
-        for l, ids in index_b.items():
-            keep = torch.zeros(saved[l].shape[0], dtype=torch.bool)
-            keep[ids] = True
-            model.layers[l].mlp.down.data[~keep] = 0
-
-    try:
-        return our_logits(model, [prompt], [cont], sparse=False, core_hook=hook)[0]
-    finally:
-        for l, w in saved.items():
-            model.layers[l].mlp.down.data.copy_(w)
-
-
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", list(CONFIGS))
 def test_compacted_decode_equals_masked_dense_in_batch(family):
     model = model_of(family)
-    batched, index = sparse_logits(model, CORE)
-    dense = our_logits(model, PROMPTS, CONTS)
+    batched, session = our_logits(model, PROMPTS, CONTS, policy=stability_policy(CORE, model))
+    index = session.selection.index
+    dense, _ = our_logits(model, PROMPTS, CONTS)
     for b, (p, c) in enumerate(zip(PROMPTS, CONTS)):
         ref = masked_dense_logits(model, p, c, {l: ix[b] for l, ix in index.items()})
-        err = (batched[b] - ref).abs().max().item()
-        changed = (batched[b] - dense[b]).abs().max().item()
+        ref = ref[-len(c):]  # decode rows: the prompt rows are dense in both
+        got = batched[b][-len(c):]
+        err = (got - ref).abs().max().item()
+        changed = (got - dense[b][-len(c):]).abs().max().item()
         print(f"{family} seq{b}: max|compact-masked| {err:.2e}; max|compact-dense| {changed:.2e}")
         assert err < 1e-5
         assert changed > 1e-3  # the core set really changed the decode
@@ -64,10 +53,38 @@ def test_compacted_decode_equals_masked_dense_in_batch(family):
     assert not torch.equal(index[1][0], index[1][1])
 
 
+def test_selection_from_running_statistics_equals_full_activations():
+    """Chunked prefill with running [B, F] statistics picks the same sets as selecting from each
+    prompt's whole activation matrix [T, F]."""
+    model = model_of()
+    acts = {}
+
+    class Record:
+        valid = None
+
+        def __contains__(self, layer):
+            return True
+
+        def __call__(self, layer, a):
+            acts.setdefault(layer, []).append(a)
+
+    for statistic in ("frequency", "norm"):
+        core = CoreConfig(alpha=0.3, beta=0.4, statistic=statistic, layers="all")
+        session = Session(model, PROMPTS, 1, policy=stability_policy(core, model), prefill_chunk=4)
+        session.prefill()
+        acts.clear()
+        Session(model, PROMPTS, 1).prefill(observer=Record())
+        for layer, ids in session.selection.index.items():
+            a = torch.cat(acts[layer], 1)  # [B, T0, F]
+            for b, p in enumerate(PROMPTS):
+                ref = core_neurons(a[b, -len(p):], core.alpha, core.beta, statistic, "abs")
+                assert torch.equal(ids[b], ref), (statistic, layer, b)
+
+
 def test_keep_one_equals_dense():
     model = model_of()
-    full, _ = sparse_logits(model, CoreConfig(beta=1.0, layers="all"))
-    dense = our_logits(model, PROMPTS, CONTS)
+    full, _ = our_logits(model, PROMPTS, CONTS, policy=stability_policy(CoreConfig(beta=1.0, layers="all"), model))
+    dense, _ = our_logits(model, PROMPTS, CONTS)
     err = max((f - d).abs().max().item() for f, d in zip(full, dense))
     print(f"keep 1.0 vs dense: {err:.2e}")
     assert err < 1e-6
@@ -77,10 +94,7 @@ def test_keep_one_equals_dense():
 def test_teacher_forced_scorer_equals_stepwise_decode(core):
     model = model_of()
     scored = continuation_logprobs(model, PROMPTS, CONTS, core)
-    if core is None:
-        stepwise = our_logits(model, PROMPTS, CONTS)
-    else:
-        stepwise, _ = sparse_logits(model, core)
+    stepwise, _ = our_logits(model, PROMPTS, CONTS, policy=core and stability_policy(core, model))
     for b, (p, c) in enumerate(zip(PROMPTS, CONTS)):
         ref = stepwise[b][len(p) - 1:-1].log_softmax(-1).gather(1, torch.tensor(c)[:, None])[:, 0]
         err = (scored[b] - ref).abs().max().item()
@@ -88,25 +102,76 @@ def test_teacher_forced_scorer_equals_stepwise_decode(core):
         assert err < 1e-5
 
 
-def test_one_token_prompt_and_stats():
+def test_refresh_recompacts_mid_decode():
+    """refresh() swaps the core rows without a new prefill: later steps equal masked-dense decoding
+    with the new set."""
     model = model_of()
-    batched, index = sparse_logits(model, CORE, prompts=[[42]], conts=[[3, 4]])
-    assert batched[0].shape == (3, 97)
-    stats = select_and_compact(model, [torch.randn(1, 1, 96) for _ in range(4)], torch.ones(1, 1, dtype=torch.bool), CORE)
+    p, c = PROMPTS[0], CONTS[0]
+    session = Session(model, [p], len(c), policy=stability_policy(CORE, model))
+    session.prefill()
+    other = {l: torch.arange(0, 96, 2)[None] for l in session.selection.index}  # [1, 48]: even neurons
+    stats = session.refresh(Selection(other))
     assert stats.core_sizes == {1: 48, 2: 48}
-    ffn = model.layers[1].mlp
-    row_bytes = sum(w.numel() * 4 for w in (ffn.up, ffn.gate, ffn.down)) // 2
-    assert stats.bytes_dense - stats.bytes_core == 2 * row_bytes
-    assert decode_bytes(model) == stats.bytes_dense
+    got = torch.cat([session.step(torch.tensor([t])) for t in c])
+    ref = masked_dense_logits(model, p, c, {l: ix[0] for l, ix in other.items()})[-len(c):]
+    assert (got - ref).abs().max().item() < 1e-5
+
+
+def test_stats_count_each_sequences_rows_and_clear_frees():
+    model = model_of()
+    cores = CoreWeights()
+    one = Session(model, [PROMPTS[0]], 1, policy=stability_policy(CORE, model), cores=cores)
+    one.prefill()
+    two = Session(model, PROMPTS, 1, policy=stability_policy(CORE, model), cores=cores)
+    two.prefill()
+    ffn = model.ffns()[1]
+    neuron = ffn.neuron_bytes() // ffn.width  # up, gate and down rows of one neuron, fp32
+    assert neuron == 3 * 64 * 4
+    assert one.stats.bytes_dense == model.weight_bytes() == two.stats.bytes_dense
+    # 2 layers of 96 neurons -> 48 each; each sequence reads its own 48
+    assert one.stats.bytes_dense - one.stats.bytes_core == 2 * 48 * neuron
+    assert two.stats.bytes_core - one.stats.bytes_core == 2 * 48 * neuron
+    assert two.stats.per_sequence == two.stats.bytes_core / 2
+    assert cores.layers[1].nbytes() == 2 * 48 * neuron
+    cores.clear()
+    assert not cores.layers
+
+
+def test_prefill_logits_last_position_only():
+    model = model_of()
+    session = Session(model, PROMPTS, 1)
+    last = session.prefill()
+    full, _ = our_logits(model, PROMPTS, [[1], [1]])
+    assert last.shape == (2, 97)
+    assert torch.allclose(last, torch.stack([f[len(p) - 1] for f, p in zip(full, PROMPTS)]), atol=1e-5)
+
+
+def test_one_token_prompt():
+    model = model_of()
+    logits, session = our_logits(model, [[42]], [[3, 4]], policy=stability_policy(CORE, model))
+    assert logits[0].shape == (3, 97)
+    assert session.stats.core_sizes == {1: 48, 2: 48}
 
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(alpha=0.0), "alpha"), (dict(alpha=1.5), "alpha"), (dict(beta=0.0), "beta"), (dict(beta=1.2), "beta"),
-    (dict(statistic="mean"), "statistic"), (dict(ranking="up"), "ranking"),
+    (dict(statistic="mean"), "statistic"), (dict(ranking="up"), "ranking"), (dict(mode="x"), "mode"),
+    (dict(mode="similarity"), "cluster file"),
 ])
 def test_bad_core_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
         CoreConfig(**kwargs)
+
+
+def test_session_limits():
+    model = model_of()
+    with pytest.raises(ValueError, match="context"):
+        Session(model, [[1] * 100], 29)
+    session = Session(model, [[1, 2]], 1)
+    session.prefill()
+    session.step(torch.tensor([3]))
+    with pytest.raises(ValueError, match="sized for 1 new tokens"):
+        session.step(torch.tensor([3]))
 
 
 def test_layer_specs():

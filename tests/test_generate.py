@@ -6,8 +6,9 @@ import torch
 import transformers
 
 from coreinfer import LLM, CoreConfig, GenerationConfig
-from coreinfer.cli import main
-from coreinfer.loading import load_checkpoint
+from coreinfer.cli.main import main
+from coreinfer.engine.generate import filter_logits
+from coreinfer.io.loading import load_checkpoint
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 
@@ -133,3 +134,29 @@ def test_chat_command_streams_turns(tiny_model_dir, monkeypatch, capsys):
     assert main(["chat", "--model", str(tiny_model_dir), "--max-new-tokens", "6", "--ignore-eos", "--dense"]) == 0
     err = capsys.readouterr().err
     assert err.count("decode 6 tok") == 2  # two turns, each reporting its speed
+
+
+@pytest.mark.parametrize("kwargs", [dict(top_p=0.8), dict(top_k=7), dict(repetition_penalty=1.3),
+                                    dict(top_k=20, top_p=0.6, repetition_penalty=0.8, temperature=0.7)])
+def test_filters_equal_transformers_logits_processors(kwargs):
+    """Repetition penalty, temperature, top-k and top-p against transformers' own processors, in the
+    order its `generate` applies them; the same tokens survive with the same scores."""
+    from transformers import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                              TopKLogitsWarper, TopPLogitsWarper)
+
+    gen = GenerationConfig(**{"temperature": 1.0, **kwargs})
+    torch.manual_seed(0)
+    logits, history = torch.randn(3, 200) * 3, torch.randint(0, 200, (3, 12))
+    chain = LogitsProcessorList()
+    if gen.repetition_penalty != 1.0:
+        chain.append(RepetitionPenaltyLogitsProcessor(gen.repetition_penalty))
+    chain.append(TemperatureLogitsWarper(gen.temperature))
+    if gen.top_k:
+        chain.append(TopKLogitsWarper(gen.top_k))
+    if gen.top_p < 1.0:
+        chain.append(TopPLogitsWarper(gen.top_p))
+    ref = chain(history, logits.clone())
+    ours = filter_logits(logits, gen, history)
+    assert torch.equal(ours.isinf(), ref.isinf())
+    kept = ~ref.isinf()
+    assert 1 < int(kept.sum()) and torch.allclose(ours[kept], ref[kept])

@@ -1,4 +1,4 @@
-"""Tests for coreinfer.loading / coreinfer.gguf: GGUF conversion checked against transformers' own GGUF
+"""Tests for coreinfer.io.loading / coreinfer.io.gguf: GGUF conversion checked against transformers' own GGUF
 conversion, the conversion cache, Hugging Face folders, tiny hand-written GGUFs, and every load error.
 
 Real models are converted once per run, into a temporary COREINFER_CACHE.
@@ -9,15 +9,15 @@ import os
 import shutil
 import time
 
+import gguf
 import numpy as np
 import pytest
 import torch
+import transformers
 
-from coreinfer import loading
-from coreinfer.loading import CheckpointError, load_checkpoint
+from coreinfer.io import loading
+from coreinfer.io.loading import CheckpointError, load_checkpoint
 
-gguf = pytest.importorskip("gguf")
-transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -5,7 +5,6 @@ lengths, must match an uncached transformers forward to 1e-4 (fp32, max abs).
 """
 
 import pytest
-import torch
 import transformers
 
 from oracle import assert_parity

@@ -6,8 +6,8 @@ import torch
 import transformers
 
 from coreinfer import LLM
-from coreinfer.generate import Batch, prefill
-from coreinfer.loading import CheckpointError, gemma3_270m_path, load_checkpoint
+from coreinfer.engine.session import Session
+from coreinfer.io.loading import CheckpointError, gemma3_270m_path, load_checkpoint
 
 PROMPTS = ["The capital of France is", "A short story about a robot who learns to paint:\n",
            "def add(a, b):\n    return"]
@@ -29,9 +29,7 @@ def test_gemma3_270m_logits_match_transformers(gemma_path):
         ids = llm.tokenizer.encode(prompt)
         with torch.inference_mode():
             ref = hf(torch.tensor([ids])).logits[0, -1]
-            batch = Batch([ids], 1, 0, "cpu")
-            llm.model.setup_caches(1, batch.total_len)
-            ours, _ = prefill(llm.model, batch, collect=False)
+        ours = Session(llm.model, [ids], 1).prefill()
         err = (ours[0] - ref).abs().max().item()
         print(f"gemma3-270m {prompt[:20]!r}: max |ours - hf| {err:.2e}")
         assert err < 1e-3

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from coreinfer.selection import core_neurons, frequency_core, keep_count, norm_core, overlap, token_core
+from coreinfer.engine.selection import core_neurons, frequency_core, keep_count, norm_core, overlap, token_core
 
 # 3 tokens x 5 neurons. |a| per token: t0 ranks n1 > n3 > n0 ..., t1: n1 > n4 > ..., t2: n3 > n1 > ...
 A = torch.tensor([

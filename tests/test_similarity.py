@@ -12,14 +12,16 @@ import transformers
 from safetensors import safe_open
 from sklearn.metrics import adjusted_rand_score
 
-from coreinfer.analysis import group_separation, paraphrase_separation, prefix_stability
-from coreinfer.cli import add_core_args, core_config, core_grid, main
-from coreinfer.core import CoreConfig, select, select_and_compact
-from coreinfer.generate import Batch, prefill
+from coreinfer.analysis.clustering import build_clusters, choose_k, kmeans, rank_by_members, sentence_sets
+from coreinfer.analysis.measure import group_separation, layer_acts, paraphrase_separation, prefix_stability
+from coreinfer.cli.args import add_core_args, core_config, core_grid
+from coreinfer.cli.main import main
+from coreinfer.engine.clusters import ClusterSet, SimilarityPolicy, model_fingerprint, same_model
+from coreinfer.engine.policy import CoreConfig
+from coreinfer.engine.selection import core_neurons, overlap
+from coreinfer.engine.session import Session, make_policy, stability_policy
+from coreinfer.eval.scoring import continuation_logprobs
 from coreinfer.models import build_model
-from coreinfer.scoring import continuation_logprobs
-from coreinfer.similarity import (ClusterSet, build_clusters, choose_k, kmeans, model_fingerprint,
-                                  rank_by_members, same_model, sentence_sets)
 from oracle import hf_pair
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=192, num_hidden_layers=4, num_attention_heads=4,
@@ -119,11 +121,9 @@ def test_cluster_file_round_trips_and_refuses_another_model(tmp_path):
     assert same_model(model_fingerprint(model), model_fingerprint(as_bf16))
     with pytest.raises(ValueError, match="another model"):
         ClusterSet.load(path, tiny_model(seed=1))
-    other = CoreConfig(alpha=0.4, beta=0.5, layers="1-2", mode="similarity", clusters=back)
-    with pytest.raises(ValueError, match="another model"):  # also refused at selection time
-        other_model = tiny_model(seed=1)
-        acts = [torch.randn(1, 3, 192) for _ in range(4)]
-        select_and_compact(other_model, acts, torch.ones(1, 3, dtype=torch.bool), other)
+    other = CoreConfig(alpha=0.4, beta=0.5, layers="1-2", mode="similarity", clusters=str(path))
+    with pytest.raises(ValueError, match="another model"):  # also refused when a session's policy is made
+        make_policy(other, tiny_model(seed=1))
     (tmp_path / "junk").write_bytes(b"not a cluster file")
     with pytest.raises(ValueError, match="not a cluster file"):
         ClusterSet.load(tmp_path / "junk")
@@ -135,39 +135,33 @@ def test_similarity_mode_with_each_prompts_own_set_equals_stability_mode():
     conts = [[11, 4, 90, 23, 6], [50, 8, 19, 70, 2]]
     # one cluster per prompt, built from the prompts themselves: every cluster set is a prompt's own set
     clusters = build_clusters(model, prompts, CORE, layer=1, k=2)
-    similar = CoreConfig(alpha=0.4, beta=0.5, layers="1-2", mode="similarity", clusters=clusters)
+    similar = SimilarityPolicy(clusters, CORE.keep(4))
     stable = continuation_logprobs(model, prompts, conts, CORE)
     guided = continuation_logprobs(model, prompts, conts, similar)
     for s, g in zip(stable, guided):
         assert torch.equal(s, g)
     # the selection itself, and what it reports
-    batch = Batch(prompts, 1, 0, "cpu")
-    with torch.inference_mode():
-        model.setup_caches(2, batch.total_len)
-        _, acts = prefill(model, batch, collect=True)
-    own = select(acts, batch.valid, CORE, gated=True)
-    index, chosen, scores = clusters.index(acts, batch.valid, CORE.keep(4))
-    assert all(torch.equal(index[l], own[l]) for l in own)
-    assert sorted(chosen) == [0, 1] and scores == [1.0, 1.0]
-    stats = select_and_compact(model, acts, batch.valid, similar)
-    assert stats.cluster == chosen and stats.cluster_score == [1.0, 1.0]
-    assert select_and_compact(model, acts, batch.valid, CORE).cluster is None
+    own = Session(model, prompts, 1, policy=stability_policy(CORE, model))
+    own.prefill()
+    guided = Session(model, prompts, 1, policy=similar)
+    guided.prefill()
+    assert all(torch.equal(guided.selection.index[l], own.selection.index[l]) for l in own.selection.index)
+    assert sorted(guided.stats.cluster) == [0, 1] and guided.stats.cluster_score == [1.0, 1.0]
+    assert own.stats.cluster is None
 
 
 def test_similarity_config_errors():
     model = tiny_model()
     prompts, _ = group_prompts(2, (4, 8), seed=0)
     clusters = build_clusters(model, prompts, CORE, layer=1, k=2)
-    with pytest.raises(ValueError, match="needs a cluster set"):
+    with pytest.raises(ValueError, match="needs a cluster file"):
         CoreConfig(mode="similarity")
     with pytest.raises(ValueError, match="mode must be"):
         CoreConfig(mode="semantic")
     with pytest.raises(ValueError, match="must be one of the sparse layers"):
         build_clusters(model, prompts, CORE, layer=3, k=2)
-    wider = CoreConfig(layers="1-3", mode="similarity", clusters=clusters)
     with pytest.raises(ValueError, match=r"sparse layers \[3\] have no cluster core sets"):
-        clusters.index([torch.randn(1, 2, 192) for _ in range(4)], torch.ones(1, 2, dtype=torch.bool),
-                       wider.keep(4))
+        SimilarityPolicy(clusters, CoreConfig(layers="1-3").keep(4))
 
 
 def parse(argv, grid=False):
@@ -182,7 +176,7 @@ def test_cli_mode_and_clusters_flags(tmp_path):
     path = tmp_path / "c.safetensors"
     build_clusters(model, prompts, CORE, layer=1, k=2).save(path)
     core = core_config(parse(["--layers", "1-2", "--mode", "similarity", "--clusters", str(path)]))
-    assert core.mode == "similarity" and isinstance(core.clusters, ClusterSet)
+    assert core.mode == "similarity" and core.clusters == str(path)
     assert core_config(parse(["--layers", "1-2"])).clusters is None
     grid = core_grid(parse(["--beta", "0.5", "--mode", "stability,similarity", "--clusters", str(path)], grid=True))
     assert [c and c.mode for c in grid] == [None, "stability", "similarity"]
@@ -233,10 +227,21 @@ def test_analysis_separation_numbers_on_planted_sets():
     assert para["auc"] == [1.0] and para["token_jaccard_auc"] == 1.0 and para["paraphrase"][0] > para["other"][0]
 
 
-def test_prefix_stability_is_one_when_the_whole_ffn_is_kept():
+def test_prefix_stability_against_sets_computed_by_hand():
+    """prefix_stability's overlap of doc[:P]'s core set with doc[P:P+window]'s, per layer, against the
+    same sets taken from each layer's activations with core_neurons and selection.overlap."""
     model = tiny_model()
     docs = [list(range(1, 41)), list(range(41, 81))]
-    full = prefix_stability(model, docs, CoreConfig(beta=1.0), lengths=[4, 16], window=8)
-    assert torch.tensor(full["same"]).eq(1.0).all() and len(full["same"]) == 2 and len(full["same"][0]) == 4
-    half = prefix_stability(model, docs, CoreConfig(beta=0.5), lengths=[4, 16], window=8)
-    assert 0.0 < torch.tensor(half["same"]).min() and torch.tensor(half["same"]).max() <= 1.0
+    core = CoreConfig(beta=0.5)
+    half = prefix_stability(model, docs, core, lengths=[4, 16], window=8)
+    same = torch.tensor(half["same"])  # [P, L]
+    assert same.shape == (2, 4)
+    for pi, p in enumerate([4, 16]):
+        for layer in range(4):
+            by_hand = []
+            for doc in docs:
+                a = layer_acts(model, doc[:16 + 8])[layer]  # [T, F]
+                prompt, follow = (core_neurons(x, 0.4, 0.5, "frequency", "abs") for x in (a[:p], a[p:p + 8]))
+                by_hand.append(overlap(prompt, follow))
+            assert same[pi, layer].item() == pytest.approx(sum(by_hand) / 2)
+    assert same.min() < 1.0  # keep 0.5 sets do differ between a prompt and its continuation

@@ -30,7 +30,7 @@ from lm_eval.api.registry import register_model
 from tqdm.auto import tqdm
 
 from ..api import LLM
-from ..core import CoreConfig
+from ..engine.policy import CoreConfig
 from .runner import generate_texts, score_rows
 
 

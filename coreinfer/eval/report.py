@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..core import CoreConfig
+from ..engine.policy import CoreConfig
 from .metrics import mean_and_stderr
 
 # The row that pools every multiple-choice task's items.
@@ -47,12 +47,10 @@ def setting_name(core: CoreConfig | None) -> str:
 
 
 def setting_json(core: CoreConfig | None) -> dict:
-    """A setting's name and its CoreConfig as JSON (a cluster set by its repr: it is a file's content)."""
+    """A setting's name and its CoreConfig as JSON."""
     if core is None:
         return {"name": "dense", "core": None}
-    fields = {k: v for k, v in vars(core).items() if k != "clusters"}
-    return {"name": setting_name(core), "core": {**fields, "clusters": None if core.clusters is None
-                                                  else repr(core.clusters)}}
+    return {"name": setting_name(core), "core": dict(vars(core))}
 
 
 def mean_result(task: str, setting: str, per_item: dict[str, list[float]], seconds: float) -> Result:

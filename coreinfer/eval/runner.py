@@ -2,7 +2,7 @@
 
 Every number comes from the model as sparse decoding runs it: the prompt (a task's context, a
 document's first part) is prefilled densely, the core set is chosen from it, and the continuation
-goes through the compacted FFN. `teacher_forced` is `coreinfer.scoring.continuation_logprobs` plus
+goes through the compacted FFN. `teacher_forced` is `coreinfer.eval.scoring.continuation_logprobs` plus
 the greedy token at each position, which top-1 agreement and lm-eval's `is_greedy` need; a test
 holds the two to exact equality.
 
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..core import CoreConfig
-from ..generate import GenerationConfig
-from ..scoring import continuation_logits, per_token
+from ..engine.generate import GenerationConfig
+from ..engine.policy import CoreConfig
 from .data import Document, GenItem, MCItem
+from .scoring import continuation_logits, per_token
 
 Encode = Callable[[str], list[int]]
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..quant import int8_matmul, quantize_int8
+from ..engine.quant import int8_matmul, quantize_int8
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -159,8 +159,9 @@ class FFN(nn.Module):
     then a row of up/gate and a column of down.
     """
 
-    def __init__(self, dim: int, hidden: int, act: str, gated: bool, bias: bool):
+    def __init__(self, layer_id: int, dim: int, hidden: int, act: str, gated: bool, bias: bool):
         super().__init__()
+        self.layer_id = layer_id  # what selection policies and the session key this layer's state by
         self.act_name, self.act, self.gated, self.quantized = act, activation(act), gated, False
         self.up = nn.Parameter(torch.empty(hidden, dim))  # [F, d]
         self.gate = nn.Parameter(torch.empty(hidden, dim)) if gated else None  # [F, d]
@@ -172,11 +173,18 @@ class FFN(nn.Module):
     def width(self) -> int:
         return self.up.shape[0]
 
-    def row_bytes(self) -> int:
-        """Weight bytes one neuron costs a decode step (its rows, scales and bias)."""
-        return sum(t.nbytes // self.width for t in (self.up, self.gate, self.down, self.up_bias,
-                                                  getattr(self, "up_scale", None), getattr(self, "gate_scale", None))
-                   if t is not None)
+    def neuron_tensors(self) -> dict[str, tuple[torch.Tensor, int]]:
+        """Every tensor with one slice per neuron, and the axis that indexes the neurons: up, gate and
+        their int8 scales by row; down by row in float ([F, d]) but by column in int8 ([d, F])."""
+        out = {"up": (self.up, 0), "gate": (self.gate, 0), "down": (self.down, 1 if self.quantized else 0),
+               "up_bias": (self.up_bias, 0)}
+        if self.quantized:
+            out.update(up_scale=(self.up_scale, 0), gate_scale=(getattr(self, "gate_scale", None), 0))
+        return {name: (t, axis) for name, (t, axis) in out.items() if t is not None}
+
+    def neuron_bytes(self) -> int:
+        """Weight bytes all F neurons cost a decode step (rows, scales and biases; not down's bias)."""
+        return sum(t.nbytes for t, _ in self.neuron_tensors().values())
 
     @torch.no_grad()
     def quantize_(self) -> None:
@@ -208,11 +216,8 @@ class FFN(nn.Module):
             out = a @ self.down  # [B, T, F] @ [F, d]
         return out if self.down_bias is None else out + self.down_bias
 
-    def forward(self, x: torch.Tensor, acts: list | None = None) -> torch.Tensor:
-        a = self.activations(x)
-        if acts is not None:
-            acts.append(a)
-        return self.project(a)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(self.activations(x))
 
 
 class Attention(nn.Module):
@@ -258,15 +263,19 @@ def fuse_qkv(state: dict) -> dict:
     return out
 
 
-def feed_forward(block: nn.Module, h: torch.Tensor, sparse: bool, acts: list | None) -> torch.Tensor:
-    """A block's FFN: its compacted core weights when decoding sparse and a core set is loaded."""
-    if sparse and block.core.loaded:
-        return block.core(h)
-    return block.mlp(h, acts)
+def feed_forward(ffn: FFN, h: torch.Tensor, run) -> torch.Tensor:
+    """A block's FFN, dense, or through `run(ffn, h)` when the session decides how this layer runs
+    (observe its activations during prefill, use its compacted core weights while decoding)."""
+    return ffn(h) if run is None else run(ffn, h)
 
 
 class CausalLM(nn.Module):
-    """What every family shares: `layers` of blocks (each with `.mlp`, `.core`, `.self_attn.cache`)."""
+    """What every family shares: `layers` of blocks, each with an FFN `.mlp` and attention `.self_attn`.
+
+    forward(tokens, positions, slots, key_valid, ffn=None, last_only=False): `ffn` is how the FFNs run
+    (None: dense; see `feed_forward`); `last_only` computes logits for the last position only, which
+    is all a prefill needs ([B, 1, V] instead of [B, T, V]: 400 MB for 2k tokens of a 49k vocabulary).
+    """
 
     def setup_caches(self, batch: int, max_len: int) -> None:
         """Allocate the KV caches (and RoPE tables) once; reused while a request fits in them."""
@@ -278,11 +287,28 @@ class CausalLM(nn.Module):
             return
         for layer in self.layers:
             a = layer.self_attn
+            a.cache = None  # free the old cache before allocating the new one
             a.cache = KVCache(batch, a.kv_heads, max_len, a.head_dim, ref.dtype, ref.device)
 
     def rotaries(self) -> list[Rotary]:
         return [m for m in self.children() if isinstance(m, Rotary)]
 
+    def ffns(self) -> list[FFN]:
+        """The FFN of every layer, in layer order (ffns()[i].layer_id == i)."""
+        return [layer.mlp for layer in self.layers]
+
     @property
     def max_context(self) -> int:
         return self.config.max_position_embeddings
+
+    def weight_bytes(self) -> int:
+        """Weight bytes one dense decode step reads: every parameter and persistent buffer (the KV caches
+        are not persistent), less the embedding table when untied (a lookup reads one row)."""
+        seen, total = set(), 0
+        for t in self.state_dict().values():
+            if t.data_ptr() not in seen:
+                seen.add(t.data_ptr())
+                total += t.nbytes
+        if self.lm_head.weight.data_ptr() != self.embed_tokens.weight.data_ptr():
+            total -= self.embed_tokens.weight.nbytes
+        return total

@@ -11,8 +11,15 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn as nn
 
-from ..compact import CompactFFN
-from .common import FFN, Attention, CausalLM, RMSNorm, Rotary, attention_mask, feed_forward
+from .common import (
+    FFN,
+    Attention,
+    CausalLM,
+    RMSNorm,
+    Rotary,
+    attention_mask,
+    feed_forward,
+)
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 
@@ -87,7 +94,7 @@ def normalize_rope(d: dict) -> dict:
 
 
 class Block(nn.Module):
-    def __init__(self, c: Gemma3Config):
+    def __init__(self, c: Gemma3Config, layer_id: int):
         super().__init__()
         d = c.hidden_size
         self.input_layernorm = RMSNorm(d, c.rms_norm_eps, offset=1.0)
@@ -96,13 +103,12 @@ class Block(nn.Module):
                                    out_bias=c.attention_bias, qk_norm_eps=c.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(d, c.rms_norm_eps, offset=1.0)
         self.pre_feedforward_layernorm = RMSNorm(d, c.rms_norm_eps, offset=1.0)
-        self.mlp = FFN(d, c.intermediate_size, c.hidden_activation, gated=True, bias=False)
+        self.mlp = FFN(layer_id, d, c.intermediate_size, c.hidden_activation, gated=True, bias=False)
         self.post_feedforward_layernorm = RMSNorm(d, c.rms_norm_eps, offset=1.0)
-        self.core = CompactFFN()
 
-    def forward(self, x, rope, slots, mask, sparse, acts):
+    def forward(self, x, rope, slots, mask, ffn):
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, slots, mask))
-        h = feed_forward(self, self.pre_feedforward_layernorm(x), sparse, acts)
+        h = feed_forward(self.mlp, self.pre_feedforward_layernorm(x), ffn)
         return x + self.post_feedforward_layernorm(h)
 
 
@@ -111,14 +117,14 @@ class Model(CausalLM):
         super().__init__()
         self.config = c
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(Block(c) for _ in range(c.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(c, i) for i in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps, offset=1.0)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.rotary_local = Rotary(c.head_dim, c.rope_local_base_freq)
         self.rotary_global = Rotary(c.head_dim, c.rope_theta, c.rope_scaling)
 
-    def forward(self, tokens, positions, slots, key_valid, sparse=False, acts=None) -> torch.Tensor:
-        """tokens/positions [B, T], slots [T], key_valid [B, S'] -> logits [B, T, V]."""
+    def forward(self, tokens, positions, slots, key_valid, ffn=None, last_only=False) -> torch.Tensor:
+        """tokens/positions [B, T], slots [T], key_valid [B, S'] -> logits [B, T, V] ([B, 1, V] if last_only)."""
         c = self.config
         x = self.embed_tokens(tokens)  # [B, T, d]
         # HF rounds sqrt(d) to the compute dtype before scaling (e.g. 33.94 -> 34.0 in bf16)
@@ -129,7 +135,9 @@ class Model(CausalLM):
         }
         for layer, kind in zip(self.layers, c.layer_types):
             rope, mask = by_type[kind]
-            x = layer(x, rope, slots, mask, sparse, acts)
+            x = layer(x, rope, slots, mask, ffn)
+        if last_only:
+            x = x[:, -1:]  # [B, 1, d]
         logits = self.lm_head(self.norm(x))
         if c.final_logit_softcapping is not None:
             logits = torch.tanh(logits / c.final_logit_softcapping) * c.final_logit_softcapping

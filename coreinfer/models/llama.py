@@ -9,8 +9,15 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn as nn
 
-from ..compact import CompactFFN
-from .common import FFN, Attention, CausalLM, RMSNorm, Rotary, attention_mask, feed_forward
+from .common import (
+    FFN,
+    Attention,
+    CausalLM,
+    RMSNorm,
+    Rotary,
+    attention_mask,
+    feed_forward,
+)
 
 
 @dataclass
@@ -68,19 +75,18 @@ def normalize_rope(d: dict) -> dict:
 
 
 class Block(nn.Module):
-    def __init__(self, c: LlamaConfig):
+    def __init__(self, c: LlamaConfig, layer_id: int):
         super().__init__()
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.self_attn = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
                                    scale=c.head_dim**-0.5, qkv_bias=c.attention_bias, out_bias=c.attention_bias
                                    and c.model_type != "qwen2")
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.mlp = FFN(c.hidden_size, c.intermediate_size, c.hidden_act, gated=True, bias=c.mlp_bias)
-        self.core = CompactFFN()
+        self.mlp = FFN(layer_id, c.hidden_size, c.intermediate_size, c.hidden_act, gated=True, bias=c.mlp_bias)
 
-    def forward(self, x, rope, slots, mask, sparse, acts):
+    def forward(self, x, rope, slots, mask, ffn):
         x = x + self.self_attn(self.input_layernorm(x), rope, slots, mask)
-        return x + feed_forward(self, self.post_attention_layernorm(x), sparse, acts)
+        return x + feed_forward(self.mlp, self.post_attention_layernorm(x), ffn)
 
 
 class Model(CausalLM):
@@ -88,18 +94,20 @@ class Model(CausalLM):
         super().__init__()
         self.config = c
         self.embed_tokens = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.layers = nn.ModuleList(Block(c) for _ in range(c.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(c, i) for i in range(c.num_hidden_layers))
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.rotary = Rotary(c.head_dim, c.rope_theta, c.rope_scaling)
 
-    def forward(self, tokens, positions, slots, key_valid, sparse=False, acts=None) -> torch.Tensor:
-        """tokens/positions [B, T], slots [T], key_valid [B, S'] -> logits [B, T, V]."""
+    def forward(self, tokens, positions, slots, key_valid, ffn=None, last_only=False) -> torch.Tensor:
+        """tokens/positions [B, T], slots [T], key_valid [B, S'] -> logits [B, T, V] ([B, 1, V] if last_only)."""
         x = self.embed_tokens(tokens)  # [B, T, d]
         mask = attention_mask(slots, key_valid, self.config.sliding_window)
         rope = self.rotary(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, rope, slots, mask, sparse, acts)
+            x = layer(x, rope, slots, mask, ffn)
+        if last_only:
+            x = x[:, -1:]  # [B, 1, d]
         return self.lm_head(self.norm(x))
 
 

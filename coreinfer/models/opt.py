@@ -10,7 +10,6 @@ from dataclasses import dataclass, field, fields
 import torch
 import torch.nn as nn
 
-from ..compact import CompactFFN
 from .common import FFN, Attention, CausalLM, attention_mask, feed_forward
 
 # OPT's position table reserves its first two rows (a fairseq legacy): position p reads row p + 2.
@@ -52,7 +51,7 @@ class OPTConfig:
 
 
 class Block(nn.Module):
-    def __init__(self, c: OPTConfig):
+    def __init__(self, c: OPTConfig, layer_id: int):
         super().__init__()
         d, heads = c.hidden_size, c.num_attention_heads
         self.pre_ln = c.do_layer_norm_before
@@ -60,16 +59,15 @@ class Block(nn.Module):
         self.self_attn = Attention(d, heads, heads, d // heads, scale=(d // heads) ** -0.5,
                                    qkv_bias=c.enable_bias, out_bias=c.enable_bias)
         self.final_layer_norm = nn.LayerNorm(d, elementwise_affine=c.layer_norm_elementwise_affine)
-        self.mlp = FFN(d, c.ffn_dim, c.activation_function, gated=False, bias=c.enable_bias)
-        self.core = CompactFFN()
+        self.mlp = FFN(layer_id, d, c.ffn_dim, c.activation_function, gated=False, bias=c.enable_bias)
 
-    def forward(self, x, slots, mask, sparse, acts):
+    def forward(self, x, slots, mask, ffn):
         if self.pre_ln:
             x = x + self.self_attn(self.self_attn_layer_norm(x), None, slots, mask)
-            return x + feed_forward(self, self.final_layer_norm(x), sparse, acts)
+            return x + feed_forward(self.mlp, self.final_layer_norm(x), ffn)
         # post-LN (opt-350m): each residual sum is normalized, the sublayers see it raw
         x = self.self_attn_layer_norm(x + self.self_attn(x, None, slots, mask))
-        return self.final_layer_norm(x + feed_forward(self, x, sparse, acts))
+        return self.final_layer_norm(x + feed_forward(self.mlp, x, ffn))
 
 
 class Model(CausalLM):
@@ -80,7 +78,7 @@ class Model(CausalLM):
         self.embed_tokens = nn.Embedding(c.vocab_size, e)
         self.embed_positions = nn.Embedding(c.max_position_embeddings + POSITION_OFFSET, d)
         self.project_in = nn.Linear(e, d, bias=False) if e != d else None
-        self.layers = nn.ModuleList(Block(c) for _ in range(c.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(c, i) for i in range(c.num_hidden_layers))
         # post-LN models end on a normalized sum already, so only pre-LN ones have a final norm
         final_norm = c.do_layer_norm_before and not c._remove_final_layer_norm
         self.final_layer_norm = nn.LayerNorm(d, elementwise_affine=c.layer_norm_elementwise_affine) \
@@ -88,15 +86,17 @@ class Model(CausalLM):
         self.project_out = nn.Linear(d, e, bias=False) if e != d else None
         self.lm_head = nn.Linear(e, c.vocab_size, bias=False)
 
-    def forward(self, tokens, positions, slots, key_valid, sparse=False, acts=None) -> torch.Tensor:
-        """tokens/positions [B, T], slots [T], key_valid [B, S'] -> logits [B, T, V]."""
+    def forward(self, tokens, positions, slots, key_valid, ffn=None, last_only=False) -> torch.Tensor:
+        """tokens/positions [B, T], slots [T], key_valid [B, S'] -> logits [B, T, V] ([B, 1, V] if last_only)."""
         x = self.embed_tokens(tokens)  # [B, T, e]
         if self.project_in is not None:
             x = self.project_in(x)  # [B, T, d]
         x = x + self.embed_positions(positions + POSITION_OFFSET)
         mask = attention_mask(slots, key_valid, None)
         for layer in self.layers:
-            x = layer(x, slots, mask, sparse, acts)
+            x = layer(x, slots, mask, ffn)
+        if last_only:
+            x = x[:, -1:]  # [B, 1, d]
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
         if self.project_out is not None:

@@ -18,11 +18,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cli import add_core_args, add_runtime_args, core_grid, runtime_kwargs
-from .core import CoreConfig
-from .eval import data, report, runner
-from .eval.metrics import f1, mc_accuracy, normalized_exact_match, ratio_and_stderr
-from .eval.report import Result, mean_result, setting_name
+from ..cli.args import add_core_args, add_runtime_args, core_grid, runtime_kwargs
+from ..engine.policy import CoreConfig
+from . import data, report, runner
+from .metrics import f1, mc_accuracy, normalized_exact_match, ratio_and_stderr
+from .report import Result, mean_result, setting_name
 
 # How each packaged generative task is scored. LAMBADA is lm-eval's last-word accuracy: the answer
 # must be the greedy continuation, token for token.
@@ -142,7 +142,7 @@ def finish(results: list[Result], grid: list, args, llm, t0: float) -> None:
 
 
 def cmd_ppl(args) -> None:
-    from .api import LLM
+    from ..api import LLM
 
     t0 = time.perf_counter()
     prompt, grid = parse_prompt(args.prompt), core_grid(args)
@@ -161,7 +161,7 @@ def cmd_ppl(args) -> None:
 
 
 def cmd_tasks(args) -> None:
-    from .api import LLM
+    from ..api import LLM
 
     t0 = time.perf_counter()
     spec = args.tasks if args.tasks is not None else ("" if args.mc_jsonl or args.gen_jsonl else "all")

@@ -12,10 +12,10 @@ import json
 import sys
 from pathlib import Path
 
-from . import analysis
-from .cli import add_runtime_args, runtime_kwargs
-from .core import CoreConfig
-from .eval import data
+from ..cli.args import add_runtime_args, runtime_kwargs
+from ..engine.policy import CoreConfig
+from ..eval import data
+from . import measure
 
 SUBJECTS = ("astronomy", "high_school_biology", "high_school_macroeconomics", "elementary_mathematics",
             "world_religions", "high_school_geography")  # distinct topics, mostly short questions
@@ -52,7 +52,7 @@ def selection(args) -> CoreConfig:
 
 
 def load_llm(args):
-    from .api import LLM
+    from ..api import LLM
 
     return LLM(**runtime_kwargs(args))
 
@@ -87,7 +87,7 @@ def corpus_texts(name: str, limit: int | None, skip: int, seed: int) -> list[str
 
 
 def cmd_cluster(args) -> None:
-    from .similarity import build_clusters
+    from .clustering import build_clusters
 
     core = selection(args)
     texts = corpus_texts(args.corpus, args.limit, args.skip, args.seed)
@@ -122,14 +122,14 @@ def cmd_stability(args) -> None:
         docs = [llm.encode(d.text) for d in data.text_documents(args.text)]
         docs = [d for d in docs if len(d) >= max(lengths) + args.window][:args.docs]
     else:
-        docs = analysis.squad_articles(max(lengths) + args.window, llm.encode, args.docs)
+        docs = measure.squad_articles(max(lengths) + args.window, llm.encode, args.docs)
     if len(docs) < 2:
         raise ValueError(f"need 2 documents of at least {max(lengths) + args.window} tokens, found {len(docs)}")
     result = dict(model=llm.name, beta=core.betas[0], alpha=core.alpha, statistic=core.statistic,
                   sparse_layers=core.sparse_layers(len(llm.model.layers)),
-                  prefix=analysis.prefix_stability(llm.model, docs, core, lengths, args.window))
+                  prefix=measure.prefix_stability(llm.model, docs, core, lengths, args.window))
     prompts = [d[:args.gen_prompt] for d in docs[:args.gen_docs]]
-    result["generation"] = analysis.generation_stability(llm.model, prompts, core, args.gen_tokens, args.window,
+    result["generation"] = measure.generation_stability(llm.model, prompts, core, args.gen_tokens, args.window,
                                                          llm.tokenizer.eos_ids)
     print(f"wrote {write_json(args.output, result)}, {plot_stability(result, args.output)}")
     print_stability(result)
@@ -138,7 +138,7 @@ def cmd_stability(args) -> None:
 def cmd_similarity(args) -> None:
     core = selection(args)
     llm = load_llm(args)
-    result, sets = analysis.similarity(llm, core, args.subjects.split(","), args.per_subject, args.pairs, args.seed)
+    result, sets = measure.similarity(llm, core, args.subjects.split(","), args.per_subject, args.pairs, args.seed)
     layer = len(llm.model.layers) // 2 if args.layer is None else args.layer
     result.update(model=llm.name, beta=core.betas[0], alpha=core.alpha, layer=layer)
     png = plot_similarity(result, sets[:, layer], args.output)
@@ -155,7 +155,7 @@ def cmd_modes(args) -> None:
     core = selection(args)
     llm = load_llm(args)
     layers = int_list(args.layer) if args.layer else [len(llm.model.layers) // 2]
-    runs = [analysis.compare_modes(llm, task, args.limit, args.corpus_size, core, layers, args.clusters, args.seed,
+    runs = [measure.compare_modes(llm, task, args.limit, args.corpus_size, core, layers, args.clusters, args.seed,
                                    args.batch_size, args.max_new_tokens) for task in args.tasks.split(",")]
     result = dict(model=llm.name, beta=core.betas[0], alpha=core.alpha, layers=layers, runs=runs)
     print(f"wrote {write_json(args.output, result)}")

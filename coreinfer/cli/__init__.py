@@ -1,0 +1,1 @@
+"""The `coreinfer` command: the entry point (main.py) and the argument helpers every command shares (args.py)."""

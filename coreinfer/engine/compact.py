@@ -1,0 +1,116 @@
+"""Compacted FFNs: each sequence's core neurons of a layer, gathered into small dense matrices.
+
+A neuron is one slice of each of the FFN's per-neuron tensors (`FFN.neuron_tensors`): a row of up
+and gate, a row of down in float ([F, d]) or a column in int8 ([d, F], the kernel's layout).
+"""
+
+import torch
+
+from .quant import INT8_K_ALIGN, int8_matmul
+
+
+class CompactFFN:
+    """Core weights of one FFN layer, per sequence: up/gate/down [B, k, d] (int8 down [B, d, k]),
+    up bias and int8 scales [B, k].
+
+    The buffers are allocated on the first load and reused by every later load of the same shape, so
+    serving many prompts allocates nothing after warm-up; `clear` frees them.
+    """
+
+    def __init__(self):
+        self.act = self.down_bias = self.down_scale = None
+        self.weights: dict[str, torch.Tensor] = {}
+        self.quantized = False
+
+    def _gather(self, name: str, source: torch.Tensor, axis: int, index: torch.Tensor) -> None:
+        """Gather `index` [B, k] along `axis` of `source` into the reused buffer `name` [B, ...]."""
+        shape = list(source.shape)
+        shape[axis] = index.shape[1]
+        shape = (index.shape[0], *shape)
+        buf = self.weights.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != source.dtype or buf.device != source.device:
+            self.weights.pop(name, None)  # drop the old buffer before allocating its successor
+            buf = self.weights[name] = torch.empty(shape, dtype=source.dtype, device=source.device)
+        for b in range(index.shape[0]):
+            torch.index_select(source, axis, index[b], out=buf[b])
+
+    @torch.inference_mode()
+    def load(self, ffn, index: torch.Tensor) -> None:
+        """Gather the neurons `index` [B, k] (one row of neuron ids per sequence) of `ffn`."""
+        self.act, self.quantized, self.down_bias = ffn.act, ffn.quantized, ffn.down_bias
+        self.down_scale = getattr(ffn, "down_scale", None)
+        k = index.shape[1]
+        if ffn.quantized and k % INT8_K_ALIGN:
+            # pad the core to the int8 kernel's block with repeats of its first neuron; their down
+            # columns are zeroed below, so they add nothing
+            pad = index[:, :1].expand(-1, INT8_K_ALIGN - k % INT8_K_ALIGN)
+            index = torch.cat([index, pad], dim=1)
+        tensors = ffn.neuron_tensors()
+        for name in set(self.weights) - set(tensors):
+            del self.weights[name]
+        for name, (source, axis) in tensors.items():
+            self._gather(name, source, axis, index)
+        if ffn.quantized:
+            self.weights["down"][:, :, k:] = 0  # [B, d, k_padded]: the padding neurons' columns
+
+    @property
+    def loaded(self) -> bool:
+        return bool(self.weights)
+
+    def clear(self) -> None:
+        """Free the gathered weights."""
+        self.weights.clear()
+
+    def nbytes(self) -> int:
+        """Bytes of the gathered weights: what one decode step reads for this layer's neurons, all sequences."""
+        return sum(t.nbytes for t in self.weights.values())
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, d] -> [B, T, d] through the k core neurons of each sequence."""
+        w = self.weights
+        if self.quantized:
+            out = torch.stack([self._int8(x[b], b) for b in range(x.shape[0])])
+        else:
+            up = torch.bmm(x, w["up"].transpose(1, 2))  # [B, T, k]
+            if "up_bias" in w:
+                up = up + w["up_bias"][:, None, :]
+            a = self.act(up) if "gate" not in w else self.act(torch.bmm(x, w["gate"].transpose(1, 2))) * up
+            out = torch.bmm(a, w["down"])  # [B, T, k] @ [B, k, d]
+        return out if self.down_bias is None else out + self.down_bias
+
+    def _int8(self, x: torch.Tensor, b: int) -> torch.Tensor:
+        """One sequence: x [T, d] -> [T, d]; the int8 kernel takes one weight matrix at a time."""
+        w = self.weights
+        up = int8_matmul(x, w["up"][b], w["up_scale"][b])  # [T, k]
+        if "up_bias" in w:
+            up = up + w["up_bias"][b]
+        a = self.act(up) if "gate" not in w else self.act(int8_matmul(x, w["gate"][b], w["gate_scale"][b])) * up
+        return int8_matmul(a, w["down"][b], self.down_scale)  # [T, k] x [d, k]^T
+
+
+class CoreWeights:
+    """The compacted FFNs of a model, keyed by layer id; reused across sessions (see CompactFFN)."""
+
+    def __init__(self):
+        self.layers: dict[int, CompactFFN] = {}
+
+    def load(self, ffns: list, index: dict[int, torch.Tensor]) -> None:
+        """Compact ffns[l] to index[l] [B, k] for each l in `index`; free every other layer's."""
+        for layer in set(self.layers) - set(index):
+            self.layers.pop(layer).clear()
+        for layer, ids in index.items():
+            self.layers.setdefault(layer, CompactFFN()).load(ffns[layer], ids)
+
+    def clear(self) -> None:
+        for core in self.layers.values():
+            core.clear()
+        self.layers.clear()
+
+    def get(self, layer: int) -> CompactFFN | None:
+        return self.layers.get(layer)
+
+    def step_bytes(self, model) -> int:
+        """Weight bytes one decode step of the whole batch reads: the dense model's, with each compacted
+        layer's neurons counted as its gathered weights (every sequence reads its own core rows)."""
+        ffns = model.ffns()
+        return model.weight_bytes() - sum(ffns[l].neuron_bytes() - c.nbytes() for l, c in self.layers.items())

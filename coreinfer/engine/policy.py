@@ -1,0 +1,147 @@
+"""What to keep, and who chooses it: CoreConfig (the user's settings), the layer policy, and the
+selection-policy interface with the paper's stability-guided policy.
+
+A `SelectionPolicy` names the layers it must observe during the dense prefill and the statistic it
+needs there (`wanted`); after the prefill it turns those running statistics into each sequence's
+core neuron ids per sparse layer (`select`). The session compacts whatever a policy returns, so the
+stability policy here, the similarity policy (clusters.py) and later adaptive ones plug in alike.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .observe import RunningStats, Statistic
+from .selection import RANKINGS, STATISTICS, keep_count, rank_neurons
+
+MODES = ("stability", "similarity")
+
+
+@dataclass
+class CoreConfig:
+    """What to keep. `beta` is the keep ratio of the FFN (one number, or one per sparse layer).
+
+    The default keep, 0.85, is chosen for free continuation, where a prompt-fixed set costs most: on
+    the embedded model it raises perplexity x1.19 (0.7: x1.59, 0.5: x2.6; docs/quality.md). Where the
+    answer lives in the prompt (multiple choice) 0.7 or 0.5 cost only ~3 points of accuracy.
+
+    layers: which layers are sparse: None for the default policy (the first 10% and last 7% of layers
+    stay dense: sparsifying layer 0 alone of the embedded model multiplies perplexity by 2.5, and the
+    first and last few layers cost the most of the rest; benchmarks/layer_sensitivity.py), "all", a
+    spec like "3-27" or "2,4-9", or a list of layer ids.
+    ranking: token-wise strength; "auto" is |a| for gated FFNs and positive-only for ReLU FFNs.
+    mode: "stability" takes each prompt's own core set; "similarity" assigns the prompt to a cluster of
+    the cluster file `clusters` (made by `coreinfer cluster`) and takes that cluster's core set.
+    """
+
+    alpha: float = 0.4
+    beta: float | list[float] = 0.85
+    statistic: str = "frequency"
+    ranking: str = "auto"
+    layers: str | list[int] | None = None
+    mode: str = "stability"
+    clusters: str | None = None
+
+    def __post_init__(self):
+        if not 0 < self.alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
+        for b in self.betas:
+            if not 0 < b <= 1:
+                raise ValueError(f"beta must be in (0, 1], got {b}")
+        if self.statistic not in STATISTICS:
+            raise ValueError(f"statistic must be one of {STATISTICS}, got {self.statistic!r}")
+        if self.ranking != "auto" and self.ranking not in RANKINGS:
+            raise ValueError(f"ranking must be 'auto' or one of {RANKINGS}, got {self.ranking!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode == "similarity" and not self.clusters:
+            raise ValueError("similarity mode needs a cluster file (--clusters FILE, made by `coreinfer cluster`)")
+
+    @property
+    def betas(self) -> list[float]:
+        return list(self.beta) if isinstance(self.beta, (list, tuple)) else [self.beta]
+
+    def sparse_layers(self, num_layers: int) -> list[int]:
+        ids = parse_layers(self.layers, num_layers)
+        if len(self.betas) not in (1, len(ids)):
+            raise ValueError(f"{len(self.betas)} keep ratios given for {len(ids)} sparse layers")
+        return ids
+
+    def keep(self, num_layers: int) -> dict[int, float]:
+        """Sparse layer id -> keep ratio."""
+        ids = self.sparse_layers(num_layers)
+        betas = self.betas * len(ids) if len(self.betas) == 1 else self.betas
+        return dict(zip(ids, betas))
+
+    def statistic_for(self, gated: bool) -> Statistic:
+        """The token-wise settings, with "auto" ranking resolved: |a| for gated FFNs, positive-only
+        (the paper's ReLU definition) for plain ones."""
+        ranking = self.ranking if self.ranking != "auto" else ("abs" if gated else "relu")
+        return Statistic(self.statistic, self.alpha, ranking)
+
+
+def default_layers(num_layers: int) -> list[int]:
+    first, last = max(1, round(0.1 * num_layers)), max(1, round(0.07 * num_layers))
+    return list(range(first, num_layers - last)) or list(range(num_layers))
+
+
+def parse_layers(spec: str | list[int] | None, num_layers: int) -> list[int]:
+    if spec is None:
+        return default_layers(num_layers)
+    if spec == "all":
+        return list(range(num_layers))
+    if isinstance(spec, str):
+        ids = []
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            lo, _, hi = part.partition("-")
+            if not (lo.isdigit() and (not hi or hi.isdigit())):
+                raise ValueError(f"bad layer spec {spec!r}: use 'all', '3-27' or '2,4-9'")
+            ids.extend(range(int(lo), int(hi or lo) + 1))
+    else:
+        ids = list(spec)
+    if not ids:
+        raise ValueError("the layer list is empty: name at least one sparse layer, or use --dense")
+    bad = [i for i in ids if not 0 <= i < num_layers]
+    if bad:
+        raise ValueError(f"layers {bad} out of range for a model with {num_layers} layers")
+    return sorted(set(ids))
+
+
+@dataclass
+class Selection:
+    """A policy's choice: per sparse layer, each sequence's sorted core neuron ids {layer: [B, k]};
+    similarity mode adds each sequence's cluster and its mean core-set overlap with the members."""
+
+    index: dict[int, torch.Tensor]
+    cluster: list[int] | None = None
+    cluster_score: list[float] | None = None
+
+
+class SelectionPolicy:
+    """The interface every policy implements; see the module docstring."""
+
+    def wanted(self) -> dict[int, Statistic]:
+        """Layer id -> the statistic the prefill must collect there."""
+        raise NotImplementedError
+
+    def select(self, stats: dict[int, RunningStats]) -> Selection:
+        raise NotImplementedError
+
+
+@dataclass
+class StabilityPolicy(SelectionPolicy):
+    """The paper's stability-guided decoding: each prompt's own sentence-wise core set per layer.
+
+    keep: sparse layer id -> keep ratio; width: FFN width F; spec: the statistic to collect."""
+
+    keep: dict[int, float]
+    width: int
+    spec: Statistic = field(default_factory=Statistic)
+
+    def wanted(self) -> dict[int, Statistic]:
+        return {layer: self.spec for layer in self.keep}
+
+    def select(self, stats: dict[int, RunningStats]) -> Selection:
+        return Selection({layer: rank_neurons(stats[layer].primary, stats[layer].secondary,
+                                              keep_count(beta, self.width))  # [B, k]
+                          for layer, beta in self.keep.items()})

@@ -1,0 +1,216 @@
+"""One request's decode state: the batch, its KV caches, its core weights and the step function.
+
+    session = Session(model, prompts, max_new_tokens, policy=StabilityPolicy(...))
+    logits = session.prefill()          # dense, chunked; the policy observes, selects; FFNs compacted
+    logits = session.step(tokens)       # one token per sequence through the compacted FFNs
+    session.refresh(selection)          # recompact to another selection mid-decode (no re-prefill)
+    logits = session.score(conts)       # or: teacher-force whole continuations, scored sparse
+
+Batches are left-padded (see models/common.py). Nothing here knows about text or sampling.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .clusters import ClusterSet, SimilarityPolicy
+from .compact import CoreWeights
+from .observe import Observer
+from .policy import CoreConfig, Selection, SelectionPolicy, StabilityPolicy
+
+PREFILL_CHUNK = 512  # prompt tokens per prefill forward: bounds attention scores and activations
+
+
+@dataclass
+class CoreStats:
+    """What a core selection did: sizes per layer, its cost, and the bytes each decode step reads.
+
+    bytes_dense: weight bytes of one dense decode step. bytes_core: of one sparse decode step of the
+    whole batch, where each sequence reads its own core rows; `per_sequence` divides by the batch."""
+
+    core_sizes: dict[int, int] = field(default_factory=dict)
+    ffn_width: int = 0
+    batch: int = 1
+    select_ms: float = 0.0
+    compact_ms: float = 0.0
+    bytes_dense: int = 0
+    bytes_core: int = 0
+    cluster: list[int] | None = None  # similarity mode: each sequence's cluster
+    cluster_score: list[float] | None = None  # and its mean core-set overlap with that cluster's members
+
+    @property
+    def per_sequence(self) -> float:
+        """Weight bytes read per decoded token of one sequence."""
+        return self.bytes_core / self.batch
+
+    @property
+    def share(self) -> float:
+        """Bytes per decoded token against the dense model's (at batch 1: the share of weights read)."""
+        return self.per_sequence / self.bytes_dense
+
+
+class Batch:
+    """A left-padded batch and the decode-time buffers it reuses every step.
+
+    ids [B, T0] prompt tokens (pad on the left), valid [B, T0] real-token mask;
+    key_valid [B, S] marks cache slots that hold real tokens, positions [B, 1] the next RoPE position.
+    """
+
+    def __init__(self, prompts: list[list[int]], max_new_tokens: int, pad_id: int, device):
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise ValueError("every prompt needs at least one token")
+        B, T0 = len(prompts), max(len(p) for p in prompts)
+        self.size, self.prompt_len, self.total_len, self.pad_id = B, T0, T0 + max_new_tokens, pad_id
+        self.ids = torch.full((B, T0), pad_id, dtype=torch.long)
+        self.valid = torch.zeros(B, T0, dtype=torch.bool)
+        for b, p in enumerate(prompts):
+            self.ids[b, T0 - len(p):] = torch.tensor(p)
+            self.valid[b, T0 - len(p):] = True
+        self.ids, self.valid = self.ids.to(device), self.valid.to(device)
+        self.key_valid = torch.zeros(B, self.total_len, dtype=torch.bool, device=device)
+        self.key_valid[:, :T0] = self.valid
+        self.prompt_positions = (self.valid.cumsum(1) - 1).clamp_min(0)  # [B, T0], padding at 0
+        self.positions = self.prompt_positions[:, -1:].clone()  # [B, 1], advanced before each step
+        self.slots = torch.arange(self.total_len, device=device)  # views of this are each step's slots
+        self.token = torch.zeros(B, 1, dtype=torch.long, device=device)
+
+
+class Session:
+    """Owns a batch's decode state; see the module docstring. `policy` None decodes dense.
+
+    `cores` are the compacted weights to (re)use: pass the same CoreWeights to every session of a
+    model so their buffers are allocated once. `observer` replaces the policy's (analyses that read
+    activations); its layers' activations are handed over during prefill.
+    """
+
+    def __init__(self, model, prompts: list[list[int]], max_new_tokens: int, pad_id: int = 0,
+                 policy: SelectionPolicy | None = None, cores: CoreWeights | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK):
+        device = model.embed_tokens.weight.device
+        self.model, self.policy, self.chunk = model, policy, prefill_chunk
+        self.batch = Batch(prompts, max_new_tokens, pad_id, device)
+        if self.batch.total_len > model.max_context:
+            raise ValueError(f"prompt ({self.batch.prompt_len} tokens) + {max_new_tokens} new tokens exceeds "
+                             f"the model's context of {model.max_context} tokens")
+        model.setup_caches(self.batch.size, self.batch.total_len)
+        self.cores = cores if cores is not None else CoreWeights()
+        self.compacted = False  # steps read self.cores only once this session has loaded them
+        self.selection: Selection | None = None
+        self.stats: CoreStats | None = None
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.steps = 0  # decode steps taken
+
+    @torch.inference_mode()
+    def prefill(self, observer=None, all_logits: bool = False) -> torch.Tensor:
+        """Dense forward over the prompt in chunks -> last-position logits [B, V] ([B, T0, V] with
+        `all_logits`); then the policy selects and the FFNs are compacted.
+
+        `observer` (dense sessions only: analyses that read activations) takes the place of the
+        policy's: it is called as observer(layer, a [B, T, F]) for the layers it contains, with
+        `observer.valid` [B, T] set to the chunk's real-token mask."""
+        b = self.batch
+        if observer is not None and self.policy is not None:
+            raise ValueError("a session with a selection policy observes for its policy only")
+        if self.policy is not None:
+            observer = Observer(self.policy.wanted())
+        run = None if observer is None else (lambda ffn, x: observe(ffn, x, observer))
+        rows = []
+        for start in range(0, b.prompt_len, self.chunk):
+            end = min(start + self.chunk, b.prompt_len)
+            if observer is not None:
+                observer.valid = b.valid[:, start:end]
+            logits = self.model(b.ids[:, start:end], b.prompt_positions[:, start:end], b.slots[start:end],
+                                b.key_valid[:, :end], ffn=run, last_only=not all_logits)
+            rows.append(logits)
+        if self.policy is not None:
+            self.refresh(lambda: self.policy.select(observer.layers))
+        return torch.cat(rows, 1) if all_logits else logits[:, -1]
+
+    @torch.inference_mode()
+    def refresh(self, selection) -> CoreStats:
+        """Compact every sparse layer to `selection` (a Selection, or a function that makes one, so its
+        time counts as selection time) and return the stats; later steps read only those rows."""
+        self.sync()
+        t0 = time.perf_counter()
+        chosen: Selection = selection() if callable(selection) else selection
+        self.sync()
+        t1 = time.perf_counter()
+        self.cores.load(self.model.ffns(), chosen.index)
+        self.compacted, self.selection = True, chosen
+        self.sync()
+        t2 = time.perf_counter()
+        self.stats = CoreStats(core_sizes={l: ix.shape[1] for l, ix in chosen.index.items()},
+                               ffn_width=self.model.ffns()[0].width, batch=self.batch.size,
+                               select_ms=(t1 - t0) * 1e3, compact_ms=(t2 - t1) * 1e3,
+                               bytes_dense=self.model.weight_bytes(), bytes_core=self.cores.step_bytes(self.model),
+                               cluster=chosen.cluster, cluster_score=chosen.cluster_score)
+        return self.stats
+
+    def run_ffn(self, ffn, x: torch.Tensor) -> torch.Tensor:
+        """Decode-time FFN: a compacted layer reads its core rows, the others run dense."""
+        core = self.cores.get(ffn.layer_id)
+        return ffn(x) if core is None else core(x)
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed tokens [B] at the next slot; returns logits [B, V]."""
+        b = self.batch
+        slot = b.prompt_len + self.steps
+        if slot >= b.total_len:
+            raise ValueError(f"the session was sized for {b.total_len - b.prompt_len} new tokens")
+        b.token[:, 0] = tokens
+        b.key_valid[:, slot] = True
+        b.positions += 1
+        logits = self.model(b.token, b.positions, b.slots[slot:slot + 1], b.key_valid[:, :slot + 1],
+                            ffn=self.run_ffn if self.compacted else None)
+        self.steps += 1
+        return logits[:, -1]
+
+    @torch.inference_mode()
+    def score(self, continuations: list[list[int]]) -> torch.Tensor:
+        """Teacher-forced logits [B, L, V] predicting each continuation token (L = longest), as
+        decoding would produce them: row 0 from the dense prefill, the rest in one forward through the
+        compacted FFNs. Continuations are right-padded, harmless since padding follows every scored token."""
+        b = self.batch
+        L = max(len(c) for c in continuations)
+        if len(continuations) != b.size or any(len(c) == 0 for c in continuations):
+            raise ValueError("give one non-empty continuation per prompt")
+        if b.prompt_len + L > b.total_len or self.steps:
+            raise ValueError("score needs a fresh session sized for the longest continuation")
+        logits = [self.prefill()[:, None]]
+        if L > 1:
+            T0, pad = b.prompt_len, b.ids.new_tensor(b.pad_id)
+            feed = torch.stack([torch.cat([b.ids.new_tensor(c[:-1]), pad.expand(L - len(c))]) for c in continuations])
+            b.key_valid[:, T0:T0 + L - 1] = True
+            positions = b.positions + torch.arange(1, L, device=feed.device)  # [B, L-1]
+            logits.append(self.model(feed, positions, b.slots[T0:T0 + L - 1], b.key_valid[:, :T0 + L - 1],
+                                     ffn=self.run_ffn if self.compacted else None))
+        return torch.cat(logits, 1)
+
+
+def observe(ffn, x: torch.Tensor, observer) -> torch.Tensor:
+    """Prefill-time FFN: dense, handing the activations [B, T, F] of observed layers to `observer`."""
+    if ffn.layer_id not in observer:
+        return ffn(x)
+    a = ffn.activations(x)
+    observer(ffn.layer_id, a)
+    return ffn.project(a)
+
+
+def stability_policy(core: CoreConfig, model) -> StabilityPolicy:
+    ffn = model.ffns()[0]
+    return StabilityPolicy(core.keep(len(model.ffns())), ffn.width, core.statistic_for(ffn.gated))
+
+
+def make_policy(core: CoreConfig | SelectionPolicy | None, model,
+                load_clusters=ClusterSet.load) -> SelectionPolicy | None:
+    """The policy a CoreConfig asks for (a policy passes through; None is dense). `load_clusters(path)`
+    reads a cluster file: callers that serve many requests pass a cached loader."""
+    if core is None or isinstance(core, SelectionPolicy):
+        return core
+    if core.mode == "similarity":
+        clusters = load_clusters(core.clusters)
+        clusters.check(model)
+        return SimilarityPolicy(clusters, core.keep(len(model.ffns())))
+    return stability_policy(core, model)

@@ -1,0 +1,49 @@
+"""`coreinfer serve`: the command. The engine side is server.py, the HTTP side app.py (imported only
+when the server starts, so the rest of the CLI works without the `serve` extra)."""
+
+import logging
+import os
+import sys
+
+from ..cli.args import add_core_args, add_runtime_args, core_config, runtime_kwargs
+from .server import API_KEY_ENV, Settings
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (completions, chat, streaming)")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--api-key", default=os.environ.get(API_KEY_ENV),
+                   help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}; unset: no auth)")
+    g.add_argument("--model-id", default=None, help="the model's name in the API (default: the checkpoint's)")
+    g.add_argument("--queue-size", type=int, default=Settings.queue_size,
+                   help="requests that may wait behind the running one; more get HTTP 503")
+    g.add_argument("--request-timeout", type=float, default=Settings.request_timeout,
+                   help="seconds a request may take, waiting included; then HTTP 504 and it is stopped")
+    g.add_argument("--max-body-bytes", type=int, default=Settings.max_body_bytes, help="larger bodies get HTTP 413")
+    g.add_argument("--default-max-tokens", type=int, default=Settings.default_max_tokens,
+                   help="max_tokens of chat requests that give none")
+    g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_runtime_args(p), add_core_args(p)
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> None:
+    import uvicorn
+
+    from ..api import LLM
+    from .app import create_app
+
+    settings = Settings(model_id=args.model_id, api_key=args.api_key, core=core_config(args),
+                        queue_size=args.queue_size, request_timeout=args.request_timeout,
+                        max_body_bytes=args.max_body_bytes, default_max_tokens=args.default_max_tokens)
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    if settings.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"coreinfer: warning: listening on {args.host} without an API key", file=sys.stderr)
+    logging.basicConfig(level=args.log_level.upper())
+    app = create_app(LLM(**runtime_kwargs(args)), settings)
+    print(f"coreinfer: serving {app.state.model_id} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    # on Ctrl-C, open streams get a few seconds; then they are cancelled, which stops their jobs
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
