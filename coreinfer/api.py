@@ -93,6 +93,7 @@ class LLM:
             quantize_model(self.model)
         self.tokenizer = Tokenizer(ckpt.tokenizer_dir, ckpt.config)
         self.cores = CoreWeights()  # compacted weights, reused by every session
+        self.caches = None  # the last session's KV caches, reused by the next one of the same shape
         self._clusters: dict[str, ClusterSet] = {}
 
     def load_clusters(self, path: str) -> ClusterSet:
@@ -105,7 +106,9 @@ class LLM:
                 core: CoreConfig | SelectionPolicy | None = None) -> Session:
         """A decode session over token ids; `core` None decodes dense."""
         policy = make_policy(core, self.model, self.load_clusters)
-        return Session(self.model, ids, max_new_tokens, self.tokenizer.pad_id, policy, self.cores)
+        session = Session(self.model, ids, max_new_tokens, self.tokenizer.pad_id, policy, self.cores, self.caches)
+        self.caches = session.caches
+        return session
 
     def encode(self, prompt: str | list[dict], chat: bool = False) -> list[int]:
         """A string (as is, or wrapped as one user turn when chat) or a list of chat messages."""

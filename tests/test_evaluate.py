@@ -155,8 +155,8 @@ def test_perplexity_and_top1_agreement(tiny):
     docs = [data.Document(t) for t in ("The history of the printing press begins in the fifteenth century.",
                                        "The capital of France is Paris. The capital of Italy is Rome.")]
     rows = runner.document_rows(tiny.tokenizer.encode, docs, 0.5, max_tokens=64)
-    grid = [None, SPARSE, CoreConfig(beta=1.0, layers="all")]
-    dense, sparse, full = evaluate.ppl_results(tiny, "docs", rows, grid, batch_size=2)
+    grid = [None, SPARSE, CoreConfig(beta=1.0, layers="all"), CoreConfig(beta=0.05, layers="all")]
+    dense, sparse, full, tiny_keep = evaluate.ppl_results(tiny, "docs", rows, grid, batch_size=2)
     lps = [continuation_logprobs(tiny.model, [p], [c], None, tiny.tokenizer.pad_id)[0] for p, c in rows]
     by_hand = math.exp(-sum(float(lp.double().sum()) for lp in lps) / sum(len(lp) for lp in lps))
     assert dense.metrics["ppl"][0] == pytest.approx(by_hand, rel=1e-5)
@@ -166,10 +166,11 @@ def test_perplexity_and_top1_agreement(tiny):
     # top-1 agreement by hand: where the sparse argmax equals the dense argmax, over all scored tokens
     prompts, conts = [p for p, _ in rows], [c for _, c in rows]
     d = runner.teacher_forced(tiny.model, prompts, conts, None, tiny.tokenizer.pad_id)
-    s = runner.teacher_forced(tiny.model, prompts, conts, SPARSE, tiny.tokenizer.pad_id)
-    agree = sum(int((x.greedy == y.greedy).sum()) for x, y in zip(d, s)) / sum(len(c) for c in conts)
-    assert sparse.metrics["top1_agree"][0] == pytest.approx(agree)
-    assert agree < 1.0  # keep 0.5 on every layer changes some predictions of this model
+    for result, core in ((sparse, SPARSE), (tiny_keep, grid[3])):
+        s = runner.teacher_forced(tiny.model, prompts, conts, core, tiny.tokenizer.pad_id)
+        agree = sum(int((x.greedy == y.greedy).sum()) for x, y in zip(d, s)) / sum(len(c) for c in conts)
+        assert result.metrics["top1_agree"][0] == pytest.approx(agree)
+    assert agree < 1.0  # keep 0.05 of every layer changes some predictions
 
 
 def test_report_pairs_deltas_and_writes_json_and_markdown(tmp_path):

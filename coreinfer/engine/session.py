@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 import torch
 
 from .clusters import ClusterSet, SimilarityPolicy
+from ..models.common import KVCache
 from .compact import CoreWeights
 from .observe import Observer
 from .policy import CoreConfig, Selection, SelectionPolicy, StabilityPolicy
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward: bounds attention scores and activations
+CACHE_BLOCK = 256  # cache lengths and decode key spans are multiples of this: few distinct shapes
 
 
 @dataclass
@@ -53,11 +55,12 @@ class CoreStats:
 class Batch:
     """A left-padded batch and the decode-time buffers it reuses every step.
 
-    ids [B, T0] prompt tokens (pad on the left), valid [B, T0] real-token mask;
-    key_valid [B, S] marks cache slots that hold real tokens, positions [B, 1] the next RoPE position.
+    ids [B, T0] prompt tokens (pad on the left), valid [B, T0] real-token mask, prompt_slots [B, T0]
+    their cache slots; key_valid [B, S] marks cache slots that hold real tokens; positions [B, 1] and
+    slot [B, 1] are the next token's RoPE position and cache slot, updated in place by each step.
     """
 
-    def __init__(self, prompts: list[list[int]], max_new_tokens: int, pad_id: int, device):
+    def __init__(self, prompts: list[list[int]], max_new_tokens: int, pad_id: int, device, cache_len: int):
         if not prompts or any(len(p) == 0 for p in prompts):
             raise ValueError("every prompt needs at least one token")
         B, T0 = len(prompts), max(len(p) for p in prompts)
@@ -68,32 +71,42 @@ class Batch:
             self.ids[b, T0 - len(p):] = torch.tensor(p)
             self.valid[b, T0 - len(p):] = True
         self.ids, self.valid = self.ids.to(device), self.valid.to(device)
-        self.key_valid = torch.zeros(B, self.total_len, dtype=torch.bool, device=device)
+        self.key_valid = torch.zeros(B, max(cache_len, self.total_len), dtype=torch.bool, device=device)
         self.key_valid[:, :T0] = self.valid
+        self.prompt_slots = torch.arange(T0, device=device).expand(B, T0)
         self.prompt_positions = (self.valid.cumsum(1) - 1).clamp_min(0)  # [B, T0], padding at 0
         self.positions = self.prompt_positions[:, -1:].clone()  # [B, 1], advanced before each step
-        self.slots = torch.arange(self.total_len, device=device)  # views of this are each step's slots
+        self.slot = torch.full((B, 1), T0 - 1, dtype=torch.long, device=device)  # advanced before each step
         self.token = torch.zeros(B, 1, dtype=torch.long, device=device)
+
+
+def cache_length(tokens: int, limit: int) -> int:
+    """Cache slots for `tokens`: rounded up to CACHE_BLOCK (at most `limit`), so requests of similar
+    length share cache shapes, and with them compiled graphs and reusable buffers."""
+    return max(tokens, min(limit, -(-tokens // CACHE_BLOCK) * CACHE_BLOCK))
 
 
 class Session:
     """Owns a batch's decode state; see the module docstring. `policy` None decodes dense.
 
-    `cores` are the compacted weights to (re)use: pass the same CoreWeights to every session of a
-    model so their buffers are allocated once. `observer` replaces the policy's (analyses that read
+    `cores` and `caches` are the compacted weights and KV caches to (re)use: pass the previous
+    session's to the next so buffers are allocated once (caches are taken when their shape fits). `observer` replaces the policy's (analyses that read
     activations); its layers' activations are handed over during prefill.
     """
 
     def __init__(self, model, prompts: list[list[int]], max_new_tokens: int, pad_id: int = 0,
                  policy: SelectionPolicy | None = None, cores: CoreWeights | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK):
+                 caches: list[KVCache] | None = None, prefill_chunk: int = PREFILL_CHUNK):
         device = model.embed_tokens.weight.device
         self.model, self.policy, self.chunk = model, policy, prefill_chunk
-        self.batch = Batch(prompts, max_new_tokens, pad_id, device)
-        if self.batch.total_len > model.max_context:
-            raise ValueError(f"prompt ({self.batch.prompt_len} tokens) + {max_new_tokens} new tokens exceeds "
+        total = max(len(p) for p in prompts) + max_new_tokens if prompts else 0
+        if total > model.max_context:
+            raise ValueError(f"prompt ({total - max_new_tokens} tokens) + {max_new_tokens} new tokens exceeds "
                              f"the model's context of {model.max_context} tokens")
-        model.setup_caches(self.batch.size, self.batch.total_len)
+        self.batch = Batch(prompts, max_new_tokens, pad_id, device, cache_length(total, model.max_context))
+        B, S = self.batch.size, self.batch.key_valid.shape[1]
+        fits = caches is not None and caches[0].k.shape[0] == B and caches[0].k.shape[2] == S
+        self.caches = caches if fits else model.new_caches(B, S)
         self.cores = cores if cores is not None else CoreWeights()
         self.compacted = False  # steps read self.cores only once this session has loaded them
         self.selection: Selection | None = None
@@ -120,8 +133,8 @@ class Session:
             end = min(start + self.chunk, b.prompt_len)
             if observer is not None:
                 observer.valid = b.valid[:, start:end]
-            logits = self.model(b.ids[:, start:end], b.prompt_positions[:, start:end], b.slots[start:end],
-                                b.key_valid[:, :end], ffn=run, last_only=not all_logits)
+            logits = self.model(b.ids[:, start:end], b.prompt_positions[:, start:end], b.prompt_slots[:, start:end],
+                                b.key_valid[:, :end], self.caches, ffn=run, last_only=not all_logits)
             rows.append(logits)
         if self.policy is not None:
             self.refresh(lambda: self.policy.select(observer.layers))
@@ -154,7 +167,8 @@ class Session:
 
     @torch.inference_mode()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed tokens [B] at the next slot; returns logits [B, V]."""
+        """Feed tokens [B] at the next slot; returns logits [B, V]. The keys span a whole number of
+        CACHE_BLOCKs, so the step's shapes change only every CACHE_BLOCK tokens."""
         b = self.batch
         slot = b.prompt_len + self.steps
         if slot >= b.total_len:
@@ -162,7 +176,9 @@ class Session:
         b.token[:, 0] = tokens
         b.key_valid[:, slot] = True
         b.positions += 1
-        logits = self.model(b.token, b.positions, b.slots[slot:slot + 1], b.key_valid[:, :slot + 1],
+        b.slot += 1
+        span = min(b.key_valid.shape[1], (slot // CACHE_BLOCK + 1) * CACHE_BLOCK)
+        logits = self.model(b.token, b.positions, b.slot, b.key_valid[:, :span], self.caches,
                             ffn=self.run_ffn if self.compacted else None)
         self.steps += 1
         return logits[:, -1]
@@ -183,8 +199,9 @@ class Session:
             T0, pad = b.prompt_len, b.ids.new_tensor(b.pad_id)
             feed = torch.stack([torch.cat([b.ids.new_tensor(c[:-1]), pad.expand(L - len(c))]) for c in continuations])
             b.key_valid[:, T0:T0 + L - 1] = True
-            positions = b.positions + torch.arange(1, L, device=feed.device)  # [B, L-1]
-            logits.append(self.model(feed, positions, b.slots[T0:T0 + L - 1], b.key_valid[:, :T0 + L - 1],
+            steps = torch.arange(1, L, device=feed.device)
+            positions, slots = b.positions + steps, b.slot + steps  # [B, L-1]
+            logits.append(self.model(feed, positions, slots, b.key_valid[:, :T0 + L - 1], self.caches,
                                      ffn=self.run_ffn if self.compacted else None))
         return torch.cat(logits, 1)
 

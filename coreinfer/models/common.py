@@ -3,8 +3,11 @@
 Shapes: B batch, T new tokens, S cache slots, H query heads, Hkv key/value heads, hd head dim,
 d model width, F FFN width.
 
-Batches are left-padded: every sequence writes the same cache slots, so one slot index list `slots`
-[T] serves the whole batch, while RoPE positions [B, T] differ per sequence (they skip the padding).
+Caches belong to the caller (the engine's Session), not the model: a forward takes one KVCache per
+layer. Every new token has its own cache slot per sequence, `slots` [B, T]: a left-padded batch
+writes the same slots in every row, while rows of a continuously batched decode may be at different
+slots. RoPE positions [B, T] skip the padding. A decode step's shapes never change from one step to
+the next (the key mask is a view of a preallocated [B, S] buffer), which is what compilation needs.
 """
 
 import math
@@ -83,7 +86,7 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> tuple[to
 
 
 class Rotary(nn.Module):
-    """cos/sin tables [S, hd], built for the cache length by `setup_caches`, looked up by position."""
+    """cos/sin tables [S, hd], built for the cache length by `new_caches`, looked up by position."""
 
     def __init__(self, head_dim: int, theta: float, scaling: dict | None = None):
         super().__init__()
@@ -108,36 +111,39 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
-class KVCache(nn.Module):
+class KVCache:
     """Preallocated keys and values [B, Hkv, S, hd]; a forward writes its T slots in place."""
 
     def __init__(self, batch: int, kv_heads: int, max_len: int, head_dim: int, dtype, device):
-        super().__init__()
         shape = (batch, kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
-        """Write k, v [B, Hkv, T, hd] at `slots` [T]; return the first `kv_len` slots (views, no copy)."""
-        self.k.index_copy_(2, slots, k)
-        self.v.index_copy_(2, slots, v)
+        """Write k, v [B, Hkv, T, hd] at `slots` [B, T]; return the first `kv_len` slots (views, no copy)."""
+        index = slots[:, None, :, None].expand_as(k)  # [B, Hkv, T, hd]
+        self.k.scatter_(2, index, k)
+        self.v.scatter_(2, index, v)
         return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
 
 
 def attention_mask(slots: torch.Tensor, key_valid: torch.Tensor, window: int | None) -> torch.Tensor:
     """Boolean mask [B, 1, T, S'] of the keys each new token may see.
 
-    slots [T]: cache slots of the new tokens; key_valid [B, S']: slots that hold real tokens (not padding).
+    slots [B, T]: cache slots of the new tokens; key_valid [B, S']: slots that hold real tokens (not padding).
     A token always sees itself so that padding rows never softmax over nothing (NaN would leak into V).
     Slot distance equals position distance within a sequence, so the sliding window is checked on slots.
     """
     k_slots = torch.arange(key_valid.shape[1], device=slots.device)
-    dist = slots[:, None] - k_slots[None, :]  # [T, S']
+    dist = slots[:, :, None] - k_slots  # [B, T, S']
     visible = dist >= 0
     if window is not None:
         visible &= dist < window
-    mask = visible[None] & key_valid[:, None, :]  # [B, T, S']
-    mask |= dist[None] == 0
+    mask = (visible & key_valid[:, None, :]) | (dist == 0)  # [B, T, S']
     return mask[:, None]
 
 
@@ -235,9 +241,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(heads * head_dim, dim, bias=out_bias)
         self.q_norm = RMSNorm(head_dim, qk_norm_eps, offset=1.0) if qk_norm_eps else None
         self.k_norm = RMSNorm(head_dim, qk_norm_eps, offset=1.0) if qk_norm_eps else None
-        self.cache: KVCache | None = None
 
-    def forward(self, x, rope, slots, mask) -> torch.Tensor:
+    def forward(self, x, rope, slots, mask, cache: KVCache) -> torch.Tensor:
         B, T, _ = x.shape
         H, Hkv = self.heads, self.kv_heads
         qkv = self.qkv_proj(x).view(B, T, H + 2 * Hkv, self.head_dim)
@@ -247,7 +252,7 @@ class Attention(nn.Module):
         if rope is not None:
             qk = apply_rotary(qk, *rope)
         q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, hd]
-        k, v = self.cache.update(slots, k, v, kv_len=mask.shape[-1])  # [B, Hkv, S', hd]
+        k, v = cache.update(slots, k, v, kv_len=mask.shape[-1])  # [B, Hkv, S', hd]
         return self.o_proj(attend(q, k, v, mask, self.scale))
 
 
@@ -272,23 +277,19 @@ def feed_forward(ffn: FFN, h: torch.Tensor, run) -> torch.Tensor:
 class CausalLM(nn.Module):
     """What every family shares: `layers` of blocks, each with an FFN `.mlp` and attention `.self_attn`.
 
-    forward(tokens, positions, slots, key_valid, ffn=None, last_only=False): `ffn` is how the FFNs run
+    forward(tokens, positions, slots, key_valid, caches, ffn=None, last_only=False): tokens, positions
+    and slots [B, T], key_valid [B, S'], one KVCache per layer (`new_caches`); `ffn` is how the FFNs run
     (None: dense; see `feed_forward`); `last_only` computes logits for the last position only, which
     is all a prefill needs ([B, 1, V] instead of [B, T, V]: 400 MB for 2k tokens of a 49k vocabulary).
     """
 
-    def setup_caches(self, batch: int, max_len: int) -> None:
-        """Allocate the KV caches (and RoPE tables) once; reused while a request fits in them."""
+    def new_caches(self, batch: int, max_len: int) -> list[KVCache]:
+        """One KV cache per layer for `batch` sequences of up to `max_len` tokens (and RoPE tables that long)."""
         ref = self.embed_tokens.weight  # FFN weights may be int8; the cache takes the compute dtype
         for rotary in self.rotaries():
             rotary.ensure(max_len, ref.device)
-        attn0 = self.layers[0].self_attn
-        if attn0.cache is not None and attn0.cache.k.shape[0] == batch and attn0.cache.k.shape[2] >= max_len:
-            return
-        for layer in self.layers:
-            a = layer.self_attn
-            a.cache = None  # free the old cache before allocating the new one
-            a.cache = KVCache(batch, a.kv_heads, max_len, a.head_dim, ref.dtype, ref.device)
+        return [KVCache(batch, layer.self_attn.kv_heads, max_len, layer.self_attn.head_dim, ref.dtype, ref.device)
+                for layer in self.layers]
 
     def rotaries(self) -> list[Rotary]:
         return [m for m in self.children() if isinstance(m, Rotary)]
@@ -302,8 +303,8 @@ class CausalLM(nn.Module):
         return self.config.max_position_embeddings
 
     def weight_bytes(self) -> int:
-        """Weight bytes one dense decode step reads: every parameter and persistent buffer (the KV caches
-        are not persistent), less the embedding table when untied (a lookup reads one row)."""
+        """Weight bytes one dense decode step reads: every parameter and persistent buffer, less the
+        embedding table when untied (a lookup reads one row)."""
         seen, total = set(), 0
         for t in self.state_dict().values():
             if t.data_ptr() not in seen:

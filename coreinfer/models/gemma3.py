@@ -106,8 +106,8 @@ class Block(nn.Module):
         self.mlp = FFN(layer_id, d, c.intermediate_size, c.hidden_activation, gated=True, bias=False)
         self.post_feedforward_layernorm = RMSNorm(d, c.rms_norm_eps, offset=1.0)
 
-    def forward(self, x, rope, slots, mask, ffn):
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, slots, mask))
+    def forward(self, x, rope, slots, mask, ffn, cache):
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), rope, slots, mask, cache))
         h = feed_forward(self.mlp, self.pre_feedforward_layernorm(x), ffn)
         return x + self.post_feedforward_layernorm(h)
 
@@ -123,8 +123,8 @@ class Model(CausalLM):
         self.rotary_local = Rotary(c.head_dim, c.rope_local_base_freq)
         self.rotary_global = Rotary(c.head_dim, c.rope_theta, c.rope_scaling)
 
-    def forward(self, tokens, positions, slots, key_valid, ffn=None, last_only=False) -> torch.Tensor:
-        """tokens/positions [B, T], slots [T], key_valid [B, S'] -> logits [B, T, V] ([B, 1, V] if last_only)."""
+    def forward(self, tokens, positions, slots, key_valid, caches, ffn=None, last_only=False) -> torch.Tensor:
+        """tokens/positions/slots [B, T], key_valid [B, S'] -> logits [B, T, V] ([B, 1, V] if last_only)."""
         c = self.config
         x = self.embed_tokens(tokens)  # [B, T, d]
         # HF rounds sqrt(d) to the compute dtype before scaling (e.g. 33.94 -> 34.0 in bf16)
@@ -133,9 +133,9 @@ class Model(CausalLM):
             SLIDING: (self.rotary_local(positions, x.dtype), attention_mask(slots, key_valid, c.sliding_window)),
             FULL: (self.rotary_global(positions, x.dtype), attention_mask(slots, key_valid, None)),
         }
-        for layer, kind in zip(self.layers, c.layer_types):
+        for layer, kind, cache in zip(self.layers, c.layer_types, caches):
             rope, mask = by_type[kind]
-            x = layer(x, rope, slots, mask, ffn)
+            x = layer(x, rope, slots, mask, ffn, cache)
         if last_only:
             x = x[:, -1:]  # [B, 1, d]
         logits = self.lm_head(self.norm(x))

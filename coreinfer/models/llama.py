@@ -84,8 +84,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = FFN(layer_id, c.hidden_size, c.intermediate_size, c.hidden_act, gated=True, bias=c.mlp_bias)
 
-    def forward(self, x, rope, slots, mask, ffn):
-        x = x + self.self_attn(self.input_layernorm(x), rope, slots, mask)
+    def forward(self, x, rope, slots, mask, ffn, cache):
+        x = x + self.self_attn(self.input_layernorm(x), rope, slots, mask, cache)
         return x + feed_forward(self.mlp, self.post_attention_layernorm(x), ffn)
 
 
@@ -99,13 +99,13 @@ class Model(CausalLM):
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.rotary = Rotary(c.head_dim, c.rope_theta, c.rope_scaling)
 
-    def forward(self, tokens, positions, slots, key_valid, ffn=None, last_only=False) -> torch.Tensor:
-        """tokens/positions [B, T], slots [T], key_valid [B, S'] -> logits [B, T, V] ([B, 1, V] if last_only)."""
+    def forward(self, tokens, positions, slots, key_valid, caches, ffn=None, last_only=False) -> torch.Tensor:
+        """tokens/positions/slots [B, T], key_valid [B, S'] -> logits [B, T, V] ([B, 1, V] if last_only)."""
         x = self.embed_tokens(tokens)  # [B, T, d]
         mask = attention_mask(slots, key_valid, self.config.sliding_window)
         rope = self.rotary(positions, x.dtype)
-        for layer in self.layers:
-            x = layer(x, rope, slots, mask, ffn)
+        for layer, cache in zip(self.layers, caches):
+            x = layer(x, rope, slots, mask, ffn, cache)
         if last_only:
             x = x[:, -1:]  # [B, 1, d]
         return self.lm_head(self.norm(x))

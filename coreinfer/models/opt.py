@@ -61,12 +61,12 @@ class Block(nn.Module):
         self.final_layer_norm = nn.LayerNorm(d, elementwise_affine=c.layer_norm_elementwise_affine)
         self.mlp = FFN(layer_id, d, c.ffn_dim, c.activation_function, gated=False, bias=c.enable_bias)
 
-    def forward(self, x, slots, mask, ffn):
+    def forward(self, x, slots, mask, ffn, cache):
         if self.pre_ln:
-            x = x + self.self_attn(self.self_attn_layer_norm(x), None, slots, mask)
+            x = x + self.self_attn(self.self_attn_layer_norm(x), None, slots, mask, cache)
             return x + feed_forward(self.mlp, self.final_layer_norm(x), ffn)
         # post-LN (opt-350m): each residual sum is normalized, the sublayers see it raw
-        x = self.self_attn_layer_norm(x + self.self_attn(x, None, slots, mask))
+        x = self.self_attn_layer_norm(x + self.self_attn(x, None, slots, mask, cache))
         return self.final_layer_norm(x + feed_forward(self.mlp, x, ffn))
 
 
@@ -86,15 +86,15 @@ class Model(CausalLM):
         self.project_out = nn.Linear(d, e, bias=False) if e != d else None
         self.lm_head = nn.Linear(e, c.vocab_size, bias=False)
 
-    def forward(self, tokens, positions, slots, key_valid, ffn=None, last_only=False) -> torch.Tensor:
-        """tokens/positions [B, T], slots [T], key_valid [B, S'] -> logits [B, T, V] ([B, 1, V] if last_only)."""
+    def forward(self, tokens, positions, slots, key_valid, caches, ffn=None, last_only=False) -> torch.Tensor:
+        """tokens/positions/slots [B, T], key_valid [B, S'] -> logits [B, T, V] ([B, 1, V] if last_only)."""
         x = self.embed_tokens(tokens)  # [B, T, e]
         if self.project_in is not None:
             x = self.project_in(x)  # [B, T, d]
         x = x + self.embed_positions(positions + POSITION_OFFSET)
         mask = attention_mask(slots, key_valid, None)
-        for layer in self.layers:
-            x = layer(x, slots, mask, ffn)
+        for layer, cache in zip(self.layers, caches):
+            x = layer(x, slots, mask, ffn, cache)
         if last_only:
             x = x[:, -1:]  # [B, 1, d]
         if self.final_layer_norm is not None:
