@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .clusters import ClusterSet, SimilarityPolicy
 from ..models.common import KVCache
+from .clusters import ClusterSet, SimilarityPolicy
 from .compact import CoreWeights
 from .observe import Observer
 from .policy import CoreConfig, Selection, SelectionPolicy, StabilityPolicy
