@@ -56,7 +56,7 @@ class Completion:
     prompt_tokens: int
     prefill_s: float = 0.0
     decode_s: float = 0.0
-    core: CoreStats | None = None
+    stats: CoreStats | None = None  # what the core selection did (None when dense)
 
     @property
     def completion_tokens(self) -> int:
@@ -147,7 +147,7 @@ class LLM:
         for b, s in enumerate(streams):
             tail = s.finish()
             done = Completion(s.text, s.ids, finished[b] or "length", len(ids[b]), prefill_s=t_first - t0,
-                              decode_s=t_end - t_first, core=session.stats)
+                              decode_s=t_end - t_first, stats=session.stats)
             yield StreamEvent(b, tail, done)
 
     def generate(self, prompts, gen: GenerationConfig | None = None, core: CoreConfig | SelectionPolicy | None = None,

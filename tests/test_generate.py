@@ -53,7 +53,7 @@ def test_batch_equals_each_prompt_alone(smol):
 
 def test_core_decoding_reports_stats(smol):
     [out] = smol.generate(PROMPTS[0], GenerationConfig(max_new_tokens=4), CoreConfig(beta=0.5))
-    stats = out.core
+    stats = out.stats
     assert set(stats.core_sizes) == set(range(3, 28)) and set(stats.core_sizes.values()) == {768}
     assert 0.5 < stats.bytes_core / stats.bytes_dense < 0.9
     assert stats.select_ms > 0 and stats.compact_ms > 0

@@ -182,7 +182,7 @@ def answers(llm, items, core: CoreConfig | None, batch_size: int, max_new_tokens
         gen = GenerationConfig(max_new_tokens=max_new_tokens, stop=chunk[0].stop)
         done = llm.generate([it.prompt for it in chunk], gen, core)
         texts += [d.text for d in done]
-        stats = done[0].core
+        stats = done[0].stats
         clusters += list(zip(stats.cluster, stats.cluster_score)) if stats and stats.cluster else [None] * len(chunk)
     return texts, clusters
 

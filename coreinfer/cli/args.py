@@ -107,9 +107,9 @@ def report_speed(c) -> None:
     """One stderr line: prompt and decode speed, and what the core set saved (a Completion in)."""
     line = f"prompt {c.prompt_tokens} tok at {c.prefill_tok_s:.1f} tok/s, decode {c.completion_tokens} tok at " \
            f"{c.decode_tok_s:.1f} tok/s"
-    if c.core is not None:
-        line += f", core {c.core.bytes_core / c.core.bytes_dense:.0%} of weight bytes per token " \
-                f"(select {c.core.select_ms:.1f} ms, compact {c.core.compact_ms:.1f} ms)"
-        if c.core.cluster is not None:
-            line += f", cluster {c.core.cluster[0]} (overlap {c.core.cluster_score[0]:.2f})"
+    if c.stats is not None:
+        line += f", core {c.stats.share:.0%} of weight bytes per token " \
+                f"(select {c.stats.select_ms:.1f} ms, compact {c.stats.compact_ms:.1f} ms)"
+        if c.stats.cluster is not None:
+            line += f", cluster {c.stats.cluster[0]} (overlap {c.stats.cluster_score[0]:.2f})"
     print(line, file=sys.stderr)

@@ -234,10 +234,10 @@ def core_info(job: Job, completion) -> dict:
     info = {"dense": job.core is None}
     if job.core is not None:
         info.update({k: getattr(job.core, k) for k in CORE_FIELDS})
-    stats = completion.core
+    stats = completion.stats
     if stats is not None:
         info.update(core_sizes={str(k): v for k, v in stats.core_sizes.items()}, ffn_width=stats.ffn_width,
-                    weight_bytes_fraction=round(stats.bytes_core / stats.bytes_dense, 4),
+                    weight_bytes_fraction=round(stats.share, 4),
                     select_ms=round(stats.select_ms, 2), compact_ms=round(stats.compact_ms, 2))
         if stats.cluster is not None:  # similarity mode
             info.update(cluster=stats.cluster[0], cluster_score=round(stats.cluster_score[0], 4))
