@@ -8,7 +8,7 @@ modes:      stability- vs similarity-guided decoding on short zero-shot question
 
 Overlap is the paper's |S1 ∩ S2| / |S|. Two random sets of the same size overlap `beta` on average,
 so every number here is read against that chance level and against an unrelated-text baseline.
-Results are plain dicts of lists (JSON-ready); plotting lives in analysis_cli.
+Results are plain dicts of lists (JSON-ready); plotting lives in analysis/cli.py.
 """
 
 from dataclasses import replace

@@ -1,6 +1,6 @@
 """Convert a GGUF file (llama.cpp's format) into a Hugging Face style folder.
 
-The output is what `coreinfer.loading` caches: `config.json` (an HF config dict), `model.safetensors`
+The output is what `coreinfer.io.loading` caches: `config.json` (an HF config dict), `model.safetensors`
 (fp32, dequantized, HF parameter names) and the tokenizer files. Supported GGUF architectures are
 `llama`, `qwen2` and `gemma3`.
 
