@@ -9,6 +9,7 @@
 Batches are left-padded (see models/common.py). Nothing here knows about text or sampling.
 """
 
+import copy
 import time
 from dataclasses import dataclass, field
 
@@ -79,6 +80,14 @@ class Batch:
         self.slot = torch.full((B, 1), T0 - 1, dtype=torch.long, device=device)  # advanced before each step
         self.token = torch.zeros(B, 1, dtype=torch.long, device=device)
 
+    def rows(self, index: torch.Tensor) -> "Batch":
+        """A batch whose sequence i is a copy of sequence index[i] of this one (index [B'])."""
+        out = copy.copy(self)
+        out.size = index.shape[0]
+        for name in ("ids", "valid", "key_valid", "prompt_slots", "prompt_positions", "positions", "slot", "token"):
+            setattr(out, name, getattr(self, name).index_select(0, index))
+        return out
+
 
 def cache_length(tokens: int, limit: int) -> int:
     """Cache slots for `tokens`: rounded up to CACHE_BLOCK (at most `limit`), so requests of similar
@@ -113,6 +122,7 @@ class Session:
         self.stats: CoreStats | None = None
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         self.steps = 0  # decode steps taken
+        self.last_logits: torch.Tensor | None = None  # [B, V] of the last prompt position, once prefilled
 
     @torch.inference_mode()
     def prefill(self, observer=None, all_logits: bool = False) -> torch.Tensor:
@@ -136,9 +146,34 @@ class Session:
             logits = self.model(b.ids[:, start:end], b.prompt_positions[:, start:end], b.prompt_slots[:, start:end],
                                 b.key_valid[:, :end], self.caches, ffn=run, last_only=not all_logits)
             rows.append(logits)
+        self.last_logits = logits[:, -1]
         if self.policy is not None:
             self.refresh(lambda: self.policy.select(observer.layers))
-        return torch.cat(rows, 1) if all_logits else logits[:, -1]
+        return torch.cat(rows, 1) if all_logits else self.last_logits
+
+    @torch.inference_mode()
+    def fork(self, rows: list[int]) -> "Session":
+        """A prefilled session whose sequence i continues a copy of this one's sequence rows[i]: its
+        cache, its last logits and its core set. Prefill a shared context once, fork it once per
+        continuation (multiple choice); the copies step and score exactly as separate prefills would."""
+        if self.last_logits is None or self.steps:
+            raise ValueError("fork a session after its prefill and before any decode step")
+        index = torch.tensor(rows, dtype=torch.long, device=self.last_logits.device)
+        out = copy.copy(self)
+        out.batch = self.batch.rows(index)
+        out.caches = self.model.new_caches(len(rows), self.batch.key_valid.shape[1])
+        for mine, theirs in zip(self.caches, out.caches):
+            torch.index_select(mine.k, 0, index, out=theirs.k)
+            torch.index_select(mine.v, 0, index, out=theirs.v)
+        out.last_logits = self.last_logits.index_select(0, index)
+        out.cores = CoreWeights()
+        if self.compacted:
+            s = self.selection
+            picked = Selection({layer: ids.index_select(0, index) for layer, ids in s.index.items()},
+                               s.cluster and [s.cluster[i] for i in rows],
+                               s.cluster_score and [s.cluster_score[i] for i in rows])
+            out.refresh(picked)
+        return out
 
     @torch.inference_mode()
     def refresh(self, selection) -> CoreStats:
@@ -193,8 +228,8 @@ class Session:
         if len(continuations) != b.size or any(len(c) == 0 for c in continuations):
             raise ValueError("give one non-empty continuation per prompt")
         if b.prompt_len + L > b.total_len or self.steps:
-            raise ValueError("score needs a fresh session sized for the longest continuation")
-        logits = [self.prefill()[:, None]]
+            raise ValueError("score needs a fresh (or freshly prefilled) session sized for the longest continuation")
+        logits = [(self.last_logits if self.last_logits is not None else self.prefill())[:, None]]
         if L > 1:
             T0, pad = b.prompt_len, b.ids.new_tensor(b.pad_id)
             feed = torch.stack([torch.cat([b.ids.new_tensor(c[:-1]), pad.expand(L - len(c))]) for c in continuations])
