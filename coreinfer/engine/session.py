@@ -137,7 +137,7 @@ class Session:
             raise ValueError("a session with a selection policy observes for its policy only")
         if self.policy is not None:
             observer = Observer(self.policy.wanted())
-        run = None if observer is None else (lambda ffn, x: observe(ffn, x, observer))
+        run = self.prefill_runner(observer)
         rows = []
         for start in range(0, b.prompt_len, self.chunk):
             end = min(start + self.chunk, b.prompt_len)
@@ -148,8 +148,16 @@ class Session:
             rows.append(logits)
         self.last_logits = logits[:, -1]
         if self.policy is not None:
-            self.refresh(lambda: self.policy.select(observer.layers))
+            self.prefilled(observer)
         return torch.cat(rows, 1) if all_logits else self.last_logits
+
+    def prefill_runner(self, observer):
+        """How FFNs run during prefill: dense, handing observed layers' activations to `observer`."""
+        return None if observer is None else (lambda ffn, x: observe(ffn, x, observer))
+
+    def prefilled(self, observer: Observer) -> None:
+        """After the prefill: the policy selects from the running statistics; the FFNs are compacted."""
+        self.refresh(lambda: self.policy.select(observer.layers))
 
     @torch.inference_mode()
     def fork(self, rows: list[int]) -> "Session":
