@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import AsyncIterator, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
@@ -24,6 +24,7 @@ from .server import Job, RequestError, Settings, Worker, core_info, log, make_jo
 
 POLL_S = 0.25  # how often a waiting request checks whether its client is still there
 UNSUPPORTED = ("echo", "logprobs", "top_logprobs", "suffix", "tools", "functions")
+CHAT_PAGE = Path(__file__).parent / "static" / "index.html"  # the chat page at /: one file, no CDN
 
 
 class Strict(BaseModel):
@@ -252,6 +253,7 @@ def create_app(llm, settings: Settings | None = None) -> FastAPI:
     names = {model_id, "coreinfer"}
     worker = Worker(llm, settings.queue_size)
     key = settings.api_key.encode() if settings.api_key else None
+    page = CHAT_PAGE.read_text(encoding="utf-8")  # read now: a missing page fails the start, not a visit
 
     @asynccontextmanager
     async def lifespan(_):
@@ -310,6 +312,10 @@ def create_app(llm, settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="coreinfer", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.include_router(v1)
+
+    @app.get("/")
+    def chat_page() -> HTMLResponse:  # no key needed: the page holds no data, and its requests send the key
+        return HTMLResponse(page)
 
     @app.get("/health")
     def health() -> JSONResponse:
