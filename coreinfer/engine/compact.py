@@ -17,6 +17,8 @@ class CompactFFN:
     serving many prompts allocates nothing after warm-up; `clear` frees them.
     """
 
+    plan = None  # how the layer decodes: None for this plain module (see CoreWeights.load)
+
     def __init__(self):
         self.act = self.down_bias = self.down_scale = None
         self.weights: dict[str, torch.Tensor] = {}
@@ -94,12 +96,20 @@ class CoreWeights:
     def __init__(self):
         self.layers: dict[int, CompactFFN] = {}
 
-    def load(self, ffns: list, index: dict[int, torch.Tensor]) -> None:
-        """Compact ffns[l] to index[l] [B, k] for each l in `index`; free every other layer's."""
+    def load(self, ffns: list, index: dict[int, torch.Tensor], plans: dict | None = None) -> None:
+        """Compact ffns[l] to index[l] [B, k] for each l in `index`; free every other layer's. `plans`
+        maps a layer to how it decodes (an object with `build()` -> a CompactFFN subclass, such as
+        adaptive.Plan); other layers get a plain CompactFFN."""
+        plans = plans or {}
         for layer in set(self.layers) - set(index):
             self.layers.pop(layer).clear()
         for layer, ids in index.items():
-            self.layers.setdefault(layer, CompactFFN()).load(ffns[layer], ids)
+            plan, core = plans.get(layer), self.layers.get(layer)
+            if core is None or core.plan != plan:
+                if core is not None:
+                    core.clear()
+                core = self.layers[layer] = CompactFFN() if plan is None else plan.build()
+            core.load(ffns[layer], ids)
 
     def clear(self) -> None:
         for core in self.layers.values():

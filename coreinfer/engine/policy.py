@@ -115,6 +115,7 @@ class Selection:
     index: dict[int, torch.Tensor]
     cluster: list[int] | None = None
     cluster_score: list[float] | None = None
+    plans: dict = field(default_factory=dict)  # layer -> how it decodes (adaptive.Plan); absent: CompactFFN
 
 
 class SelectionPolicy:
@@ -126,6 +127,14 @@ class SelectionPolicy:
 
     def select(self, stats: dict[int, RunningStats]) -> Selection:
         raise NotImplementedError
+
+    def check(self, step: int) -> bool:
+        """Whether decode step `step` (from 0) runs dense, observing the wanted layers, to check drift."""
+        return False
+
+    def revise(self, stats: dict[int, RunningStats], current: Selection) -> Selection | None:
+        """After a checked step: a new selection to recompact to, or None to keep the current one."""
+        return None
 
 
 @dataclass

@@ -123,6 +123,9 @@ class Session:
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         self.steps = 0  # decode steps taken
         self.last_logits: torch.Tensor | None = None  # [B, V] of the last prompt position, once prefilled
+        self.checks = self.refreshes = 0  # dense drift-check steps taken, and the recompactions they caused
+        self.decode_bytes = 0  # weight bytes all decode steps read (dense check steps at the dense cost)
+        self.dense_bytes = model.weight_bytes()  # of one dense decode step
 
     @torch.inference_mode()
     def prefill(self, observer=None, all_logits: bool = False) -> torch.Tensor:
@@ -179,7 +182,7 @@ class Session:
             s = self.selection
             picked = Selection({layer: ids.index_select(0, index) for layer, ids in s.index.items()},
                                s.cluster and [s.cluster[i] for i in rows],
-                               s.cluster_score and [s.cluster_score[i] for i in rows])
+                               s.cluster_score and [s.cluster_score[i] for i in rows], dict(s.plans))
             out.refresh(picked)
         return out
 
@@ -192,7 +195,7 @@ class Session:
         chosen: Selection = selection() if callable(selection) else selection
         self.sync()
         t1 = time.perf_counter()
-        self.cores.load(self.model.ffns(), chosen.index)
+        self.cores.load(self.model.ffns(), chosen.index, chosen.plans)
         self.compacted, self.selection = True, chosen
         self.sync()
         t2 = time.perf_counter()
@@ -221,9 +224,22 @@ class Session:
         b.positions += 1
         b.slot += 1
         span = min(b.key_valid.shape[1], (slot // CACHE_BLOCK + 1) * CACHE_BLOCK)
-        logits = self.model(b.token, b.positions, b.slot, b.key_valid[:, :span], self.caches,
-                            ffn=self.run_ffn if self.compacted else None)
+        check = self.compacted and self.policy.check(self.steps)
+        if check:  # a dense step whose activations tell the policy whether the core sets still fit
+            observer = Observer(self.policy.wanted())
+            observer.valid = b.token.new_ones(b.size, 1, dtype=torch.bool)
+            run = lambda ffn, x: observe(ffn, x, observer)  # noqa: E731
+        else:
+            run = self.run_ffn if self.compacted else None
+        logits = self.model(b.token, b.positions, b.slot, b.key_valid[:, :span], self.caches, ffn=run)
         self.steps += 1
+        self.decode_bytes += self.stats.bytes_core if self.compacted and not check else self.dense_bytes
+        if check:
+            self.checks += 1
+            revised = self.policy.revise(observer.layers, self.selection)
+            if revised is not None:
+                self.refresh(revised)
+                self.refreshes += 1
         return logits[:, -1]
 
     @torch.inference_mode()

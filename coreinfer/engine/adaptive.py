@@ -1,0 +1,228 @@
+"""Adaptive core neurons: per-token sparsity inside the prompt's core set, and drift checks.
+
+A prompt-fixed core set cannot reach dense quality on free continuation (docs/quality.md): the
+neurons a continuation needs are not all the prompt's. Per-token top-k by |a| is nearly free, but
+needs `a`, so it must read gate and up. These policies combine the two, each a wrapper around any
+base `SelectionPolicy` (stability, similarity):
+
+- `Plan(down_rows, input_keep)` tells the session how a compacted layer runs each decoded token
+  (`AdaptiveFFN`): `a` over the core set's (the *superset's*) gate/up rows, then the down projection
+  over only the `down_rows` rows with the largest WINA score |a_i| * ||down_i||; optionally gate/up
+  read only the `input_keep` share of the input's entries with the largest |x_j| * ||W[:, j]||
+  (TEAL/WINA input sparsity: a column of W per skipped entry of x is never read).
+- `AdaptivePolicy(base, plan)` adds a plan to every layer the base selects.
+- `DriftPolicy(base, period, threshold)`: every `period` decode steps one step runs dense and
+  measures how much of that token's statistic the core set covers; below `threshold` the set is
+  re-chosen from a running blend of the prompt's and the recent tokens' statistic and recompacted,
+  with no re-prefill.
+
+`AdaptiveFFN.reference` is the oracle (masked dense math over the gathered rows); the decode path
+reads only the chosen rows (index_select, then a small matmul). Bytes are counted as read: the
+superset's gate/up (or their kept columns) and only the chosen down rows.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from .compact import CompactFFN
+from .observe import RunningStats, Statistic
+from .policy import Selection, SelectionPolicy
+from .selection import keep_count, rank_neurons
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a compacted layer decodes: down rows per token (None: all of the core set), and the share
+    of the input's entries gate/up read (1.0: all)."""
+
+    down_rows: int | None = None
+    input_keep: float = 1.0
+
+    def __post_init__(self):
+        if self.down_rows is not None and self.down_rows < 1:
+            raise ValueError(f"down rows per token must be >= 1, got {self.down_rows}")
+        if not 0 < self.input_keep <= 1:
+            raise ValueError(f"input keep must be in (0, 1], got {self.input_keep}")
+
+    def build(self) -> "AdaptiveFFN":
+        return AdaptiveFFN(self)
+
+
+def top_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask [..., n] of the k largest scores of each row."""
+    if k >= score.shape[-1]:
+        return torch.ones_like(score, dtype=torch.bool)
+    return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, score.topk(k, dim=-1).indices, True)
+
+
+class AdaptiveFFN(CompactFFN):
+    """A compacted layer (the superset's rows, per sequence) that picks rows per token; see `Plan`."""
+
+    def __init__(self, plan: Plan):
+        super().__init__()
+        self.plan = plan
+        self.down_norm = self.in_norm = None
+
+    @torch.inference_mode()
+    def load(self, ffn, index: torch.Tensor) -> None:
+        if ffn.quantized:
+            raise NotImplementedError("per-token refinement runs on float weights; use --weights dense")
+        super().load(ffn, index)
+        w = self.weights
+        self.down_norm = w["down"].norm(dim=-1)  # [B, k]: ||down row i||, the WINA weight of a_i
+        inputs = [w["up"]] + ([w["gate"]] if "gate" in w else [])
+        self.in_norm = torch.stack([t.norm(dim=1) for t in inputs]).norm(dim=0)  # [B, d]: ||W[:, j]|| over gate/up
+        if self.plan.input_keep < 1:
+            # columns of gate/up as rows, so that skipping an input entry skips a contiguous row
+            w["up_t"] = w.pop("up").transpose(1, 2).contiguous()  # [B, d, k]
+            if "gate" in w:
+                w["gate_t"] = w.pop("gate").transpose(1, 2).contiguous()
+
+    def sizes(self) -> tuple[int, int]:
+        """(input entries read, down rows read) per token."""
+        w = self.weights
+        d, k = w["down"].shape[2], w["down"].shape[1]
+        return keep_count(self.plan.input_keep, d), min(k, self.plan.down_rows or k)
+
+    def nbytes(self) -> int:
+        """Bytes one decode step reads for this layer, all sequences: kept columns of gate/up, chosen down rows."""
+        d_in, m = self.sizes()
+        w, total = self.weights, 0
+        for name, t in w.items():
+            if name in ("up_t", "gate_t"):
+                total += t.nbytes * d_in // t.shape[1]
+            elif name == "down":
+                total += t.nbytes * m // t.shape[1]
+            else:
+                total += t.nbytes
+        return total
+
+    def _inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, T, d] with its small entries zeroed (all kept when input_keep is 1)."""
+        d_in, _ = self.sizes()
+        if d_in == x.shape[-1]:
+            return x
+        return x * top_mask(x.abs() * self.in_norm[:, None, :], d_in)
+
+    def _gate_up(self, x: torch.Tensor) -> torch.Tensor:
+        """a [B, T, k] over the superset, from x [B, T, d] (already masked)."""
+        w = self.weights
+        up = torch.bmm(x, w["up_t"]) if "up_t" in w else torch.bmm(x, w["up"].transpose(1, 2))
+        if "up_bias" in w:
+            up = up + w["up_bias"][:, None, :]
+        if "gate_t" in w or "gate" in w:
+            gate = torch.bmm(x, w["gate_t"]) if "gate_t" in w else torch.bmm(x, w["gate"].transpose(1, 2))
+            return self.act(gate) * up
+        return self.act(up)
+
+    def reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The oracle: x [B, T, d] -> [B, T, d] with masks over every gathered row (reads them all)."""
+        _, m = self.sizes()
+        a = self._gate_up(self._inputs(x))  # [B, T, k]
+        a = a * top_mask(a.abs() * self.down_norm[:, None, :], m)
+        out = torch.bmm(a, self.weights["down"])
+        return out if self.down_bias is None else out + self.down_bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Decode steps (T = 1) read only the chosen rows; longer inputs (teacher-forced scoring) take
+        the reference, which computes the same function."""
+        if x.shape[1] != 1:
+            return self.reference(x)
+        w, (d_in, m) = self.weights, self.sizes()
+        out = []
+        for b in range(x.shape[0]):
+            xb = x[b, 0]  # [d]
+            if "up_t" in w:
+                cols = (xb.abs() * self.in_norm[b]).topk(d_in).indices  # [d_in]
+                xs = xb[cols]
+                up = xs @ w["up_t"][b].index_select(0, cols)  # [k]
+                gate = xs @ w["gate_t"][b].index_select(0, cols) if "gate_t" in w else None
+            else:
+                up = w["up"][b] @ xb
+                gate = w["gate"][b] @ xb if "gate" in w else None
+            if "up_bias" in w:
+                up = up + w["up_bias"][b]
+            a = self.act(up) if gate is None else self.act(gate) * up  # [k]
+            rows = (a.abs() * self.down_norm[b]).topk(m).indices  # [m]
+            out.append(a[rows] @ w["down"][b].index_select(0, rows))  # [m] @ [m, d]
+        out = torch.stack(out)[:, None]  # [B, 1, d]
+        return out if self.down_bias is None else out + self.down_bias
+
+
+@dataclass
+class AdaptivePolicy(SelectionPolicy):
+    """The base policy's core sets as supersets, decoded per token by `plans` (layer -> Plan; a layer
+    without one keeps the plain compacted FFN)."""
+
+    base: SelectionPolicy
+    plans: dict[int, Plan]
+
+    def wanted(self) -> dict[int, Statistic]:
+        return self.base.wanted()
+
+    def select(self, stats: dict[int, RunningStats]) -> Selection:
+        chosen = self.base.select(stats)
+        chosen.plans = {**chosen.plans, **{l: p for l, p in self.plans.items() if l in chosen.index}}
+        return chosen
+
+    def check(self, step: int) -> bool:
+        return self.base.check(step)
+
+    def revise(self, stats: dict[int, RunningStats], current: Selection) -> Selection | None:
+        return self.base.revise(stats, current)
+
+
+def coverage(primary: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Share of each sequence's statistic [B, F] that its core ids [B, k] hold -> [B]."""
+    return primary.gather(1, index).sum(1) / primary.sum(1).clamp_min(torch.finfo(primary.dtype).tiny)
+
+
+@dataclass
+class DriftPolicy(SelectionPolicy):
+    """Checks every `period`-th decode step whether the core sets still fit (see the module docstring).
+
+    rate: weight of each checked token in the running per-token statistic the new set is chosen
+    from (the prompt's per-token mean starts it). Drift is any sequence's coverage, averaged over the
+    layers, below `threshold`; the whole batch is then re-chosen (one recompaction)."""
+
+    base: SelectionPolicy
+    period: int
+    threshold: float
+    rate: float = 0.5
+
+    def __post_init__(self):
+        if self.period < 1:
+            raise ValueError(f"the drift check period must be >= 1 decode steps, got {self.period}")
+        if not 0 <= self.threshold <= 1:
+            raise ValueError(f"the drift threshold is a coverage in [0, 1], got {self.threshold}")
+        if not 0 < self.rate <= 1:
+            raise ValueError(f"the drift rate must be in (0, 1], got {self.rate}")
+        self.scores: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.last_coverage: torch.Tensor | None = None  # [B] of the latest check
+        self.checks = self.refreshes = 0
+
+    def wanted(self) -> dict[int, Statistic]:
+        return self.base.wanted()
+
+    def select(self, stats: dict[int, RunningStats]) -> Selection:
+        self.scores = {l: (s.primary / s.tokens, s.secondary / s.tokens) for l, s in stats.items()}
+        return self.base.select(stats)
+
+    def check(self, step: int) -> bool:
+        return (step + 1) % self.period == 0
+
+    def revise(self, stats: dict[int, RunningStats], current: Selection) -> Selection | None:
+        """One dense step's statistics -> a new selection on drift, else None."""
+        self.checks += 1
+        cov = torch.stack([coverage(stats[l].primary, ids) for l, ids in current.index.items()]).mean(0)  # [B]
+        self.last_coverage = cov
+        r = self.rate
+        for l, s in stats.items():
+            p, q = self.scores[l]
+            self.scores[l] = ((1 - r) * p + r * s.primary, (1 - r) * q + r * s.secondary)
+        if bool((cov >= self.threshold).all()):
+            return None
+        self.refreshes += 1
+        index = {l: rank_neurons(*self.scores[l], ids.shape[1]) for l, ids in current.index.items()}
+        return Selection(index, current.cluster, current.cluster_score, dict(current.plans))
