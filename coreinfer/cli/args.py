@@ -1,6 +1,7 @@
 """Argument helpers shared by every `coreinfer` command: flags map one-to-one onto the API's dataclasses,
 RuntimeConfig (--model --device --dtype --threads --weights), GenerationConfig (--max-new-tokens ...),
-CoreConfig (--alpha --beta --statistic --ranking --layers --mode --clusters; --dense for none)."""
+CoreConfig (--alpha --beta --statistic --ranking --layers --mode --clusters --refine --input-keep
+--drift-period --drift-threshold; --dense for none)."""
 
 import argparse
 import sys
@@ -46,6 +47,15 @@ def add_core_args(p: argparse.ArgumentParser, grid: bool = False) -> None:
                    help="stability: the prompt's own core set; similarity: its cluster's set from --clusters"
                    + (" (comma-separated grid)" if grid else ""))
     g.add_argument("--clusters", default=None, metavar="FILE", help="cluster file made by `coreinfer cluster`")
+    many = " (comma-separated grid)" if grid else ""
+    g.add_argument("--refine", default="none", help="per token, read only this share (of the FFN width) of down "
+                   "rows inside the core set, by |a_i|*||down_i||; none: off" + many)
+    g.add_argument("--input-keep", default=str(d.input_keep), help="share of the FFN input's largest entries "
+                   "whose gate/up columns are read (1: all)" + many)
+    g.add_argument("--drift-period", type=int, default=d.drift_period,
+                   help="every N decode steps, one dense step checks the core set still fits (0: never)")
+    g.add_argument("--drift-threshold", type=float, default=d.drift_threshold,
+                   help="re-choose the core set when it covers less than this share of a checked token's statistic")
 
 
 def parse_floats(text: str, flag: str) -> list[float]:
@@ -53,6 +63,16 @@ def parse_floats(text: str, flag: str) -> list[float]:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"{flag} takes numbers separated by commas, got {text!r}") from None
+
+
+def parse_refine(text: str) -> list[float | None]:
+    """--refine: 'none' or numbers, comma-separated."""
+    return [None if x.strip() == "none" else parse_floats(x, "--refine")[0] for x in text.split(",") if x.strip()]
+
+
+def adaptive_kwargs(args, refine: float | None, input_keep: float) -> dict:
+    return dict(refine=refine, input_keep=input_keep, drift_period=args.drift_period,
+                drift_threshold=args.drift_threshold)
 
 
 def runtime_kwargs(args) -> dict:
@@ -86,21 +106,25 @@ def core_config(args) -> CoreConfig | None:
         return None
     betas = parse_floats(args.beta, "--beta")
     check_modes(args, [args.mode])
+    [refine], [input_keep] = parse_refine(args.refine), parse_floats(args.input_keep, "--input-keep")
     return CoreConfig(alpha=args.alpha, beta=betas[0] if len(betas) == 1 else betas, statistic=args.statistic,
                       ranking=args.ranking, layers=args.layers, mode=args.mode,
-                      clusters=args.clusters if args.mode == "similarity" else None)
+                      clusters=args.clusters if args.mode == "similarity" else None,
+                      **adaptive_kwargs(args, refine, input_keep))
 
 
 def core_grid(args) -> list[CoreConfig | None]:
-    """Dense first, then one CoreConfig per (mode, statistic, beta) of the grid flags."""
+    """Dense first, then one CoreConfig per (mode, statistic, beta, refine, input keep) of the grid flags."""
     if args.dense:
         return [None]
     stats = [s.strip() for s in args.statistic.split(",") if s.strip()]
     modes = [m.strip() for m in args.mode.split(",") if m.strip()]
     check_modes(args, modes)
     return [None] + [CoreConfig(alpha=args.alpha, beta=b, statistic=s, ranking=args.ranking, layers=args.layers,
-                                mode=m, clusters=args.clusters if m == "similarity" else None)
-                     for m in modes for s in stats for b in parse_floats(args.beta, "--beta")]
+                                mode=m, clusters=args.clusters if m == "similarity" else None,
+                                **adaptive_kwargs(args, r, i))
+                     for m in modes for s in stats for b in parse_floats(args.beta, "--beta")
+                     for r in parse_refine(args.refine) for i in parse_floats(args.input_keep, "--input-keep")]
 
 
 def report_speed(c) -> None:

@@ -27,7 +27,7 @@ import torch
 
 from .compact import CompactFFN
 from .observe import RunningStats, Statistic
-from .policy import Selection, SelectionPolicy
+from .policy import CoreConfig, Selection, SelectionPolicy
 from .selection import keep_count, rank_neurons
 
 
@@ -226,3 +226,17 @@ class DriftPolicy(SelectionPolicy):
         self.refreshes += 1
         index = {l: rank_neurons(*self.scores[l], ids.shape[1]) for l, ids in current.index.items()}
         return Selection(index, current.cluster, current.cluster_score, dict(current.plans))
+
+
+def adapt(core: CoreConfig, base: SelectionPolicy, model) -> SelectionPolicy:
+    """The base policy wrapped as `core`'s adaptive settings ask (unchanged when they are off)."""
+    policy, width = base, model.ffns()[0].width
+    if core.refine is not None or core.input_keep < 1:
+        down_rows = keep_count(core.refine, width) if core.refine is not None else None
+        plans = {layer: Plan(down_rows, core.input_keep) for layer in core.sparse_layers(len(model.ffns()))}
+        policy = AdaptivePolicy(policy, plans)
+    if core.drift_period:
+        if core.mode != "stability":
+            raise ValueError("drift checks re-choose a prompt's own core set: use them with --mode stability")
+        policy = DriftPolicy(policy, core.drift_period, core.drift_threshold)
+    return policy

@@ -32,6 +32,11 @@ class CoreConfig:
     ranking: token-wise strength; "auto" is |a| for gated FFNs and positive-only for ReLU FFNs.
     mode: "stability" takes each prompt's own core set; "similarity" assigns the prompt to a cluster of
     the cluster file `clusters` (made by `coreinfer cluster`) and takes that cluster's core set.
+    refine, input_keep (engine/adaptive.py): the core set becomes a superset inside which each decoded
+    token reads only its top `refine` share (of the FFN width) of down rows by |a_i| * ||down_i||, and
+    gate/up read only the `input_keep` share of the input's largest entries; None and 1.0: off.
+    drift_period, drift_threshold: every `drift_period` decode steps one runs dense and, where the core
+    set covers less than `drift_threshold` of that token's statistic, the set is re-chosen; 0: off.
     """
 
     alpha: float = 0.4
@@ -41,8 +46,20 @@ class CoreConfig:
     layers: str | list[int] | None = None
     mode: str = "stability"
     clusters: str | None = None
+    refine: float | None = None
+    input_keep: float = 1.0
+    drift_period: int = 0
+    drift_threshold: float = 0.9
 
     def __post_init__(self):
+        if self.refine is not None and not 0 < self.refine <= 1:
+            raise ValueError(f"refine (down rows per token, a share of the FFN width) must be in (0, 1], got {self.refine}")
+        if not 0 < self.input_keep <= 1:
+            raise ValueError(f"input keep (share of the FFN input gate/up read) must be in (0, 1], got {self.input_keep}")
+        if self.drift_period < 0:
+            raise ValueError(f"drift period must be >= 0 decode steps (0: no checks), got {self.drift_period}")
+        if not 0 <= self.drift_threshold <= 1:
+            raise ValueError(f"drift threshold is a coverage in [0, 1], got {self.drift_threshold}")
         if not 0 < self.alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
         for b in self.betas:

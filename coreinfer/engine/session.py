@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models.common import KVCache
+from .adaptive import adapt
 from .clusters import ClusterSet, SimilarityPolicy
 from .compact import CoreWeights
 from .observe import Observer
@@ -288,5 +289,7 @@ def make_policy(core: CoreConfig | SelectionPolicy | None, model,
     if core.mode == "similarity":
         clusters = load_clusters(core.clusters)
         clusters.check(model)
-        return SimilarityPolicy(clusters, core.keep(len(model.ffns())))
-    return stability_policy(core, model)
+        base = SimilarityPolicy(clusters, core.keep(len(model.ffns())))
+    else:
+        base = stability_policy(core, model)
+    return adapt(core, base, model)

@@ -106,6 +106,8 @@ def ppl_results(llm, name: str, rows: list, grid: list[CoreConfig | None], batch
         ppl = math.exp(mean_nll)
         agree = ratio_and_stderr([float((s.greedy == d).sum()) for s, d in zip(scored, dense_greedy)], counts)
         metrics = {"ppl": (ppl, ppl * nll_stderr), "top1_agree": agree}  # delta method: d exp(x) = exp(x) dx
+        weights, ffn = runner.read_shares(llm.model, core)
+        metrics.update(weights_read=(weights, 0.0), ffn_read=(ffn, 0.0))
         yield Result(name, setting_name(core), len(rows), metrics, seconds=time.perf_counter() - t0)
 
 

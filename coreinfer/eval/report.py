@@ -43,6 +43,12 @@ def setting_name(core: CoreConfig | None) -> str:
         name += f" layers {core.layers}"
     if core.alpha != CoreConfig().alpha:
         name += f" alpha {core.alpha:g}"
+    if core.refine is not None:
+        name += f" refine {core.refine:g}"
+    if core.input_keep != 1:
+        name += f" input {core.input_keep:g}"
+    if core.drift_period:
+        name += f" drift {core.drift_period}@{core.drift_threshold:g}"
     return name
 
 

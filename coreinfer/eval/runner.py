@@ -176,3 +176,15 @@ def document_rows(encode: Encode, docs: list[Document], prompt: float | int,
     too short to split are left out."""
     rows = (split_document(encode(doc.text)[:max_tokens], prompt) for doc in docs)
     return [row for row in rows if row is not None]
+
+
+def read_shares(model, core: CoreConfig | None) -> tuple[float, float]:
+    """(all weights, FFN weights) one decode step of one sequence reads under `core`, as shares of
+    dense: the compacted sizes do not depend on the prompt, so a one-token prompt measures them."""
+    if core is None:
+        return 1.0, 1.0
+    session = Session(model, [[0]], 1, 0, make_policy(core, model))
+    session.prefill()
+    ffn_total = sum(f.neuron_bytes() for f in model.ffns())
+    saved = session.stats.bytes_dense - session.stats.bytes_core
+    return session.stats.share, (ffn_total - saved) / ffn_total
