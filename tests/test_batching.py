@@ -65,7 +65,7 @@ def run_batch(model, seqs, ffn_path="auto", capacity=4):
                 if row.done:
                     batch.remove(row)
         step += 1
-    assert len(batch) == 0 and batch.caches == []  # an idle batch holds no cache
+    assert len(batch) == 0 and batch.cache_len in (0, 256)  # an idle batch holds no grown cache
     return tokens, {s: torch.stack(v) for s, v in logits.items() if v}, paths, cache_lens
 
 

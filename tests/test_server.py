@@ -163,6 +163,42 @@ def test_concurrent_clients_get_their_own_outputs(url, app):
     assert state["status"] == "ok" and state["requests_failed"] == failed_before
 
 
+def test_batch_mixes_dense_core_and_sampling(url, app):
+    """Dense, core (two keep ratios) and seeded-sampling requests share the decode batch: each gets what
+    it gets alone, and reports how its steps ran (FFN path per layer-step, weight bytes per token)."""
+    c = client(url)
+    kinds = [{"extra_body": {"dense": True}}, {"extra_body": {"beta": 0.5}}, {},
+             {"temperature": 0.8, "top_p": 0.9, "seed": 7}]
+
+    def ask(i):
+        kw = {"temperature": 0, **kinds[i % 4]}
+        kw["extra_body"] = {"ignore_eos": True, **kw.get("extra_body", {})}
+        out = c.completions.create(model=app.state.model_id, prompt=PROMPTS[i % 4], max_tokens=12, **kw)
+        return out.choices[0].text, out.model_extra["coreinfer"]
+
+    wait_idle(url)
+    alone = [ask(i) for i in range(4)]
+    layers = sum(alone[0][1]["ffn_layer_steps"].values()) // 11  # 11 decode steps after the prefill's token
+    for text, info in alone:
+        assert info["batch_rows_mean"] == 1
+        # alone, per-sequence core rows read less than the whole FFN
+        paths = {"dense": layers} if info["dense"] else {"compact": len(info["core_sizes"]),
+                                                           "dense": layers - len(info["core_sizes"])}
+        assert info["ffn_layer_steps"] == {k: 11 * v for k, v in paths.items()}
+        want = 1.0 if info["dense"] else info["weight_bytes_fraction"]
+        assert info["bytes_per_token_fraction"] == pytest.approx(want, abs=1e-3)
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        together = list(pool.map(ask, range(8)))
+    assert [text for text, _ in together] == [alone[i % 4][0] for i in range(8)]
+    shared = [info for _, info in together if info["batch_rows_mean"] > 1]
+    assert shared, "no request shared the batch"
+    # several sequences: the dense FFN with per-row masks reads less than each one's core rows
+    assert all("masked" in info["ffn_layer_steps"] for info in shared if not info["dense"])
+    assert all(info["bytes_per_token_fraction"] < 1 for info in shared)
+    state = wait_idle(url)
+    assert state["batch_rows"] == 0 and state["max_batch"] == Settings.max_batch
+
+
 def post(url, body, path="/v1/completions", headers=None):
     data = json.dumps(body) if isinstance(body, dict) else body
     return httpx.post(f"{url}{path}", content=data, headers={"Content-Type": "application/json", **(headers or {})},
@@ -262,11 +298,11 @@ def test_api_key(llm, url):
 
 
 def test_full_queue_disconnect_and_timeout(llm, url):
-    """One request runs, one waits, the next is refused; a client that leaves frees the worker; a
-    request past its deadline gets 504 and is stopped."""
+    """With one batch row: one request runs, one waits, the next is refused; a client that leaves
+    frees its row; a request past its deadline gets 504 and is stopped."""
     wait_idle(url)
     long = ok(max_tokens=2000, ignore_eos=True, temperature=0, stream=True)
-    with running(create_app(llm, Settings(queue_size=1, request_timeout=20))) as base:
+    with running(create_app(llm, Settings(queue_size=1, max_batch=1, request_timeout=20))) as base:
         with httpx.Client(timeout=60) as h, h.stream("POST", f"{base}/v1/completions", json=long) as first:
             assert first.status_code == 200
             lines = first.iter_lines()  # kept: a dropped iterator closes the connection
@@ -283,7 +319,7 @@ def test_full_queue_disconnect_and_timeout(llm, url):
         assert waiting.result(timeout=60).status_code == 200
         state = wait_idle(base, timeout=20)
         assert state["requests_cancelled"] == 1
-    with running(create_app(llm, Settings(request_timeout=1.0))) as base:
+    with running(create_app(llm, Settings(request_timeout=2.0))) as base:  # a 2-token request fits, 2000 do not
         t0 = time.monotonic()
         assert_error(post(base, ok(max_tokens=2000, ignore_eos=True)), 504, code="timeout")
         assert time.monotonic() - t0 < 10

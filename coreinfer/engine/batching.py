@@ -88,6 +88,13 @@ class RowStats:
     def bytes_per_token(self) -> float:
         return self.bytes / self.steps if self.steps else 0.0
 
+    def report(self, bytes_dense: int) -> dict:
+        """For a response: the mean batch size, the FFN path of each layer-step, and the weight bytes
+        read per decoded token of this sequence (absolute and against one dense step)."""
+        return {"batch_rows_mean": round(self.mean_rows, 2), "ffn_layer_steps": dict(self.layers),
+                "bytes_per_token": round(self.bytes_per_token),
+                "bytes_per_token_fraction": round(self.bytes_per_token / bytes_dense, 4)}
+
 
 class Row:
     """One sequence of the batch: its sampling state, its core ids {layer: [k]} and its costs."""
@@ -133,7 +140,7 @@ class DecodeBatch:
         self.slot = torch.zeros(capacity, 1, dtype=torch.long, device=ref.device)  # [C, 1] slot of the fed token
         self.token = torch.zeros(capacity, 1, dtype=torch.long, device=ref.device)  # [C, 1] the token to feed
         self.paths: dict[int, str] = {}  # layer -> "compact" | "masked"; dense layers are absent
-        self.compact: dict[int, CompactFFN] = {}
+        self.compact: dict[int, CompactFFN] = {}  # n * k < F rows each: kept across plans, reused
         self.masks: dict[int, torch.Tensor] = {}  # layer -> [C, F] 0/1 in the compute dtype
         self.step_bytes = 0  # weight bytes one step of the current rows reads
         self.layer_paths: Counter = Counter()  # FFN layers per path in the current plan
@@ -196,17 +203,17 @@ class DecodeBatch:
             self.key_valid[i], self.slot[i], self.token[i] = self.key_valid[j], self.slot[j], self.token[j]
             self.rows[i] = self.rows[j]
         self.rows.pop()
-        if not self.rows:  # idle: give the caches back rather than hold the longest request's
+        if not self.rows and self.cache_len > CACHE_BLOCK:  # idle: give back caches grown for long requests
             self.caches, self.views = [], []
             self.key_valid = self.key_valid[:, :0]
         self._plan()
 
     def _plan(self) -> None:
-        """Choose each FFN layer's path for the current rows (module docstring) and load what it needs."""
+        """Choose each FFN layer's path for the current rows (module docstring) and load what it needs.
+        The plan is built aside and swapped in whole: other threads may read it (a server's health)."""
         n = len(self.rows)
         self.views = [cache_rows(c, n) for c in self.caches]
-        self.paths, self.layer_paths = {}, Counter()
-        self.step_bytes = self.model.weight_bytes()
+        paths, layer_paths, step_bytes = {}, Counter(), self.model.weight_bytes()
         for ffn in self.model.ffns():
             layer, F = ffn.layer_id, ffn.width
             ks = {row.core[layer].numel() if layer in row.core else F for row in self.rows}
@@ -215,17 +222,16 @@ class DecodeBatch:
                 k = ks.pop()
                 if self.ffn_path == "compact" or n * k < F:
                     path = "compact"
-            self.layer_paths[path] += 1
-            if path != "compact" and layer in self.compact:
-                self.compact.pop(layer).clear()
-            if path == "compact":
+            layer_paths[path] += 1
+            if path == "compact":  # its buffers stay allocated when the path changes: smaller than the FFN
                 core = self.compact.setdefault(layer, CompactFFN())
                 core.load(ffn, torch.stack([row.core[layer] for row in self.rows]))  # [n, k]
-                self.step_bytes += core.nbytes() - ffn.neuron_bytes()
+                step_bytes += core.nbytes() - ffn.neuron_bytes()
             elif path == "masked":
                 self._load_mask(ffn)
             if path != "dense":
-                self.paths[layer] = path
+                paths[layer] = path
+        self.paths, self.layer_paths, self.step_bytes = paths, layer_paths, step_bytes
 
     def _load_mask(self, ffn) -> None:
         ref = self.model.embed_tokens.weight

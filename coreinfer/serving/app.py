@@ -251,7 +251,7 @@ def create_app(llm, settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     model_id = settings.model_id or default_model_id(llm)
     names = {model_id, "coreinfer"}
-    worker = Worker(llm, settings.queue_size)
+    worker = Worker(llm, settings.queue_size, settings.max_batch)
     key = settings.api_key.encode() if settings.api_key else None
     page = CHAT_PAGE.read_text(encoding="utf-8")  # read now: a missing page fails the start, not a visit
 

@@ -18,7 +18,9 @@ def add_parser(sub) -> None:
                    help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV}; unset: no auth)")
     g.add_argument("--model-id", default=None, help="the model's name in the API (default: the checkpoint's)")
     g.add_argument("--queue-size", type=int, default=Settings.queue_size,
-                   help="requests that may wait behind the running one; more get HTTP 503")
+                   help="requests that may wait for a row of the decode batch; more get HTTP 503")
+    g.add_argument("--max-batch", type=int, default=Settings.max_batch,
+                   help="requests decoding together (continuous batching: they join and leave between steps)")
     g.add_argument("--request-timeout", type=float, default=Settings.request_timeout,
                    help="seconds a request may take, waiting included; then HTTP 504 and it is stopped")
     g.add_argument("--max-body-bytes", type=int, default=Settings.max_body_bytes, help="larger bodies get HTTP 413")
@@ -36,7 +38,7 @@ def cmd_serve(args) -> None:
     from .app import create_app
 
     settings = Settings(model_id=args.model_id, api_key=args.api_key, core=core_config(args),
-                        queue_size=args.queue_size, request_timeout=args.request_timeout,
+                        queue_size=args.queue_size, max_batch=args.max_batch, request_timeout=args.request_timeout,
                         max_body_bytes=args.max_body_bytes, default_max_tokens=args.default_max_tokens)
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")

@@ -1,9 +1,11 @@
 """`coreinfer serve`: the engine side of the OpenAI-compatible server (the HTTP side is app.py).
 
-The model owns its KV cache and compacted FFNs, so exactly one generation runs at a time: requests
-become Jobs in a bounded queue, and one Worker thread runs them in order, handing each text piece
-back to the request's event loop. A Job's cancel flag (client gone, deadline passed) is checked
-between pieces, and closing the engine's generator frees the worker for the next job.
+Requests become Jobs in a bounded queue. One Worker thread owns the model and batches continuously:
+between two decode steps it takes waiting jobs while the batch has a free row, prefills each alone
+(dense, choosing its core set), and moves it into the running DecodeBatch (engine/batching.py); every
+step then decodes one token of every running job in one forward, and each text piece goes back to
+its request's event loop. A Job's cancel flag (client gone, deadline passed) is checked before every
+step, and a finished or cancelled job's row is freed for the next one at once.
 This module imports no web framework, so the rest of the CLI works without the `serve` extra.
 """
 
@@ -13,11 +15,14 @@ import queue
 import resource
 import threading
 import time
-from contextlib import closing
 from dataclasses import dataclass, field, replace
 
+from ..api import Completion, StreamEvent
+from ..engine.batching import DecodeBatch, Row, prefill_one
 from ..engine.generate import GenerationConfig
 from ..engine.policy import CoreConfig
+from ..engine.session import CoreStats, make_policy
+from ..io.text import TextStream
 
 log = logging.getLogger("coreinfer.server")
 
@@ -33,7 +38,8 @@ class Settings:
     model_id: str | None = None  # None: the checkpoint's name
     api_key: str | None = None  # None: no authentication
     core: CoreConfig | None = field(default_factory=CoreConfig)
-    queue_size: int = 64  # jobs waiting behind the running one
+    queue_size: int = 64  # jobs waiting for a row of the decode batch
+    max_batch: int = 16  # jobs decoding together
     request_timeout: float = 600.0  # seconds from arrival to the last token
     max_body_bytes: int = 1 << 20
     default_max_tokens: int = 256  # chat requests without max_tokens (OpenAI's completions default is 16)
@@ -41,6 +47,7 @@ class Settings:
     def __post_init__(self):
         checks = [
             (self.queue_size >= 1, f"queue size must be >= 1, got {self.queue_size}"),
+            (self.max_batch >= 1, f"max batch must be >= 1, got {self.max_batch}"),
             (self.request_timeout > 0, f"request timeout must be > 0, got {self.request_timeout}"),
             (self.max_body_bytes >= 1024, f"max body bytes must be >= 1024, got {self.max_body_bytes}"),
             (self.default_max_tokens >= 1, f"default max tokens must be >= 1, got {self.default_max_tokens}"),
@@ -80,6 +87,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.perf_counter)
     queue_s: float = 0.0
+    batching: dict | None = None  # how its decode steps were shared, once it has finished
 
     def cancel(self) -> None:
         self.cancelled.set()
@@ -92,13 +100,29 @@ class Job:
             self.cancel()
 
 
-class Worker:
-    """The one thread that touches the model. Counters are written only by that thread."""
+@dataclass
+class Live:
+    """A job whose sequence is in the decode batch: its text so far and its clocks."""
 
-    def __init__(self, llm, queue_size: int):
+    job: Job
+    text: TextStream
+    prompt_tokens: int
+    stats: CoreStats | None
+    t0: float  # prefill start
+    t_first: float  # first token
+
+
+class Worker:
+    """The one thread that touches the model (see the module docstring). Counters and the batch are
+    written only by that thread."""
+
+    def __init__(self, llm, queue_size: int, max_batch: int = Settings.max_batch):
         self.llm = llm
         self.jobs: queue.Queue = queue.Queue(maxsize=queue_size)
-        self.current: Job | None = None
+        self.batch = DecodeBatch(llm.model, max_batch)
+        self.live: dict[Row, Live] = {}
+        self.current: Job | None = None  # the job being prefilled
+        self.prefill_caches = None  # the last prefill's KV caches, reused by the next of the same shape
         self.completed = self.failed = self.cancelled = 0
         self.started_at = time.time()
         self._stopping = threading.Event()
@@ -120,15 +144,30 @@ class Worker:
                                     "retry later", code="queue_full") from None
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the running job, refuse the waiting ones, end the thread."""
+        """Stop the running jobs, refuse the waiting ones, end the thread."""
         self._stopping.set()
+        for live in list(self.live.values()):
+            live.job.cancel()
         if self.current is not None:
             self.current.cancel()
         self.jobs.put(None)  # may wait for room: the thread frees it, refusing jobs as it goes
         self._thread.join(timeout)
 
     def _loop(self) -> None:
-        while (job := self.jobs.get()) is not None:
+        while self._admit():
+            if self.live:
+                self._step()
+
+    def _admit(self) -> bool:
+        """Start waiting jobs while the batch has a free row (wait for one while it is empty); False
+        once the stop sentinel arrives."""
+        while len(self.live) < self.batch.capacity:
+            try:
+                job = self.jobs.get(block=not self.live)
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
             if self._stopping.is_set():
                 job.push(RequestError(503, "the server is shutting down", code="shutting_down"))
             elif job.cancelled.is_set():  # its client left (or timed out) while it waited
@@ -137,34 +176,85 @@ class Worker:
                 job.queue_s = time.perf_counter() - job.queued_at
                 self.current = job
                 try:
-                    self._run(job)
+                    self._start(job)
                 finally:
                     self.current = None
+        return True
 
-    def _run(self, job: Job) -> None:
+    def _start(self, job: Job) -> None:
+        """Prefill the job alone and move it into the batch; its first token comes from the prefill."""
+        llm = self.llm
         try:
-            gen = self._fit(job)
-            with closing(self.llm.stream(job.prompt, gen, job.core, chat=job.chat)) as events:
-                for event in events:
-                    if job.cancelled.is_set():
-                        self.cancelled += 1
-                        return
-                    job.push(event)
-            self.completed += 1
-        except RequestError as e:
-            self.failed += 1
+            ids = llm.encode(job.prompt, job.chat)
+            gen = self._fit(job, len(ids))
+            policy = make_policy(job.core, llm.model, llm.load_clusters)
+            t0 = time.perf_counter()
+            session, logits, selection, stats = prefill_one(llm.model, ids, policy, llm.tokenizer.pad_id,
+                                                            self.prefill_caches)
+            self.prefill_caches = session.caches
+            row, token = self.batch.add(session, logits, gen, llm.tokenizer.eos_ids, selection)
+        except Exception as e:
+            self._fail(job, e)
+            return
+        self.live[row] = Live(job, TextStream(llm.tokenizer, gen.stop), len(ids), stats, t0, time.perf_counter())
+        self._emit(row, token)
+
+    def _step(self) -> None:
+        """Free the rows of cancelled jobs, then decode one token of every running job."""
+        for row, live in list(self.live.items()):
+            if live.job.cancelled.is_set():
+                self._drop(row)
+                self.cancelled += 1
+        if not self.live:
+            return
+        try:
+            out = self.batch.step()
+        except Exception as e:  # a bug: every running job fails with it, the batch starts afresh
+            for row, live in list(self.live.items()):
+                self._drop(row)
+                self._fail(live.job, e)
+            return
+        for row, token in out:
+            self._emit(row, token)
+
+    def _emit(self, row: Row, token: int) -> None:
+        """Hand a job its new token's text; finish it on EOS, a stop string or its token limit."""
+        live = self.live[row]
+        if token in self.llm.tokenizer.eos_ids and not row.gen.ignore_eos:
+            return self._finish(row, "stop")
+        piece = live.text.push(token)
+        if piece:
+            live.job.push(StreamEvent(0, piece))
+        if live.text.stopped or row.done:
+            self._finish(row, "stop" if live.text.stopped else "length")
+
+    def _finish(self, row: Row, reason: str) -> None:
+        live = self._drop(row)
+        t_end = time.perf_counter()
+        tail = live.text.finish()
+        done = Completion(live.text.text, live.text.ids, reason, live.prompt_tokens, prefill_s=live.t_first - live.t0,
+                          decode_s=t_end - live.t_first, stats=live.stats)
+        live.job.batching = row.stats.report(self.llm.model.weight_bytes())
+        live.job.push(StreamEvent(0, tail, done))
+        self.completed += 1
+
+    def _drop(self, row: Row) -> Live:
+        self.batch.remove(row)
+        return self.live.pop(row)
+
+    def _fail(self, job: Job, e: Exception) -> None:
+        self.failed += 1
+        if isinstance(e, RequestError):
             job.push(e)
-        except ValueError as e:  # the engine's own checks of a request it was handed
-            self.failed += 1
+        elif isinstance(e, ValueError):  # the engine's own checks of a request it was handed
             job.push(RequestError(400, str(e)))
-        except Exception:  # a bug: log it here, tell the client no more than that it failed
-            self.failed += 1
-            log.exception("generation failed")
+        else:  # a bug: log it here, tell the client no more than that it failed
+            log.error("generation failed", exc_info=e)
             job.push(RequestError(500, "internal error while generating", code="internal_error"))
 
-    def _fit(self, job: Job) -> GenerationConfig:
-        """Check prompt + max_tokens against the context (tokenizing here keeps the tokenizer on one thread)."""
-        n = len(self.llm.encode(job.prompt, job.chat))
+    def _fit(self, job: Job, n: int) -> GenerationConfig:
+        """Check the prompt's n tokens + max_tokens against the context (tokenizing on this thread keeps
+        the tokenizer on one thread)."""
         context = self.llm.model.max_context
         if n >= context:
             raise RequestError(400, f"the prompt is {n} tokens; this model's context is {context} tokens",
@@ -179,8 +269,11 @@ class Worker:
 
     def health(self) -> dict:
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-        return {"status": "ok" if self.alive() else "unavailable", "busy": self.current is not None,
+        rows, batch = len(self.live), self.batch
+        return {"status": "ok" if self.alive() else "unavailable", "busy": rows > 0 or self.current is not None,
                 "queue_depth": self.jobs.qsize(), "queue_size": self.jobs.maxsize,
+                "batch_rows": rows, "max_batch": batch.capacity, "ffn_layers": dict(batch.layer_paths),
+                "step_bytes_per_sequence": round(batch.step_bytes / rows) if rows else None,
                 "requests_completed": self.completed, "requests_failed": self.failed,
                 "requests_cancelled": self.cancelled, "uptime_s": round(time.time() - self.started_at, 1),
                 "peak_rss_mb": round(peak_kib / 1024, 1)}
@@ -241,6 +334,7 @@ def core_info(job: Job, completion) -> dict:
                     select_ms=round(stats.select_ms, 2), compact_ms=round(stats.compact_ms, 2))
         if stats.cluster is not None:  # similarity mode
             info.update(cluster=stats.cluster[0], cluster_score=round(stats.cluster_score[0], 4))
+    info.update(job.batching or {})
     info.update(queue_s=round(job.queue_s, 4), prefill_s=round(completion.prefill_s, 4),
                 decode_s=round(completion.decode_s, 4), prefill_tok_s=round(completion.prefill_tok_s, 1),
                 decode_tok_s=round(completion.decode_tok_s, 1))
