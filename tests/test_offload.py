@@ -77,13 +77,13 @@ def test_dense_offload_equals_dense_and_streams_what_does_not_fit(fit):
     m = model()
     ffn_bytes = m.ffns()[0].neuron_bytes()
     fixed = plan(m, 2, CACHE, None, 0)
-    budget = int((fixed.total + fit * ffn_bytes + ffn_bytes // 2) / 0.9)
+    budget = int((fixed.total + fit * 2 * ffn_bytes + ffn_bytes // 2) / 0.9)  # 2 sequences: 2 copies
     ref, _ = our_logits(m, PROMPTS, CONTS)
     got, session, moved = offload_logits(m, None, budget=budget)
     err = max((a - b).abs().max().item() for a, b in zip(got, ref))
     print(f"dense offload, {fit} FFNs resident, vs dense: max|diff| {err:.2e}; moved per step {moved}")
     assert err < 1e-5
-    assert sorted(session.resident) == session.plan.dense_layers == list(range(fit))
+    assert sorted(session.picked) == session.plan.dense_layers == list(range(fit))
     # one chunk: each FFN once, and the first streamed one again for the first step
     assert session.offload.prefill_bytes_moved == (5 + (fit < 5)) * ffn_bytes
     assert moved == [(5 - fit) * ffn_bytes] * 5  # every decode step streams the others again
@@ -99,17 +99,19 @@ def test_core_offload_selects_in_the_forward_and_moves_nothing_while_decoding(ch
     got, session, moved = offload_logits(m, policy, chunk)
     for layer, ids in ref_session.selection.index.items():
         assert torch.equal(session.selection.index[layer], ids)
+    for layer in (0, 4):  # kept dense: resident with every neuron
+        assert torch.equal(session.selection.index[layer], torch.arange(96).expand(2, -1))
     err = max((a - b).abs().max().item() for a, b in zip(got, ref))
     print(f"core offload (chunk {chunk}) vs core session: max|diff| {err:.2e}")
     assert err < 1e-5
     chunks = 1 if chunk is None else -(-len(PROMPTS[0]) // chunk)
     assert session.offload.prefill_bytes_moved == chunks * sum(f.neuron_bytes() for f in m.ffns())
     assert moved == [0] * 5
-    assert set(session.picked) == {1, 2, 3} and set(session.resident) == {0, 4}
+    assert set(session.picked) == set(range(5)) and session.plan.streamed == []
     # the budget accounting matches what is held: core rows, dense layers' copies, staging, KV cache
     p = session.plan
-    assert p.cores == sum(session.cores.get(l).nbytes() for l in session.picked)
-    assert p.dense_ffns == sum(f.neuron_bytes() for f in session.resident.values())
+    assert p.cores == sum(session.cores.get(l).nbytes() for l in (1, 2, 3))
+    assert p.dense_ffns == sum(session.cores.get(l).nbytes() for l in (0, 4))
     assert p.staging == sum(f.neuron_bytes() for f in session.streamer.slots)
     assert p.kv_cache == sum(c.nbytes for c in session.caches)
     assert session.stats.per_sequence < session.stats.bytes_dense
@@ -129,3 +131,14 @@ def test_budget_too_small_says_what_would_fit():
     plan(m, 2, CACHE, {l: fits for l in policy.keep}, budget).check(budget)  # and that keep really fits
     with pytest.raises(MemoryError, match="nothing fits below"):
         OffloadSession(m, PROMPTS, 5, policy=policy, budget=need.resident, streamer=Streamer(m, "cpu"))
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(max_gpu_memory="2 gigs"), "give a positive number with a unit"),
+    (dict(max_gpu_memory="2GiB"), "needs --device cuda"),
+])
+def test_runtime_config_rejects_bad_memory_limits(kw, message):
+    from coreinfer.api import RuntimeConfig
+
+    with pytest.raises(ValueError, match=message):
+        RuntimeConfig(**kw)

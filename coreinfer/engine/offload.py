@@ -11,15 +11,16 @@ Prefill streams each layer's full FFN from pinned memory into one of two device 
 copy of the next layer overlaps the compute of this one on CUDA), computes it there, and, when the
 layer has seen the whole prompt, ranks its neurons and gathers the core rows out of the staging
 copy: a layer's core set is chosen inside the forward pass, and the full FFN never stays. Layers the
-policy keeps dense become device-resident copies. A dense session (no policy) keeps as many leading
-layers' FFNs resident as the budget holds and streams the others on every step, as accelerate's
-`device_map="auto"` does: the offload a user would otherwise get, for comparison.
+policy keeps dense are "compacted" to all their neurons, so every resident FFN lives in CoreWeights
+and a session that streams nothing decodes through the same (compilable, graph-capturable) step as
+any other. A dense session (no policy) keeps as many leading layers' FFNs resident as the budget
+holds and streams the others on every step, as accelerate's `device_map="auto"` does: the offload a
+user would otherwise get, for comparison.
 
 Budget accounting (`plan`) is exact for weights, KV caches, staging and core rows; activations and
 the allocator's slack are not counted (`HEADROOM` leaves room for them).
 """
 
-import copy
 import math
 import re
 import time
@@ -97,8 +98,8 @@ def kv_bytes(model, batch: int, length: int) -> int:
 @dataclass
 class Plan:
     """Device bytes a session needs: resident weights, KV caches, FFN staging buffers, the resident
-    FFNs of `dense_layers` and every sequence's core rows; the FFNs of `streamed` layers are copied
-    in on every decode step."""
+    FFNs of `dense_layers` and every sequence's core rows (both per sequence, as CoreWeights holds
+    them); the FFNs of `streamed` layers are copied in on every decode step."""
 
     resident: int
     kv_cache: int
@@ -137,7 +138,7 @@ def plan(model, batch: int, cache_len: int, keep: dict[int, float] | None, budge
     staging = STAGING_BUFFERS * max(f.neuron_bytes() for f in ffns)
     fixed = resident_bytes(model) + kv_bytes(model, batch, cache_len) + staging
     if keep is None:
-        fits = max(0, (int(budget * HEADROOM) - fixed) // max(f.neuron_bytes() for f in ffns))
+        fits = max(0, (int(budget * HEADROOM) - fixed) // (batch * max(f.neuron_bytes() for f in ffns)))
         dense_layers, keep = list(range(min(len(ffns), fits))), {}
     else:
         dense_layers = [f.layer_id for f in ffns if f.layer_id not in keep]
@@ -147,7 +148,7 @@ def plan(model, batch: int, cache_len: int, keep: dict[int, float] | None, budge
         cores += batch * keep_count(beta, ffns[layer].width) * row
         per_neuron += batch * ffns[layer].width * row
     return Plan(resident_bytes(model), kv_bytes(model, batch, cache_len), staging,
-                sum(ffns[l].neuron_bytes() for l in dense_layers), cores, per_neuron, dense_layers,
+                batch * sum(ffns[l].neuron_bytes() for l in dense_layers), cores, per_neuron, dense_layers,
                 [f.layer_id for f in ffns if f.layer_id not in keep and f.layer_id not in dense_layers])
 
 
@@ -243,7 +244,9 @@ class OffloadSession(Session):
         # prefill in one chunk by default: every chunk streams every FFN again
         super().__init__(model, prompts, max_new_tokens, pad_id, policy, cores, caches,
                          prefill_chunk or max(len(p) for p in prompts))
-        self.streamer, self.resident, self.picked = streamer, {}, {}
+        self.streamer, self.picked = streamer, {}
+        if self.plan.streamed:  # a compiled or graphed step reads CoreWeights only
+            self.compiled = None
         self.seen = dict.fromkeys(range(len(model.ffns())), 0)  # prompt tokens each layer has prefilled
         self.select_s = self.compact_s = 0.0
         self.offload = OffloadStats(self.plan, budget)
@@ -263,8 +266,8 @@ class OffloadSession(Session):
         dev = self.streamer.fetch(layer, then=None if last else (layer + 1) % n)
         if layer not in observer:
             out = dev(x)
-            if done and layer in self.plan.dense_layers:
-                self.resident[layer] = copy.deepcopy(dev)
+            if done and layer in self.plan.dense_layers:  # resident: "compacted" to all its neurons
+                self.keep_rows(layer, dev, torch.arange(dev.width, device=x.device).expand(x.shape[0], -1))
             return out
         a = dev.activations(x)
         observer(layer, a)
@@ -280,10 +283,15 @@ class OffloadSession(Session):
         one = StabilityPolicy({layer: self.policy.keep[layer]}, self.policy.width, self.policy.spec)
         index = one.select({layer: observer.layers[layer]}).index[layer]  # [B, k]
         self.sync()
-        t1 = time.perf_counter()
+        self.select_s += time.perf_counter() - t0
+        self.keep_rows(layer, dev, index)
+
+    def keep_rows(self, layer: int, dev: FFN, index: torch.Tensor) -> None:
+        """Gather rows `index` [B, k] of the staged FFN into the layer's CompactFFN."""
+        t0 = time.perf_counter()
         self.cores.layers.setdefault(layer, CompactFFN()).load(dev, index)
         self.sync()
-        self.select_s, self.compact_s = self.select_s + t1 - t0, self.compact_s + time.perf_counter() - t1
+        self.compact_s += time.perf_counter() - t0
         self.picked[layer] = index
 
     def prefilled(self, observer) -> None:
@@ -310,12 +318,10 @@ class OffloadSession(Session):
         raise NotImplementedError("the memory-limited mode selects once, during the prefill")
 
     def run_ffn(self, ffn, x: torch.Tensor) -> torch.Tensor:
-        """Decode-time FFN: core rows, a resident dense copy, or (dense offload) streamed in."""
+        """Decode-time FFN: resident rows (core or all), or streamed in."""
         layer = ffn.layer_id
         if layer in self.picked:
             return self.cores.get(layer)(x)
-        if layer in self.resident:
-            return self.resident[layer](x)
         streamed = self.plan.streamed
         return self.streamer.fetch(layer, then=streamed[(streamed.index(layer) + 1) % len(streamed)])(x)
 

@@ -8,6 +8,8 @@ slower than fp32. The residual stream stays in the compute dtype; only the matmu
 import torch
 import torch.nn as nn
 
+from . import int8_gpu
+
 WEIGHT_FORMATS = ("dense", "int8")
 # The CPU int8 kernel reads K (the inner width) in blocks of 16: other widths crash it or return garbage
 # (seen with torch 2.13), so they take the dequantized path and compaction pads cores to a multiple.
@@ -27,7 +29,9 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     flat = x.reshape(-1, x.shape[-1])  # [M, K]
     if flat.device.type == "cpu" and flat.shape[-1] % INT8_K_ALIGN == 0:
         out = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), q, scale)
-    else:  # no int8 GEMV kernel for this device or width: dequantize (correct, not fast)
+    elif flat.device.type == "cuda" and flat.shape[0] <= int8_gpu.SMALL_M and int8_gpu.available():
+        out = int8_gpu.int8_mm(flat, q, scale)  # decode: reads the int8 weights as they are
+    else:  # prefill-sized M amortises a dequantized copy over its rows; CPU widths the kernel lacks
         out = flat.to(scale.dtype) @ (q.to(scale.dtype) * scale[:, None]).t()
     return out.to(x.dtype).view(*x.shape[:-1], q.shape[0])
 
