@@ -127,8 +127,9 @@ class Model(CausalLM):
         """tokens/positions/slots [B, T], key_valid [B, S'] -> logits [B, T, V] ([B, 1, V] if last_only)."""
         c = self.config
         x = self.embed_tokens(tokens)  # [B, T, d]
-        # HF rounds sqrt(d) to the compute dtype before scaling (e.g. 33.94 -> 34.0 in bf16)
-        x = x * torch.tensor(c.hidden_size**0.5, dtype=x.dtype, device=x.device)
+        # HF rounds sqrt(d) to the compute dtype before scaling (e.g. 33.94 -> 34.0 in bf16); a Python
+        # number, not a device tensor: a host-to-device copy cannot be captured in a CUDA graph
+        x = x * torch.tensor(c.hidden_size**0.5, dtype=x.dtype).item()
         by_type = {  # (rope, mask) per layer type
             SLIDING: (self.rotary_local(positions, x.dtype), attention_mask(slots, key_valid, c.sliding_window)),
             FULL: (self.rotary_global(positions, x.dtype), attention_mask(slots, key_valid, None)),
