@@ -13,15 +13,15 @@ import shutil
 from pathlib import Path
 
 import pytest
+from test_server import running
 
 from coreinfer.serving.app import create_app
 from coreinfer.serving.server import Settings
-from test_server import running
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is missing: pip install -e '.[test]'")
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.common.keys import Keys  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import WebDriverWait
 
 # the machine has no network: nothing in chromium may try to reach one
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -91,7 +91,7 @@ def readout(browser, name: str) -> str:
 
 
 def test_chat_page_streams_with_stats_and_dense_toggle(browser, llm, artifacts):
-    with running(create_app(llm, Settings(default_max_tokens=16))) as base:
+    with running(create_app(llm, Settings())) as base:
         browser.get(f"{base}/")
         WebDriverWait(browser, WAIT_S).until(lambda b: readout(b, "status") == "ready")
         assert readout(browser, "model") == "tiny-llama0"  # from /health: the checkpoint folder's name
@@ -123,9 +123,11 @@ def test_chat_page_streams_with_stats_and_dense_toggle(browser, llm, artifacts):
 
 
 def test_chat_page_with_api_key(browser, llm, artifacts):
-    with running(create_app(llm, Settings(api_key="s3cret", default_max_tokens=8))) as base:
+    with running(create_app(llm, Settings(api_key="s3cret"))) as base:
         browser.get(f"{base}/")  # the page itself needs no key
         WebDriverWait(browser, WAIT_S).until(lambda b: readout(b, "status") == "ready")
+        browser.find_element(By.ID, "max-tokens").clear()
+        browser.find_element(By.ID, "max-tokens").send_keys("8")
         browser.find_element(By.ID, "message").send_keys("Hello" + Keys.ENTER)
         error = WebDriverWait(browser, WAIT_S).until(lambda b: b.find_elements(By.CSS_SELECTOR, ".msg.error"))
         assert "invalid or missing API key" in error[0].text

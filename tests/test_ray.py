@@ -15,16 +15,16 @@ import openai
 import pytest
 
 serve = pytest.importorskip("ray.serve", reason="ray is missing: pip install -e '.[ray]'")
-import ray  # noqa: E402
+import ray
 
-from coreinfer.serving.ray_app import build, parse_args  # noqa: E402
+from coreinfer.serving.ray_app import build, parse_args
 
 REPLICAS, ONGOING, QUEUED = 2, 1, 2
 CHAT = [{"role": "user", "content": "The capital of France is"}]
 
 
 def long(tokens: int) -> dict:
-    return dict(max_tokens=tokens, ignore_eos=True, temperature=0)
+    return {"max_tokens": tokens, "ignore_eos": True, "temperature": 0}
 
 
 @pytest.fixture(scope="module")
