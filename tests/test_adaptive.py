@@ -118,3 +118,68 @@ def test_drift_check_refreshes_a_set_that_does_not_fit(tiny):
 def test_bad_settings_fail_with_one_clear_error(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_profile_round_trips_and_refuses_another_model(tiny, tmp_path):
+    import transformers
+
+    from coreinfer.engine.profile import LayerBudget, Profile
+    from coreinfer.engine.session import make_policy
+    from oracle import hf_pair
+
+    model = tiny.model
+    layers = {1: LayerBudget(1.0, 0.5, 0.75), 2: LayerBudget(0.75, None, 1.0)}
+    path = tmp_path / "p.json"
+    Profile.for_model(model, layers, {"meets_target": True}).save(path)
+    loaded = Profile.load(path)
+    assert loaded.layers == layers and loaded.info == {"meets_target": True}
+    loaded.check(model)
+    policy = make_policy(CoreConfig(profile=str(path)), model)
+    session = Session(model, [tiny.tokenizer.encode("The capital of France is")], 1, policy=policy)
+    session.prefill()
+    assert {l: ids.shape[1] for l, ids in session.selection.index.items()} == {1: 128, 2: 96}
+    assert session.cores.get(1).plan == Plan(64, 0.75) and session.cores.get(2).plan == Plan(None, 1.0)
+    share = loaded.ffn_share(model)
+    assert share == pytest.approx((2 + (1.5 + 0.5) / 3 + 0.75) / 4)
+    config = transformers.LlamaConfig(vocab_size=model.embed_tokens.weight.shape[0], hidden_size=64,
+                                      intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=256)
+    _, other = hf_pair(config, seed=3)  # same shapes, other weights
+    with pytest.raises(ValueError, match="calibrated on another model"):
+        make_policy(CoreConfig(profile=str(path)), other)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"format": "coreinfer.profile/1", "model": {}, "probe": [], "layers": {"1": {"keep": 0}}}', "keep ratio"),
+    ('{"format": "coreinfer.profile/1", "model": {}, "probe": [], "layers": {"1": {"refine": 2}}}', "refine"),
+    ('{"format": "coreinfer.profile/1", "model": {}, "probe": [], "layers": {"1": {"stride": 2}}}', "bad layer"),
+    ('{"format": "other"}', "not a coreinfer profile"), ("{", "not a coreinfer profile"),
+])
+def test_bad_profiles_fail_with_one_clear_error(tmp_path, text, message):
+    from coreinfer.engine.profile import Profile
+
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        Profile.load(path)
+
+
+def test_calibrate_writes_a_profile_that_generate_loads(tiny_model_dir, tmp_path, capsys):
+    from coreinfer.cli import main as cli
+
+    out = tmp_path / "tiny.profile.json"
+    flags = ["--model", str(tiny_model_dir), "--docs", "2", "--eval-docs", "2", "--max-tokens", "48", "--layers", "all"]
+    assert cli.main(["calibrate", *flags, "--budgets", "0.6,0.9", "--target-agree", "0.01", "--output", str(out)]) == 0
+    from coreinfer.engine.profile import Profile
+
+    profile = Profile.load(out)
+    assert profile.info["meets_target"] and profile.info["tried"][0]["budget"] == 0.6
+    assert profile.info["tried"][0]["ffn_read"] <= 0.6 + 1e-9
+    gen = ["generate", "The capital", "--model", str(tiny_model_dir), "--max-new-tokens", "3", "--ignore-eos"]
+    assert cli.main([*gen, "--profile", str(out)]) == 0
+    # an unreachable target: the profile says so and decodes dense
+    assert cli.main(["calibrate", *flags, "--budgets", "0.3", "--target-agree", "1.0", "--output", str(out)]) == 0
+    assert not Profile.load(out).layers and "no budget meets" in capsys.readouterr().err
+    for bad, message in ((["--budgets", "0,0.5"], "--budgets"), (["--target-agree", "2"], "--target-agree")):
+        assert cli.main(["calibrate", *flags, *bad, "--output", str(out)]) == 2
+        assert message in capsys.readouterr().err

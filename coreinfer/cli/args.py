@@ -56,6 +56,8 @@ def add_core_args(p: argparse.ArgumentParser, grid: bool = False) -> None:
                    help="every N decode steps, one dense step checks the core set still fits (0: never)")
     g.add_argument("--drift-threshold", type=float, default=d.drift_threshold,
                    help="re-choose the core set when it covers less than this share of a checked token's statistic")
+    g.add_argument("--profile", default=None, metavar="FILE",
+                   help="per-layer budgets made by `coreinfer calibrate` (replace --beta, --layers, --refine, --input-keep)")
 
 
 def parse_floats(text: str, flag: str) -> list[float]:
@@ -72,7 +74,7 @@ def parse_refine(text: str) -> list[float | None]:
 
 def adaptive_kwargs(args, refine: float | None, input_keep: float) -> dict:
     return dict(refine=refine, input_keep=input_keep, drift_period=args.drift_period,
-                drift_threshold=args.drift_threshold)
+                drift_threshold=args.drift_threshold, profile=args.profile)
 
 
 def runtime_kwargs(args) -> dict:

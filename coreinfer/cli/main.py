@@ -78,10 +78,11 @@ def command_modules() -> list:
     """The `add_parser(sub)` functions of the modules that bring their own commands."""
     from ..analysis.cli import add_parser as analyses
     from ..bench import add_parser as bench
+    from ..eval.calibrate import add_parser as calibrate
     from ..eval.cli import add_parser as evaluate
     from ..serving.cli import add_parser as serve
 
-    return [serve, evaluate, bench, analyses]
+    return [serve, evaluate, bench, analyses, calibrate]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -231,7 +231,7 @@ class DriftPolicy(SelectionPolicy):
 def adapt(core: CoreConfig, base: SelectionPolicy, model) -> SelectionPolicy:
     """The base policy wrapped as `core`'s adaptive settings ask (unchanged when they are off)."""
     policy, width = base, model.ffns()[0].width
-    if core.refine is not None or core.input_keep < 1:
+    if not core.profile and (core.refine is not None or core.input_keep < 1):  # a profile brings its plans
         down_rows = keep_count(core.refine, width) if core.refine is not None else None
         plans = {layer: Plan(down_rows, core.input_keep) for layer in core.sparse_layers(len(model.ffns()))}
         policy = AdaptivePolicy(policy, plans)

@@ -37,6 +37,8 @@ class CoreConfig:
     gate/up read only the `input_keep` share of the input's largest entries; None and 1.0: off.
     drift_period, drift_threshold: every `drift_period` decode steps one runs dense and, where the core
     set covers less than `drift_threshold` of that token's statistic, the set is re-chosen; 0: off.
+    profile: a file made by `coreinfer calibrate` (engine/profile.py): its per-layer keep, refine and
+    input keep replace `beta`, `layers`, `refine` and `input_keep`.
     """
 
     alpha: float = 0.4
@@ -50,6 +52,7 @@ class CoreConfig:
     input_keep: float = 1.0
     drift_period: int = 0
     drift_threshold: float = 0.9
+    profile: str | None = None
 
     def __post_init__(self):
         if self.refine is not None and not 0 < self.refine <= 1:
@@ -71,6 +74,8 @@ class CoreConfig:
             raise ValueError(f"ranking must be 'auto' or one of {RANKINGS}, got {self.ranking!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.profile and self.mode != "stability":
+            raise ValueError("a profile sets each layer's own core set: use it with --mode stability")
         if self.mode == "similarity" and not self.clusters:
             raise ValueError("similarity mode needs a cluster file (--clusters FILE, made by `coreinfer cluster`)")
 

@@ -21,6 +21,7 @@ from .clusters import ClusterSet, SimilarityPolicy
 from .compact import CoreWeights
 from .observe import Observer
 from .policy import CoreConfig, Selection, SelectionPolicy, StabilityPolicy
+from .profile import Profile
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward: bounds attention scores and activations
 CACHE_BLOCK = 256  # cache lengths and decode key spans are multiples of this: few distinct shapes
@@ -286,7 +287,13 @@ def make_policy(core: CoreConfig | SelectionPolicy | None, model,
     reads a cluster file: callers that serve many requests pass a cached loader."""
     if core is None or isinstance(core, SelectionPolicy):
         return core
-    if core.mode == "similarity":
+    if core.profile:
+        profile = Profile.load(core.profile)
+        profile.check(model, core.profile)
+        base = profile.policy(model, core.statistic_for(model.ffns()[0].gated))
+        if base is None:
+            return None
+    elif core.mode == "similarity":
         clusters = load_clusters(core.clusters)
         clusters.check(model)
         base = SimilarityPolicy(clusters, core.keep(len(model.ffns())))

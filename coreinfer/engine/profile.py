@@ -1,0 +1,111 @@
+"""Calibration profiles: per-layer budgets chosen by `coreinfer calibrate`, loaded with `--profile FILE`.
+
+A profile names, per sparse layer, the core superset's keep ratio, the down rows each token reads
+(`refine`, a share of the FFN width) and the share of the input entries gate/up read
+(`input_keep`); see engine/adaptive.py. It records the model it was calibrated on (the cluster
+file's fingerprint) and refuses another, and what the calibration measured on held-out text.
+
+The file is JSON: small, diffable, no pickle.
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .adaptive import AdaptivePolicy, Plan
+from .clusters import model_fingerprint, same_model
+from .policy import StabilityPolicy
+from .selection import keep_count
+
+FORMAT = "coreinfer.profile/1"
+
+
+@dataclass(frozen=True)
+class LayerBudget:
+    """One sparse layer's budget: superset keep ratio, down rows per token, input share of gate/up."""
+
+    keep: float = 1.0
+    refine: float | None = None
+    input_keep: float = 1.0
+
+    def __post_init__(self):
+        if not 0 < self.keep <= 1:
+            raise ValueError(f"a layer's keep ratio must be in (0, 1], got {self.keep}")
+        if self.refine is not None and not 0 < self.refine <= 1:
+            raise ValueError(f"a layer's refine share must be in (0, 1], got {self.refine}")
+        if not 0 < self.input_keep <= 1:
+            raise ValueError(f"a layer's input keep must be in (0, 1], got {self.input_keep}")
+
+    def ffn_share(self, gated: bool) -> float:
+        """Share of the layer's dense FFN bytes one token reads (gate, up and down equal in size)."""
+        down = min(self.keep, self.refine) if self.refine is not None else self.keep
+        inputs = (2 if gated else 1) * self.keep * self.input_keep
+        return (inputs + down) / (3 if gated else 2)
+
+
+@dataclass
+class Profile:
+    """Per sparse layer id, its LayerBudget; `info` holds what the calibration measured. No layers:
+    no sparse setting met the calibration's target, and the profile decodes dense."""
+
+    fingerprint: tuple[dict, torch.Tensor]
+    layers: dict[int, LayerBudget]
+    info: dict = field(default_factory=dict)
+
+    @classmethod
+    def for_model(cls, model, layers: dict[int, LayerBudget], info: dict | None = None) -> "Profile":
+        return cls(model_fingerprint(model), dict(layers), info or {})
+
+    def check(self, model, path: str = "the profile") -> None:
+        """Refuse a model other than the one the profile was calibrated on."""
+        if not same_model(self.fingerprint, model_fingerprint(model)):
+            facts = self.fingerprint[0]
+            raise ValueError(f"{path} was calibrated on another model ({facts['model_type']}, "
+                             f"{facts['num_layers']} layers, FFN width {facts['ffn_width']}); "
+                             "run `coreinfer calibrate` for this one")
+        bad = [l for l in self.layers if not 0 <= l < len(model.ffns())]
+        if bad:
+            raise ValueError(f"{path} names layers {bad} the model does not have")
+
+    def policy(self, model, spec) -> AdaptivePolicy | None:
+        """The stability policy at the profile's keep ratios, each layer decoding by its plan; None
+        (dense) for a profile whose calibration found no setting that met its target."""
+        if not self.layers:
+            return None
+        width = model.ffns()[0].width
+        base = StabilityPolicy({l: b.keep for l, b in self.layers.items()}, width, spec)
+        plans = {l: Plan(keep_count(b.refine, width) if b.refine is not None else None, b.input_keep)
+                 for l, b in self.layers.items()}
+        return AdaptivePolicy(base, plans)
+
+    def ffn_share(self, model) -> float:
+        """Share of the dense FFN bytes one decoded token reads (dense layers read in full)."""
+        n, gated = len(model.ffns()), model.ffns()[0].gated
+        return sum(self.layers[l].ffn_share(gated) if l in self.layers else 1.0 for l in range(n)) / n
+
+    def save(self, path: str | Path) -> None:
+        facts, probe = self.fingerprint
+        doc = {"format": FORMAT, "model": facts, "probe": probe.tolist(), "info": self.info,
+               "layers": {str(l): vars(b) for l, b in sorted(self.layers.items())}}
+        Path(path).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Profile":
+        try:
+            doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ValueError(f"--profile {path}: no such file") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"--profile {path}: not a coreinfer profile ({e})") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise ValueError(f"--profile {path}: not a coreinfer profile (expected format {FORMAT})")
+        try:
+            layers = {int(l): LayerBudget(**b) for l, b in doc["layers"].items()}
+            fingerprint = (doc["model"], torch.tensor(doc["probe"], dtype=torch.float32))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"--profile {path}: bad layer budgets: {e}") from None
+        if not layers and doc.get("info", {}).get("meets_target", True):
+            raise ValueError(f"--profile {path}: no sparse layers")
+        return cls(fingerprint, layers, doc.get("info", {}))
