@@ -40,12 +40,31 @@ class RuntimeConfig:
             raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {self.weights!r}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check_device(self.device)  # before the model loads, which takes a while
 
     def torch_dtype(self) -> torch.dtype:
         name = self.dtype or ("fp32" if torch.device(self.device).type == "cpu" else "bf16")
         if name not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
         return DTYPES[name]
+
+
+def check_device(device: str) -> None:
+    """cpu, cuda or cuda:N, where that CUDA device exists; else one line saying what is wrong."""
+    kind, _, index = device.partition(":")
+    if kind == "cpu" and not index:
+        return
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ValueError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ValueError(f"device {device!r}: no CUDA device is available (torch {torch.__version__}, {build})")
+    count = torch.cuda.device_count()
+    if index and int(index) >= count:
+        raise ValueError(f"device {device!r} does not exist: this machine has {count} CUDA device(s), "
+                         f"cuda:0 to cuda:{count - 1}")
 
 
 @dataclass
@@ -64,8 +83,11 @@ class Completion:
 
     @property
     def decode_tok_s(self) -> float:
-        """Tokens after the first over the time they took (the first comes from the prefill)."""
-        return (self.completion_tokens - 1) / self.decode_s if self.decode_s > 0 else 0.0
+        """Tokens after the first over the time they took (the first comes from the prefill); 0 when
+        there are none."""
+        if self.completion_tokens < 2 or self.decode_s <= 0:
+            return 0.0
+        return (self.completion_tokens - 1) / self.decode_s
 
     @property
     def prefill_tok_s(self) -> float:
@@ -77,6 +99,31 @@ class StreamEvent:
     index: int  # which prompt of the batch
     text: str  # the new piece of its text ("" on the final event if nothing was held back)
     completion: Completion | None = field(default=None)  # set on that prompt's final event
+
+
+@dataclass
+class Comparison:
+    """One prompt decoded dense and with core neurons. `agreement`: the share of the dense tokens that
+    the core model, fed the dense text so far (teacher-forced), ranks first; None without dense tokens.
+    At temperature 0 it is the per-token fidelity of core decoding, free of the compounding that makes
+    two free-running outputs drift apart. `diverges_at`: the first token where the outputs differ."""
+
+    dense: Completion
+    core: Completion
+    agreement: float | None
+    diverges_at: int | None  # None: identical outputs
+
+
+def check_prompt(prompt: str) -> None:
+    """A prompt must hold text: whitespace alone gives the model nothing to answer."""
+    if isinstance(prompt, str) and not prompt.strip():
+        raise ValueError("the prompt is empty or only whitespace")
+
+
+def first_divergence(a: list[int], b: list[int]) -> int | None:
+    """The first index where two token lists differ (a list ending early differs there); None if equal."""
+    n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    return None if n == len(a) == len(b) else n
 
 
 class LLM:
@@ -114,6 +161,7 @@ class LLM:
         """A string (as is, or wrapped as one user turn when chat) or a list of chat messages."""
         if isinstance(prompt, list):
             return self.tokenizer.encode_chat(prompt)
+        check_prompt(prompt)
         return self.tokenizer.encode(prompt, chat=chat)
 
     def stream(self, prompts, gen: GenerationConfig | None = None, core: CoreConfig | SelectionPolicy | None = None,
@@ -153,3 +201,20 @@ class LLM:
     def generate(self, prompts, gen: GenerationConfig | None = None, core: CoreConfig | SelectionPolicy | None = None,
                  chat: bool = False) -> list[Completion]:
         return [e.completion for e in self.stream(prompts, gen, core, chat) if e.completion is not None]
+
+    def compare(self, prompt: str | list[dict], gen: GenerationConfig | None = None,
+                core: CoreConfig | SelectionPolicy | None = None, chat: bool = False) -> Comparison:
+        """Decode one prompt dense, then with core neurons (`core` None: CoreConfig()'s defaults), and
+        teacher-force the dense tokens through the core model to measure how often it agrees."""
+        gen, core = gen or GenerationConfig(), core or CoreConfig()
+        for warm_up in (None, core):  # first calls allocate and pick kernels: keep that out of both rates
+            self.generate(prompt, GenerationConfig(max_new_tokens=2, ignore_eos=True), warm_up, chat)
+        [dense] = self.generate(prompt, gen, None, chat)
+        [sparse] = self.generate(prompt, gen, core, chat)
+        agreement = None
+        if dense.token_ids:
+            session = self.session([self.encode(prompt, chat)], dense.completion_tokens, core)
+            top = session.score([dense.token_ids])[0].argmax(-1).cpu()  # [L]: the core model's choices
+            agreement = (top == torch.tensor(dense.token_ids)).float().mean().item()
+        return Comparison(dense, sparse, agreement, first_divergence(dense.token_ids, sparse.token_ids))
+

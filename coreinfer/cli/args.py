@@ -4,6 +4,7 @@ CoreConfig (--alpha --beta --statistic --ranking --layers --mode --clusters --re
 --drift-period --drift-threshold; --dense for none)."""
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -11,10 +12,35 @@ from ..engine.generate import GenerationConfig
 from ..engine.policy import MODES, CoreConfig
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every flag's help ends with its default, unless the help already says it. None means 'decided at
+    run time', which the help must explain; switches are off and lists empty by default."""
+
+    def _format_action(self, action):
+        if _has_default(action) and "default" not in (action.help or ""):
+            action = copy.copy(action)  # the parser's own action stays as declared
+            action.help = f"{action.help or ''} (default: %(default)s)".lstrip()
+        return super()._format_action(action)
+
+
+def _has_default(action: argparse.Action) -> bool:
+    d = action.default
+    return bool(action.option_strings) and d is not None and d is not False and d != argparse.SUPPRESS and d != []
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose help (and every subcommand's: subparsers take their parent's class)
+    shows defaults."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
 def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and device")
     g.add_argument("--model", default=None, help="HF folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     g.add_argument("--dtype", default=None, help="fp32 (CPU default), bf16 (CUDA default), fp16")
     g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     g.add_argument("--weights", default="dense", help="dense (the dtype's) or int8 (weight-only, per channel)")
@@ -22,14 +48,14 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
 
 def add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
     g = p.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    g.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens to decode at most")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--repetition-penalty", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest tokens; 0 = all")
+    g.add_argument("--top-p", type=float, default=1.0, help="sample from the smallest set with this probability")
+    g.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeated tokens")
+    g.add_argument("--seed", type=int, default=None, help="sampling seed (default: unseeded)")
     g.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    g.add_argument("--ignore-eos", action="store_true")
+    g.add_argument("--ignore-eos", action="store_true", help="decode max-new-tokens even past end-of-sequence")
 
 
 def add_core_args(p: argparse.ArgumentParser, grid: bool = False) -> None:
@@ -132,10 +158,15 @@ def core_grid(args) -> list[CoreConfig | None]:
 def report_speed(c) -> None:
     """One stderr line: prompt and decode speed, and what the core set saved (a Completion in)."""
     line = f"prompt {c.prompt_tokens} tok at {c.prefill_tok_s:.1f} tok/s, decode {c.completion_tokens} tok at " \
-           f"{c.decode_tok_s:.1f} tok/s"
+           f"{decode_rate(c)} tok/s"
     if c.stats is not None:
         line += f", core {c.stats.share:.0%} of weight bytes per token " \
                 f"(select {c.stats.select_ms:.1f} ms, compact {c.stats.compact_ms:.1f} ms)"
         if c.stats.cluster is not None:
             line += f", cluster {c.stats.cluster[0]} (overlap {c.stats.cluster_score[0]:.2f})"
     print(line, file=sys.stderr)
+
+
+def decode_rate(c) -> str:
+    """A Completion's decode rate, or "-" when it has none (under two tokens: the first comes from the prefill)."""
+    return f"{c.decode_tok_s:.1f}" if c.completion_tokens > 1 else "-"

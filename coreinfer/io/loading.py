@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ _PARTIAL = ".partial-"  # in-progress cache entries are named .<final name>.part
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 _NO_PICKLES = "coreinfer never unpickles; convert to safetensors"
+_ENTRY_NAME = re.compile(r".+-[0-9a-f]{12}")  # a converted model folder: <file stem>-<key hash>, see _gguf_cache_folder
 
 
 class CheckpointError(Exception):
@@ -55,6 +57,43 @@ def cache_dir() -> Path:
         return Path(os.environ["COREINFER_CACHE"]).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base).expanduser() / "coreinfer"
+
+
+@dataclass
+class CacheEntry:
+    path: Path  # a converted model folder, a joined .gguf file, or what an interrupted run left
+    nbytes: int
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def cache_entries() -> list[CacheEntry]:
+    """What coreinfer has written to cache_dir(), by name; other files there are not ours and left alone.
+    Leftovers of conversions whose process still runs are skipped: they are not done yet."""
+    root = cache_dir()
+    if not root.is_dir():
+        return []
+    entries = []
+    for path in sorted(root.iterdir()):
+        if _PARTIAL in path.name:
+            pid = path.name.partition(_PARTIAL)[2].split("-")[0]
+            ours = pid.isdigit() and not _process_alive(int(pid))
+        else:
+            ours = path.suffix == ".gguf" if path.is_file() else bool(_ENTRY_NAME.fullmatch(path.name))
+        if ours and not path.is_symlink():
+            files = [path] if path.is_file() else [f for f in path.rglob("*") if f.is_file()]
+            entries.append(CacheEntry(path, sum(f.stat().st_size for f in files)))
+    return entries
+
+
+def remove_cache_entry(entry: CacheEntry) -> None:
+    """Delete one entry; a model in use stays readable by the processes that have it open."""
+    if entry.path.is_dir():
+        shutil.rmtree(entry.path)
+    else:
+        entry.path.unlink(missing_ok=True)
 
 
 def embedded_model_path() -> Path:
@@ -217,6 +256,11 @@ def _convert_to_cache(path: Path, folder: Path, progress: bool) -> None:
         gguf_conversion.convert(path, partial, progress=progress)
         shutil.rmtree(folder, ignore_errors=True)  # a damaged earlier entry, if any
         os.replace(partial, folder)
+        if progress:
+            size = sum(f.stat().st_size for f in folder.iterdir()) / 1e6
+            print(f"coreinfer: converted {path.name} once, into {folder} ({size:.0f} MB); "
+                  f"`coreinfer cache list` shows the cache, `coreinfer cache clear {folder.name}` frees it",
+                  file=sys.stderr)
     except gguf_conversion.GGUFError as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
     except OSError as exc:
