@@ -107,9 +107,10 @@ class Session:
 
     def __init__(self, model, prompts: list[list[int]], max_new_tokens: int, pad_id: int = 0,
                  policy: SelectionPolicy | None = None, cores: CoreWeights | None = None,
-                 caches: list[KVCache] | None = None, prefill_chunk: int = PREFILL_CHUNK):
+                 caches: list[KVCache] | None = None, prefill_chunk: int = PREFILL_CHUNK, compiled=None):
         device = model.embed_tokens.weight.device
         self.model, self.policy, self.chunk = model, policy, prefill_chunk
+        self.compiled = compiled  # a CompiledStep (compiled.py) that runs decode steps, or None: eager
         total = max(len(p) for p in prompts) + max_new_tokens if prompts else 0
         if total > model.max_context:
             raise ValueError(f"prompt ({total - max_new_tokens} tokens) + {max_new_tokens} new tokens exceeds "
@@ -233,7 +234,11 @@ class Session:
             run = lambda ffn, x: observe(ffn, x, observer)  # noqa: E731
         else:
             run = self.run_ffn if self.compacted else None
-        logits = self.model(b.token, b.positions, b.slot, b.key_valid[:, :span], self.caches, ffn=run)
+        if self.compiled is not None and not check:  # the whole key mask: one graph for every step
+            logits = self.compiled(b.token, b.positions, b.slot, b.key_valid, self.caches,
+                                   self.cores if self.compacted else None)
+        else:
+            logits = self.model(b.token, b.positions, b.slot, b.key_valid[:, :span], self.caches, ffn=run)
         self.steps += 1
         self.decode_bytes += self.stats.bytes_core if self.compacted and not check else self.dense_bytes
         if check:

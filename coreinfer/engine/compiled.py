@@ -1,0 +1,97 @@
+"""The compiled decode step: `torch.compile` of one decode forward, shapes fixed per setting.
+
+Why: a decode step of a small model is ~40 small kernels per layer launched from Python, a third of
+the step at int8 (docs/speed.md). Inductor fuses them into a few C++ loops, but only pays when one
+graph serves every step: the step sees a [B, 1] token, the whole [B, S] key mask (S a multiple of
+the cache block, so it changes only when a request needs a longer cache) and core buffers whose
+width is fixed by the keep ratio. One graph then serves every step and every prompt of a setting.
+
+The freezing trap: with inductor's `freezing` the model's parameters and buffers become constants
+of the graph (prepacked for the fast int8 GEMM). The compacted core rows change with every prompt,
+so they must stay graph *inputs*: they live in `CoreWeights`, plain tensors that are not module
+parameters, and reach the graph through `decode_forward`'s `cores` argument; freezing folds only
+parameters and buffers. tests/test_compile.py decodes two prompts with different core sets one after
+the other and checks every token against eager.
+
+Inductor's on-disk caches (generated kernels, autotuning) live under coreinfer's cache dir, so only
+the first start pays the full compile; later processes load the kernels.
+"""
+
+import os
+import sys
+import time
+from functools import partial
+
+import torch
+
+MODES = ("default", "max-autotune")
+
+
+def core_ffn(cores, ffn, x: torch.Tensor) -> torch.Tensor:
+    """Decode-time FFN: a compacted layer reads its core rows, the others run dense."""
+    core = cores.get(ffn.layer_id)
+    return ffn(x) if core is None else core(x)
+
+
+def decode_forward(model, tokens, positions, slots, key_valid, caches, cores=None) -> torch.Tensor:
+    """One decode forward -> logits [B, 1, V]; `cores` (CoreWeights) None runs every FFN dense."""
+    run = None if cores is None else partial(core_ffn, cores)
+    return model(tokens, positions, slots, key_valid, caches, ffn=run)
+
+
+def inductor_options(mode: str) -> dict:
+    """default: fuse the small kernels. max-autotune: also freeze and prepack the model's weights and
+    pick GEMM kernels by timing them (a slower first compile; the faster int8 step)."""
+    if mode not in MODES:
+        raise ValueError(f"compile mode must be one of {MODES}, got {mode!r}")
+    if mode == "default":
+        return {}
+    return {"freezing": True, "max_autotune": True, "cpp_wrapper": True}
+
+
+def use_cache_dir(path) -> None:
+    """Point inductor's on-disk caches at `path` unless the user chose a place (TORCHINDUCTOR_CACHE_DIR)."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(path))
+
+
+class CompiledStep:
+    """`decode_forward` compiled for one model; falls back to eager, with one line, when compiling
+    fails (no C++ compiler, an unsupported op) and stays eager from then on.
+
+    Each new shape (batch, cache length, core widths) compiles once; `compile_s` sums the time spent,
+    so benchmarks can report it apart from decoding.
+    """
+
+    def __init__(self, model, mode: str = "default", log=None):
+        self.model, self.mode = model, mode
+        self.log = log or (lambda line: print(line, file=sys.stderr))
+        self.fn = torch.compile(decode_forward, fullgraph=True, dynamic=False, options=inductor_options(mode))
+        self.failed: str | None = None
+        self.seen: set[tuple] = set()
+        self.compile_s = 0.0
+
+    def key(self, tokens, key_valid, cores) -> tuple:
+        layers = {} if cores is None else cores.layers
+        widths = tuple((l, type(c).__name__, tuple(tuple(t.shape) for t in getattr(c, "weights", {}).values()))
+                       for l, c in sorted(layers.items()))
+        return tuple(tokens.shape), tuple(key_valid.shape), widths
+
+    def __call__(self, tokens, positions, slots, key_valid, caches, cores=None) -> torch.Tensor:
+        if self.failed:
+            return decode_forward(self.model, tokens, positions, slots, key_valid, caches, cores)
+        key = self.key(tokens, key_valid, cores)
+        if key in self.seen:
+            return self.fn(self.model, tokens, positions, slots, key_valid, caches, cores)
+        B, S = key_valid.shape
+        self.log(f"compiling the decode step (batch {B}, cache {S}, {len(key[2])} core layers, {self.mode}); "
+                 "the first time takes a minute or more, later starts load it from the cache")
+        t = time.perf_counter()
+        try:
+            out = self.fn(self.model, tokens, positions, slots, key_valid, caches, cores)
+        except torch._dynamo.exc.BackendCompilerFailed as e:
+            self.failed = str(e).strip().splitlines()[0][:200]
+            self.log(f"compiling the decode step failed, decoding eager instead: {self.failed}")
+            return decode_forward(self.model, tokens, positions, slots, key_valid, caches, cores)
+        self.compile_s += time.perf_counter() - t
+        self.seen.add(key)
+        return out

@@ -1,0 +1,66 @@
+"""The compiled decode step decodes what eager decodes: across prompts whose core sets differ (the
+per-prompt core rows are graph inputs, not constants frozen on the first prompt), in a batch of 2,
+and eager again when compiling fails."""
+
+import pytest
+import torch
+import transformers
+
+from coreinfer.engine.compact import CoreWeights
+from coreinfer.engine.compiled import CompiledStep
+from coreinfer.engine.policy import CoreConfig
+from coreinfer.engine.quant import quantize_model
+from coreinfer.engine.session import Session, stability_policy
+from oracle import hf_pair
+
+TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256)
+PROMPTS = [[5, 17, 3, 88, 42, 9, 61, 2, 33], [7, 21, 64, 30, 11, 80]]
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def model():
+    _, m = hf_pair(transformers.LlamaConfig(**TINY))
+    quantize_model(m)
+    return m
+
+
+def greedy(model, prompts, policy, compiled, cores):
+    """Greedy tokens [B, STEPS] and the session, through `compiled` (None: eager)."""
+    session = Session(model, prompts, STEPS, policy=policy, cores=cores, compiled=compiled)
+    token, out = session.prefill().argmax(-1), []
+    for _ in range(STEPS):
+        out.append(token)
+        token = session.step(token).argmax(-1)
+    return torch.stack(out, 1), session
+
+
+def test_compiled_equals_eager_across_prompts_and_batch(model):
+    """The freezing trap: the second prompt's core set differs from the first's, and the compiled
+    step (max-autotune freezes the model's weights) must read the second prompt's rows."""
+    policy = stability_policy(CoreConfig(beta=0.5, layers="1-2"), model)
+    compiled, cores = CompiledStep(model, mode="max-autotune"), CoreWeights()
+    runs = [[PROMPTS[0]], [PROMPTS[1]], PROMPTS]  # one after the other, then a batch of 2
+    for prompts in runs:
+        eager, ref = greedy(model, prompts, policy, None, CoreWeights())
+        fast, session = greedy(model, prompts, policy, compiled, cores)
+        print(f"prompts {len(prompts)}: eager {eager.tolist()} compiled {fast.tolist()}")
+        assert torch.equal(fast, eager)
+        for layer, ids in ref.selection.index.items():
+            assert torch.equal(session.selection.index[layer], ids)
+    sets = [greedy(model, [p], policy, None, CoreWeights())[1].selection.index[1] for p in PROMPTS]
+    assert not torch.equal(sets[0], sets[1])  # the two prompts did need different rows
+    assert compiled.failed is None and compiled.compile_s > 0
+    assert len(compiled.seen) == 2  # batch 1 and batch 2: the second prompt reused the first's graph
+
+
+def test_falls_back_to_eager_without_a_compiler(model):
+    lines = []
+    compiled = CompiledStep(model, log=lines.append)
+    with torch._inductor.config.patch({"cpp.cxx": (None, "/nonexistent/c++")}):
+        torch._dynamo.reset()
+        fast, _ = greedy(model, [PROMPTS[0]], None, compiled, CoreWeights())
+    eager, _ = greedy(model, [PROMPTS[0]], None, None, CoreWeights())
+    assert torch.equal(fast, eager)
+    assert compiled.failed and any("decoding eager instead" in line for line in lines)
