@@ -46,6 +46,7 @@ def cmd_serve(args) -> None:
         print(f"coreinfer: warning: listening on {args.host} without an API key", file=sys.stderr)
     logging.basicConfig(level=args.log_level.upper())
     app = create_app(LLM(**runtime_kwargs(args)), settings)
-    print(f"coreinfer: serving {app.state.model_id} on http://{args.host}:{args.port}/v1", file=sys.stderr)
+    print(f"coreinfer: serving {app.state.model_id} on http://{args.host}:{args.port}/v1 "
+          f"(chat page: http://{args.host}:{args.port}/)", file=sys.stderr)
     # on Ctrl-C, open streams get a few seconds; then they are cancelled, which stops their jobs
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
