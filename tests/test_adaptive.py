@@ -183,3 +183,32 @@ def test_calibrate_writes_a_profile_that_generate_loads(tiny_model_dir, tmp_path
     for bad, message in ((["--budgets", "0,0.5"], "--budgets"), (["--target-agree", "2"], "--target-agree")):
         assert cli.main(["calibrate", *flags, *bad, "--output", str(out)]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_prior_fuses_with_the_prompt_statistic(tiny, tmp_path):
+    from coreinfer.engine.profile import LayerBudget, Profile
+    from coreinfer.engine.session import make_policy
+
+    model, width = tiny.model, tiny.model.ffns()[0].width
+    prior = {l: torch.softmax(torch.randn(width, generator=torch.Generator().manual_seed(l)), 0) for l in range(4)}
+    path = tmp_path / "prior.json"
+    Profile.for_model(model, {1: LayerBudget()}, prior=prior).save(path)
+    assert torch.allclose(Profile.load(path).prior[2], prior[2], rtol=1e-3)
+    prompt = [tiny.tokenizer.encode("Scholars argue about how much the press changed")]
+    picked = {}
+    for weight in (0.0, 0.5, 1.0):
+        core = CoreConfig(beta=0.25, layers="all", statistic="norm", prior=str(path), prior_weight=weight)
+        session = Session(model, prompt, 1, policy=make_policy(core, model))
+        session.prefill()
+        picked[weight] = session.selection.index
+    plain = Session(model, prompt, 1, policy=make_policy(CoreConfig(beta=0.25, layers="all", statistic="norm"), model))
+    plain.prefill()
+    loaded = Profile.load(path).prior
+    for l in range(4):
+        assert torch.equal(picked[0.0][l], plain.selection.index[l])  # weight 0: the prompt's own set
+        assert torch.equal(picked[1.0][l][0], loaded[l].topk(32).indices.sort().values)  # weight 1: the prior's
+        assert not torch.equal(picked[0.5][l], picked[0.0][l]) or not torch.equal(picked[0.5][l], picked[1.0][l])
+    with pytest.raises(ValueError, match="prior weight"):
+        CoreConfig(prior=str(path), prior_weight=1.5)
+    with pytest.raises(ValueError, match="not with --profile"):
+        CoreConfig(prior=str(path), profile=str(path))

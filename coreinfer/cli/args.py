@@ -84,6 +84,10 @@ def add_core_args(p: argparse.ArgumentParser, grid: bool = False) -> None:
                    help="re-choose the core set when it covers less than this share of a checked token's statistic")
     g.add_argument("--profile", default=None, metavar="FILE",
                    help="per-layer budgets made by `coreinfer calibrate` (replace --beta, --layers, --refine, --input-keep)")
+    g.add_argument("--prior", default=None, metavar="FILE",
+                   help="a `coreinfer calibrate` profile whose global prior is fused with the prompt's statistic")
+    g.add_argument("--prior-weight", type=float, default=d.prior_weight,
+                   help="weight of the prior against the prompt's own statistic, in [0, 1]")
 
 
 def parse_floats(text: str, flag: str) -> list[float]:
@@ -100,7 +104,8 @@ def parse_refine(text: str) -> list[float | None]:
 
 def adaptive_kwargs(args, refine: float | None, input_keep: float) -> dict:
     return dict(refine=refine, input_keep=input_keep, drift_period=args.drift_period,
-                drift_threshold=args.drift_threshold, profile=args.profile)
+                drift_threshold=args.drift_threshold, profile=args.profile, prior=args.prior,
+                prior_weight=args.prior_weight)
 
 
 def runtime_kwargs(args) -> dict:

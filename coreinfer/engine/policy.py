@@ -39,6 +39,8 @@ class CoreConfig:
     set covers less than `drift_threshold` of that token's statistic, the set is re-chosen; 0: off.
     profile: a file made by `coreinfer calibrate` (engine/profile.py): its per-layer keep, refine and
     input keep replace `beta`, `layers`, `refine` and `input_keep`.
+    prior, prior_weight: a profile whose global prior (neurons core across the calibration text) is
+    fused with each prompt's statistic at this weight (engine/profile.PriorPolicy).
     """
 
     alpha: float = 0.4
@@ -53,6 +55,8 @@ class CoreConfig:
     drift_period: int = 0
     drift_threshold: float = 0.9
     profile: str | None = None
+    prior: str | None = None
+    prior_weight: float = 0.5
 
     def __post_init__(self):
         if self.refine is not None and not 0 < self.refine <= 1:
@@ -74,6 +78,11 @@ class CoreConfig:
             raise ValueError(f"ranking must be 'auto' or one of {RANKINGS}, got {self.ranking!r}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not 0 <= self.prior_weight <= 1:
+            raise ValueError(f"prior weight must be in [0, 1], got {self.prior_weight}")
+        if self.prior and (self.mode != "stability" or self.profile):
+            raise ValueError("a prior fuses into a prompt's own core set: use --prior with --mode stability "
+                             "and --beta, not with --profile")
         if self.profile and self.mode != "stability":
             raise ValueError("a profile sets each layer's own core set: use it with --mode stability")
         if self.mode == "similarity" and not self.clusters:

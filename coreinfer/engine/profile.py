@@ -5,6 +5,10 @@ A profile names, per sparse layer, the core superset's keep ratio, the down rows
 (`input_keep`); see engine/adaptive.py. It records the model it was calibrated on (the cluster
 file's fingerprint) and refuses another, and what the calibration measured on held-out text.
 
+It also holds a global prior (GLASS-style): per sparse layer, each neuron's share of the norm
+statistic over the calibration text, which `PriorPolicy` fuses with a prompt's own statistic so that
+neurons core across the corpus stay in every set (`--prior FILE --prior-weight W`).
+
 The file is JSON: small, diffable, no pickle.
 """
 
@@ -16,8 +20,9 @@ import torch
 
 from .adaptive import AdaptivePolicy, Plan
 from .clusters import model_fingerprint, same_model
-from .policy import StabilityPolicy
-from .selection import keep_count
+from .observe import RunningStats
+from .policy import Selection, StabilityPolicy
+from .selection import keep_count, rank_neurons
 
 FORMAT = "coreinfer.profile/1"
 
@@ -53,10 +58,12 @@ class Profile:
     fingerprint: tuple[dict, torch.Tensor]
     layers: dict[int, LayerBudget]
     info: dict = field(default_factory=dict)
+    prior: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [F], sums to 1 (see PriorPolicy)
 
     @classmethod
-    def for_model(cls, model, layers: dict[int, LayerBudget], info: dict | None = None) -> "Profile":
-        return cls(model_fingerprint(model), dict(layers), info or {})
+    def for_model(cls, model, layers: dict[int, LayerBudget], info: dict | None = None,
+                  prior: dict[int, torch.Tensor] | None = None) -> "Profile":
+        return cls(model_fingerprint(model), dict(layers), info or {}, dict(prior or {}))
 
     def check(self, model, path: str = "the profile") -> None:
         """Refuse a model other than the one the profile was calibrated on."""
@@ -88,7 +95,8 @@ class Profile:
     def save(self, path: str | Path) -> None:
         facts, probe = self.fingerprint
         doc = {"format": FORMAT, "model": facts, "probe": probe.tolist(), "info": self.info,
-               "layers": {str(l): vars(b) for l, b in sorted(self.layers.items())}}
+               "layers": {str(l): vars(b) for l, b in sorted(self.layers.items())},
+               "prior": {str(l): [float(f"{v:.4g}") for v in p.tolist()] for l, p in sorted(self.prior.items())}}
         Path(path).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
 
     @classmethod
@@ -104,8 +112,37 @@ class Profile:
         try:
             layers = {int(l): LayerBudget(**b) for l, b in doc["layers"].items()}
             fingerprint = (doc["model"], torch.tensor(doc["probe"], dtype=torch.float32))
+            prior = {int(l): torch.tensor(p, dtype=torch.float32) for l, p in doc.get("prior", {}).items()}
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"--profile {path}: bad layer budgets: {e}") from None
         if not layers and doc.get("info", {}).get("meets_target", True):
             raise ValueError(f"--profile {path}: no sparse layers")
-        return cls(fingerprint, layers, doc.get("info", {}))
+        return cls(fingerprint, layers, doc.get("info", {}), prior)
+
+
+@dataclass
+class PriorPolicy(StabilityPolicy):
+    """The stability policy ranking each sequence's neurons by (1 - weight) * its prompt's statistic
+    + weight * the prior, each normalised to sum 1 per layer, so the two are on one scale."""
+
+    prior: dict[int, torch.Tensor] = field(default_factory=dict)
+    weight: float = 0.5
+
+    def select(self, stats: dict[int, RunningStats]) -> Selection:
+        index = {}
+        for layer, beta in self.keep.items():
+            local = stats[layer].primary  # [B, F]
+            local = local / local.sum(1, keepdim=True).clamp_min(torch.finfo(local.dtype).tiny)
+            fused = (1 - self.weight) * local + self.weight * self.prior[layer].to(local)
+            index[layer] = rank_neurons(fused, stats[layer].secondary, keep_count(beta, self.width))  # [B, k]
+        return Selection(index)
+
+
+def prior_policy(base: StabilityPolicy, path: str, weight: float, model) -> PriorPolicy:
+    """`base` with the prior of the profile at `path` fused in; every sparse layer needs a prior."""
+    profile = Profile.load(path)
+    profile.check(model, path)
+    missing = sorted(set(base.keep) - set(profile.prior))
+    if missing:
+        raise ValueError(f"--prior {path} has no prior for sparse layers {missing}")
+    return PriorPolicy(base.keep, base.width, base.spec, profile.prior, weight)

@@ -21,7 +21,7 @@ from .clusters import ClusterSet, SimilarityPolicy
 from .compact import CoreWeights
 from .observe import Observer
 from .policy import CoreConfig, Selection, SelectionPolicy, StabilityPolicy
-from .profile import Profile
+from .profile import Profile, prior_policy
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward: bounds attention scores and activations
 CACHE_BLOCK = 256  # cache lengths and decode key spans are multiples of this: few distinct shapes
@@ -304,4 +304,6 @@ def make_policy(core: CoreConfig | SelectionPolicy | None, model,
         base = SimilarityPolicy(clusters, core.keep(len(model.ffns())))
     else:
         base = stability_policy(core, model)
+        if core.prior:
+            base = prior_policy(base, core.prior, core.prior_weight, model)
     return adapt(core, base, model)

@@ -9,6 +9,8 @@
 3. Greedy allocation across layers, as TEAL does: from dense, repeatedly take the one layer step (to
    its next cheaper Pareto candidate) with the least error per FFN byte saved, until the model reads
    at most `budget` of its dense FFN bytes per token.
+   The same prefills give the global prior: each neuron's share of the norm statistic
+   (engine/profile.PriorPolicy, `--prior FILE`).
 4. Each budget's profile is scored end to end on held-out calibration paragraphs (continuation
    perplexity and top-1 agreement with dense, sparse, as `coreinfer eval ppl`); the cheapest that
    keeps agreement >= --target-agree is written, or, when none does, a profile with no sparse
@@ -73,6 +75,15 @@ def layer_errors(ffn, x: torch.Tensor) -> dict[tuple[float, float | None], float
     return out
 
 
+def global_prior(ffn, x: torch.Tensor) -> torch.Tensor:
+    """Each neuron's share of the norm statistic (GRIFFIN's) over the tokens x [N, d] -> [F], sums to 1."""
+    with torch.inference_mode():
+        a = ffn.activations(x).float()
+        unit = a / a.norm(dim=1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
+        score = unit.square().sum(0)
+        return score / score.sum()
+
+
 def pareto(errors: dict, gated: bool) -> list[tuple[float, float, LayerBudget]]:
     """A layer's candidates that no cheaper one beats: (FFN share, error, budget), share descending."""
     points = sorted(((LayerBudget(1.0, r, i).ffn_share(gated), e, LayerBudget(1.0, r, i))
@@ -122,14 +133,16 @@ def calibrate(llm, budgets: list[float], target: float, docs: int, eval_docs: in
     for i in tqdm(order[:docs], desc="calibration prefills", leave=False):
         Capture(model, encode(pool[i].text)[:max_tokens], inputs).prefill()
     gated, ffns = model.ffns()[0].gated, model.ffns()
-    fronts = {l: pareto(layer_errors(ffns[l], torch.cat(inputs.pop(l))), gated)
+    inputs = {l: torch.cat(x) for l, x in inputs.items()}  # [N, d] per sparse layer
+    prior = {l: global_prior(ffns[l], x) for l, x in inputs.items()}
+    fronts = {l: pareto(layer_errors(ffns[l], inputs.pop(l)), gated)
               for l in tqdm(sparse, desc="layer candidates", leave=False)}
     rows = runner.document_rows(encode, [pool[i] for i in order[docs:docs + eval_docs]], 0.5, max_tokens)
     spec = CoreConfig().statistic_for(gated)
     dense_ppl, _, dense_greedy = score(model, rows, None, llm.tokenizer.pad_id)
     tried, chosen = [], None
     for budget in sorted(budgets):
-        profile = Profile.for_model(model, allocate(fronts, len(ffns), budget))
+        profile = Profile.for_model(model, allocate(fronts, len(ffns), budget), prior=prior)
         ppl, agree, _ = score(model, rows, profile.policy(model, spec), llm.tokenizer.pad_id, dense_greedy)
         tried.append({"budget": budget, "ffn_read": round(profile.ffn_share(model), 4),
                       "ppl_ratio": round(ppl / dense_ppl, 4), "top1_agree": round(agree, 4)})
@@ -140,7 +153,7 @@ def calibrate(llm, budgets: list[float], target: float, docs: int, eval_docs: in
             break
     met = chosen is not None
     if not met:  # no budget keeps the target: the profile decodes dense, and says so
-        chosen = Profile.for_model(model, {})
+        chosen = Profile.for_model(model, {}, prior=prior)
     chosen.info = {"target_top1_agree": target, "meets_target": met, "tried": tried, "calibration_docs": docs,
                    "heldout_docs": len(rows), "max_tokens": max_tokens, "dense_ppl": round(dense_ppl, 3),
                    "corpus": f"SQuAD paragraphs {EVAL_OFFSET}.. of the seed-0 shuffle"}

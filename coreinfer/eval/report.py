@@ -49,6 +49,8 @@ def setting_name(core: CoreConfig | None) -> str:
         name += f" input {core.input_keep:g}"
     if core.drift_period:
         name += f" drift {core.drift_period}@{core.drift_threshold:g}"
+    if core.prior:
+        name += f" prior {core.prior_weight:g}"
     if core.profile:
         name = f"profile {Path(core.profile).name}" + (f" {core.statistic}" if core.statistic != "frequency" else "")
     return name
