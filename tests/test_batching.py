@@ -161,3 +161,8 @@ def test_bad_use_is_refused():
     batch.add(session, logits, GenerationConfig(max_new_tokens=3), set())
     with pytest.raises(ValueError, match="free row"):
         batch.add(session, logits, GenerationConfig(max_new_tokens=3), set())
+    # policies that change how a sequence decodes after its prefill are not batched (yet): said, not ignored
+    for core, words in ((CoreConfig(beta=0.5, layers="1-2", refine=0.25), "refinement"),
+                        (CoreConfig(beta=0.5, layers="1-2", drift_period=4), "drift")):
+        with pytest.raises(ValueError, match=words):
+            prefill_one(model, [1, 2], make_policy(core, model))

@@ -346,3 +346,5 @@ def test_core_options_over_server_defaults():
     with pytest.raises(RequestError) as e:
         core_for(CoreConfig(), req(beta=[0.5, 0.6]), 30)  # two betas for the default 25 sparse layers
     assert e.value.status == 400 and "keep ratios" in e.value.message
+    with pytest.raises(ValueError, match="continuously"):  # the batch decodes plain core sets
+        Settings(core=CoreConfig(refine=0.3))

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models.common import KVCache
+from .adaptive import DriftPolicy
 from .compact import CompactFFN
 from .generate import GenerationConfig, sample
 from .observe import Observer
@@ -50,6 +51,9 @@ def prefill_one(model, prompt: list[int], policy: SelectionPolicy | None, pad_id
     compacting it (the batch gathers or masks for itself). `caches`: a previous prefill's, reused when
     their shape fits. Returns the session (its KV cache), the last logits [1, V], the Selection or
     None, and its CoreStats or None."""
+    if isinstance(policy, DriftPolicy):
+        raise ValueError("drift checks re-choose a sequence's core set mid-decode, which a continuous batch "
+                         "does not do: use drift_period 0")
     session = Session(model, [prompt], 0, pad_id, caches=caches)
     observer = None if policy is None else Observer(policy.wanted())
     logits = session.prefill(observer)
@@ -57,6 +61,9 @@ def prefill_one(model, prompt: list[int], policy: SelectionPolicy | None, pad_id
         return session, logits, None, None
     t0 = time.perf_counter()
     selection = policy.select(observer.layers)
+    if selection.plans:
+        raise ValueError("per-token refinement inside the core set (refine, input_keep, a profile's plans) is "
+                         "not decoded in a continuous batch: it runs plain core sets")
     sizes = {l: ix.shape[1] for l, ix in selection.index.items()}
     stats = CoreStats(core_sizes=sizes, ffn_width=model.ffns()[0].width, select_ms=(time.perf_counter() - t0) * 1e3,
                       bytes_dense=model.weight_bytes(), bytes_core=round(core_bytes(model, sizes)),

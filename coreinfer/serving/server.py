@@ -52,6 +52,9 @@ class Settings:
             (self.max_body_bytes >= 1024, f"max body bytes must be >= 1024, got {self.max_body_bytes}"),
             (self.default_max_tokens >= 1, f"default max tokens must be >= 1, got {self.default_max_tokens}"),
             (self.api_key is None or self.api_key.strip() != "", "the API key is empty"),
+            (self.core is None or (self.core.refine, self.core.input_keep, self.core.drift_period) == (None, 1, 0),
+             "the server batches requests continuously, which decodes plain core sets: --refine, --input-keep and "
+             "--drift-period are not supported by coreinfer serve"),
         ]
         for ok, msg in checks:
             if not ok:
