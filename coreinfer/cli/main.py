@@ -45,7 +45,7 @@ def print_comparison(prompt: str, c) -> None:
     """A Comparison as two columns, dense left and core right, then how far they agree."""
     width = min(shutil.get_terminal_size().columns, 160)
     col = max(24, (width - 3) // 2)
-    share = c.core.stats.share
+    share = c.core.stats.share if c.core.stats is not None else 1.0  # a policy may decide to decode dense
     left = column(f"dense: {decode_rate(c.dense)} tok/s, 100% of weights", c.dense.text, col)
     right = column(f"core: {decode_rate(c.core)} tok/s, {share:.0%} of weights", c.core.text, col)
     print(f"prompt: {prompt}\n")
