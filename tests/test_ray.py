@@ -52,7 +52,8 @@ def base(long_model_dir):
     with pytest.MonkeyPatch.context() as env:
         env.setenv("RAY_USAGE_STATS_ENABLED", "0")  # no network here, and none wanted
         t0 = time.monotonic()
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # address="local": a new instance of our own, even where a Ray cluster already runs on the machine
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
