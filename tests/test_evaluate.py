@@ -349,3 +349,19 @@ def test_lm_eval_adapter_generates_and_rolls_sparse(tiny):
     ids = tiny.tokenizer.encode(text)
     ref = continuation_logprobs(tiny.model, [[lm.prefix_token_id]], [ids], lm.core, tiny.tokenizer.pad_id)[0]
     assert rolled[0] == pytest.approx(float(ref.double().sum()), abs=1e-5)
+
+
+def test_frontier_plot_from_ppl_results(tmp_path):
+    cell = lambda v: {"value": v, "stderr": None}  # noqa: E731
+    doc = {"model": "m.gguf", "tasks": {"squad_paragraphs": {"metrics": {
+        "ppl": {"dense": cell(20.0), "norm keep 0.7": cell(30.0)},
+        "top1_agree": {"dense": cell(1.0), "norm keep 0.7": cell(0.65)},
+        "ffn_read": {"dense": cell(1.0), "norm keep 0.7": cell(0.75)}}}}}
+    assert evaluate.frontier_points(doc) == [("dense", 1.0, 1.0, 1.0), ("norm keep 0.7", 0.75, 1.5, 0.65)]
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(doc))
+    assert cli.main(["eval", "frontier", str(path), "--output", str(tmp_path / "f.png")]) == 0
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+    del doc["tasks"]["squad_paragraphs"]["metrics"]["ffn_read"]
+    path.write_text(json.dumps(doc))
+    assert cli.main(["eval", "frontier", str(path), "--output", str(tmp_path / "f.png")]) == 2

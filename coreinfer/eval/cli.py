@@ -3,6 +3,7 @@
     coreinfer eval ppl   [--text FILE] [--prompt 0.5] ...   continuation perplexity and top-1 agreement
     coreinfer eval tasks [--tasks all|mc|gen|piqa,...] ...  lm-eval-style benchmark tasks
     coreinfer eval report A.json B.json ...                 one table from several runs
+    coreinfer eval frontier A.json B.json --output F.png    bytes read vs perplexity/agreement plot
 
 One run evaluates dense and every setting of the grid (--beta 0.5,0.7,0.85 x --statistic) on the
 same items, so each delta against dense is paired. Items are sampled with --limit/--seed and
@@ -196,6 +197,49 @@ def cmd_report(args) -> None:
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)
 
 
+def frontier_points(doc: dict) -> list[tuple[str, float, float, float]]:
+    """(setting, FFN bytes read per token as a share of dense, perplexity x dense, top-1 agreement)
+    for every setting of an `eval ppl` result."""
+    [task] = [t for name, t in doc["tasks"].items() if name != report.POOLED]
+    m = task["metrics"]
+    if not {"ppl", "top1_agree", "ffn_read"} <= set(m):
+        raise ValueError("frontier plots `coreinfer eval ppl` results with ffn_read (made by this version)")
+    dense = m["ppl"]["dense"]["value"]
+    return [(s, m["ffn_read"][s]["value"], m["ppl"][s]["value"] / dense, m["top1_agree"][s]["value"])
+            for s in m["ppl"]]
+
+
+def cmd_frontier(args) -> None:
+    """FFN bytes read against perplexity multiple and top-1 agreement, one series per result file."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for path in args.files:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        points = frontier_points(doc)
+        label = Path(str(doc.get("model", path))).stem
+        for ax, col in ((left, 2), (right, 3)):
+            ax.scatter([p[1] for p in points], [p[col] for p in points], label=label)
+            for p in points:
+                ax.annotate(p[0].replace("norm ", "").replace("frequency ", "freq "), (p[1], p[col]), fontsize=6,
+                            xytext=(3, 2), textcoords="offset points")
+    left.set(xlabel="FFN weights read per decoded token (share of dense)", ylabel="continuation perplexity / dense",
+             title="perplexity (lower is better)")
+    right.set(xlabel="FFN weights read per decoded token (share of dense)", ylabel="top-1 agreement with dense",
+              title="top-1 agreement (higher is better)")
+    right.axhline(0.95, color="grey", linestyle=":", linewidth=1)
+    left.axhline(1.03, color="grey", linestyle=":", linewidth=1)
+    for ax in (left, right):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(args.output, dpi=120)
+    print(f"wrote {args.output}", file=sys.stderr)
+
+
 def add_common_args(p: argparse.ArgumentParser, kind: str, batch_size: int) -> None:
     g = p.add_argument_group("evaluation")
     g.add_argument("--limit", type=int, default=None, help="items per task (default: all), sampled with --seed")
@@ -239,3 +283,8 @@ def add_parser(sub) -> None:
     r.add_argument("files", nargs="+", metavar="FILE.json")
     r.add_argument("--output", default="coreinfer-eval-report", help="writes OUTPUT.json and OUTPUT.md")
     r.set_defaults(func=cmd_report)
+
+    f = ev.add_parser("frontier", help="plot FFN bytes read against perplexity and top-1 agreement (eval ppl runs)")
+    f.add_argument("files", nargs="+", metavar="FILE.json", help="`coreinfer eval ppl` results, one series each")
+    f.add_argument("--output", default="frontier.png", help="the PNG to write")
+    f.set_defaults(func=cmd_frontier)
