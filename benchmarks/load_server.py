@@ -162,8 +162,8 @@ def main() -> int:
 
     load_before = os.getloadavg()[0]
     rows = []
-    for label, checkout in servers or [("server", None)]:
-        for clients in counts:
+    for clients in counts:  # checkouts alternate per client count: a shared machine's load drifts
+        for label, checkout in servers or [("server", None)]:
             proc = None
             if checkout is not None:
                 port = free_port()
@@ -179,6 +179,7 @@ def main() -> int:
             print(f"{label} {clients} clients: {fmt(r.get('tok_s'), '.1f')} tok/s, p50 {fmt(r.get('p50'), '.2f')} s",
                   file=sys.stderr)
 
+    rows.sort(key=lambda r: [label for label, _ in servers].index(r["label"]) if servers else 0)
     first = {r["clients"]: r["texts"] for r in rows if r["label"] == rows[0]["label"]}
     print(f"\n{len(counts)} client counts x {args.requests} requests per client, {args.max_tokens} tokens each, "
           f"temperature 0{', streamed' if args.stream else ''}; servers with --threads {args.threads}; "
