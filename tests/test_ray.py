@@ -97,7 +97,8 @@ def how_it_ends(lines) -> str:
 def test_args_map_onto_serve_flags():
     runtime, settings, options = parse_args({"beta": "0.6", "queue-size": "8", "replicas": "3", "weights": "int8"})
     assert runtime["weights"] == "int8" and settings.core.beta == 0.6 and settings.queue_size == 8
-    assert options["replicas"] == 3 and options["max_ongoing_requests"] > 0
+    assert options["replicas"] == 3 and options["max_ongoing_requests"] == settings.max_batch  # its batch can fill
+    assert parse_args({"max_batch": "4"})[2]["max_ongoing_requests"] == 4
     assert parse_args({"dense": "true"})[1].core is None
     for bad, says in [({"replicas": "two"}, "replicas takes a number"), ({"nope": "1"}, "unrecognized"),
                       ({"dense": "yes"}, "dense takes true or false"), ({"port": "80"}, "Ray's side")]:

@@ -18,9 +18,11 @@ from ..cli.args import Parser, core_config, runtime_kwargs
 from .cli import add_parser
 from .server import Settings
 
-# Ray's knobs with their defaults: replicas; requests one replica holds at a time (more wait in Ray's
-# queue); requests that may wait for a replica (-1: no bound; more get HTTP 503); CPUs per replica
-RAY_OPTIONS = {"replicas": 1, "max_ongoing_requests": 8, "max_queued_requests": 64, "num_cpus": 1.0}
+# Ray's knobs as (type, default): replicas; requests one replica holds at a time, more wait in Ray's
+# queue (None: the server's max_batch, so that a replica's decode batch can fill); requests that may
+# wait in Ray's queue (-1: no bound; more get HTTP 503); CPUs Ray reserves per replica
+RAY_OPTIONS = {"replicas": (int, 1), "max_ongoing_requests": (int, None), "max_queued_requests": (int, 64),
+               "num_cpus": (float, 1.0)}
 RAYS_OWN = ("host", "port", "log_level")  # set on Ray's side: its proxy listens, its logging config logs
 
 
@@ -50,7 +52,7 @@ class Replica:
         return app
 
     def check_health(self) -> None:
-        """Ray calls this every few seconds; raising makes it replace the replica (its worker thread died)."""
+        """Ray calls this every 10 s; raising makes it replace the replica (its worker thread died)."""
         if not self.worker.alive():
             raise RuntimeError("the coreinfer worker thread is not running")
 
@@ -72,12 +74,12 @@ class ReplicaHeader:
 
 def parse_args(args: dict[str, str]) -> tuple[dict, Settings, dict]:
     """`key=value` arguments as (LLM keyword arguments, server Settings, Ray options)."""
-    ray, flags = dict(RAY_OPTIONS), {}
+    ray, flags = {name: default for name, (_, default) in RAY_OPTIONS.items()}, {}
     for key, value in args.items():
         name = key.replace("-", "_")
         if name in RAY_OPTIONS:
             try:
-                ray[name] = type(RAY_OPTIONS[name])(value)
+                ray[name] = RAY_OPTIONS[name][0](value)
             except ValueError:
                 raise ValueError(f"coreinfer.serving.ray_app: {key} takes a number, got {value!r}") from None
         elif name in RAYS_OWN:
@@ -99,6 +101,8 @@ def parse_args(args: dict[str, str]) -> tuple[dict, Settings, dict]:
     ns = parser.parse_args(argv)
     settings = Settings(core=core_config(ns), **{f.name: getattr(ns, f.name) for f in fields(Settings)
                                                  if f.name != "core" and hasattr(ns, f.name)})
+    if ray["max_ongoing_requests"] is None:
+        ray["max_ongoing_requests"] = settings.max_batch
     if ray["replicas"] < 1 or ray["max_ongoing_requests"] < 1 or ray["num_cpus"] < 0:
         raise ValueError("coreinfer.serving.ray_app: replicas and max_ongoing_requests must be >= 1, num_cpus >= 0")
     return runtime_kwargs(ns), settings, ray
