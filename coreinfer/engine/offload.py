@@ -230,7 +230,7 @@ class OffloadSession(Session):
     policy with no sparse layers, so its decode steps too go through `run_ffn`."""
 
     def __init__(self, model, prompts, max_new_tokens, pad_id=0, policy=None, cores=None, caches=None,
-                 prefill_chunk=None, *, budget: int, streamer: Streamer):
+                 prefill_chunk=None, *, budget: int, streamer: Streamer, compiled=None):
         if not prompts:
             raise ValueError("every prompt needs at least one token")
         if policy is not None and not isinstance(policy, StabilityPolicy):
@@ -243,7 +243,7 @@ class OffloadSession(Session):
         policy = policy or StabilityPolicy({}, model.ffns()[0].width)
         # prefill in one chunk by default: every chunk streams every FFN again
         super().__init__(model, prompts, max_new_tokens, pad_id, policy, cores, caches,
-                         prefill_chunk or max(len(p) for p in prompts))
+                         prefill_chunk or max(len(p) for p in prompts), compiled=compiled)
         self.streamer, self.picked = streamer, {}
         if self.plan.streamed:  # a compiled or graphed step reads CoreWeights only
             self.compiled = None
