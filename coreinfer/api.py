@@ -5,19 +5,22 @@
     out = llm.generate("The capital of France is", GenerationConfig(max_new_tokens=16), core=CoreConfig(beta=0.7))
 """
 
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from .engine.clusters import ClusterSet
 from .engine.compact import CoreWeights
+from .engine.compiled import CompiledStep, use_cache_dir
 from .engine.generate import GenerationConfig, decode
 from .engine.policy import CoreConfig, SelectionPolicy
 from .engine.quant import WEIGHT_FORMATS, quantize_model
 from .engine.session import CoreStats, Session, make_policy
-from .io.loading import load_checkpoint
+from .io.loading import cache_dir, load_checkpoint
 from .io.text import TextStream, Tokenizer
 from .models import build_model
 
@@ -27,13 +30,22 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 
 @dataclass
 class RuntimeConfig:
-    """Where and how the model runs. dtype None: fp32 on CPU, bf16 on CUDA. threads None: torch's default."""
+    """Where and how the model runs. dtype None: fp32 on CPU, bf16 on CUDA. threads None: the physical
+    cores this process may use (SMT siblings share a core's bandwidth and oversubscribe a busy machine).
+    compile None: a compiled decode step where it pays (CPU int8), eager elsewhere; True/False force it."""
 
     model: str | None = None
     device: str = "cpu"
     dtype: str | None = None
     threads: int | None = None
     weights: str = "dense"
+    compile: bool | None = None
+
+    def compiles(self) -> bool:
+        """Whether decode steps run compiled (engine/compiled.py)."""
+        if self.compile is not None:
+            return self.compile
+        return torch.device(self.device).type == "cpu" and self.weights != "dense"
 
     def __post_init__(self):
         if self.weights not in WEIGHT_FORMATS:
@@ -49,6 +61,18 @@ class RuntimeConfig:
         if name not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
         return DTYPES[name]
+
+
+def physical_cores() -> int:
+    """CPU cores this process may run on (its affinity set), SMT siblings counted once."""
+    cores = set()
+    for cpu in os.sched_getaffinity(0):
+        topology = f"/sys/devices/system/cpu/cpu{cpu}/topology/"
+        try:
+            cores.add(tuple(Path(topology, name).read_text().strip() for name in ("physical_package_id", "core_id")))
+        except OSError:  # no sysfs topology: count the CPU itself
+            cores.add(cpu)
+    return max(1, len(cores))
 
 
 def check_device(device: str) -> None:
@@ -128,10 +152,10 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
 
 class LLM:
     def __init__(self, model: str | None = None, device: str = "cpu", dtype: str | None = None,
-                 threads: int | None = None, weights: str = "dense", progress: bool = True):
-        self.runtime = RuntimeConfig(model, device, dtype, threads, weights)
-        if threads is not None:
-            torch.set_num_threads(threads)
+                 threads: int | None = None, weights: str = "dense", progress: bool = True,
+                 compile: bool | None = None):
+        self.runtime = RuntimeConfig(model, device, dtype, threads, weights, compile=compile)
+        torch.set_num_threads(threads or physical_cores())
         ckpt = load_checkpoint(model, progress=progress)
         self.name = ckpt.source
         self.config = ckpt.config
@@ -141,6 +165,10 @@ class LLM:
         self.tokenizer = Tokenizer(ckpt.tokenizer_dir, ckpt.config)
         self.cores = CoreWeights()  # compacted weights, reused by every session
         self.caches = None  # the last session's KV caches, reused by the next one of the same shape
+        self.compiled = None  # the compiled decode step every session uses (see RuntimeConfig.compiles)
+        if self.runtime.compiles():
+            use_cache_dir(cache_dir() / "inductor")  # a second process loads the kernels the first compiled
+            self.compiled = CompiledStep(self.model)
         self._clusters: dict[str, ClusterSet] = {}
 
     def load_clusters(self, path: str) -> ClusterSet:
@@ -153,7 +181,8 @@ class LLM:
                 core: CoreConfig | SelectionPolicy | None = None) -> Session:
         """A decode session over token ids; `core` None decodes dense."""
         policy = make_policy(core, self.model, self.load_clusters)
-        session = Session(self.model, ids, max_new_tokens, self.tokenizer.pad_id, policy, self.cores, self.caches)
+        session = Session(self.model, ids, max_new_tokens, self.tokenizer.pad_id, policy, self.cores, self.caches,
+                          compiled=self.compiled)
         self.caches = session.caches
         return session
 

@@ -15,10 +15,13 @@ from pathlib import Path
 import torch
 
 from .engine.compact import CoreWeights
+from .engine.compiled import CompiledStep, use_cache_dir
 from .engine.generate import GenerationConfig, decode
+from .engine.offload import OffloadSession, Streamer, parse_bytes, place
 from .engine.policy import CoreConfig
-from .engine.quant import quantize_model
+from .engine.quant import WEIGHT_FORMATS, quantize_model
 from .engine.session import Session, make_policy
+from .io.loading import cache_dir
 
 
 @dataclass
@@ -31,16 +34,23 @@ class Result:
     gb_s: float
     share_of_bandwidth: float
     note: str = ""
+    ttft_ms: float = 0.0  # time to first token: prefill, selection and compaction
+    compile_s: float = 0.0  # compiling the decode step, during the warm-up round (not in decode tok/s)
+    peak_gpu_mb: float = 0.0  # the contender's own weights on the GPU plus its peak working memory
 
 
-def read_bandwidth_gb_s(mib: int = 512, repeats: int = 5) -> float:
-    """Median GB/s of summing a buffer far larger than the caches: what a GEMV could at best read."""
-    x = torch.ones(mib * 2**18)  # fp32: mib MiB
+def read_bandwidth_gb_s(mib: int = 512, repeats: int = 5, device="cpu") -> float:
+    """Median GB/s of summing a buffer far larger than the caches on `device`: what a GEMV could at
+    best read."""
+    device = torch.device(device)
+    x = torch.ones(mib * 2**18, device=device)  # fp32: mib MiB
     x.sum()
     times = []
     for _ in range(repeats):
+        synchronize(device)
         t = time.perf_counter()
         x.sum()
+        synchronize(device)
         times.append(time.perf_counter() - t)
     return x.nbytes / statistics.median(times) / 1e9
 
@@ -51,18 +61,41 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class Ours:
-    """coreinfer on one model copy: dense or core, fp32/bf16 or int8 weights."""
+def device_bytes(*modules) -> int:
+    """Bytes of the distinct parameters and buffers of `modules` that live on a CUDA device."""
+    held = {t.data_ptr(): t.nbytes for m in modules for t in [*m.parameters(), *m.buffers()] if t.is_cuda}
+    return sum(held.values())
 
-    def __init__(self, name, model, core: CoreConfig | None):
-        self.name, self.model, self.core, self.note = name, model, core, ""
-        self.cores = CoreWeights()
+
+class Ours:
+    """coreinfer on one model copy: dense or core, fp32/bf16 or int8 weights; with `budget` (bytes),
+    the memory-limited mode on a model `offload.place`d on the GPU."""
+
+    def __init__(self, name, model, core: CoreConfig | None, budget: int | None = None, compiled=None):
+        self.name, self.model, self.core, self.note, self.budget = name, model, core, "", budget
+        self.compiled = compiled  # a CompiledStep shared by the contenders of one model, or None: eager
+        self.cores, self.caches = CoreWeights(), None  # reused across runs, as LLM does (and CUDA graphs need)
         self.device = model.embed_tokens.weight.device
+        self.streamer = Streamer(model, self.device) if budget is not None else None
+
+    def held_bytes(self) -> int:
+        """GPU bytes kept between runs: weights, staging buffers, core rows and KV caches."""
+        kept = [t for c in self.cores.layers.values() for t in getattr(c, "weights", {}).values()]
+        kept += [t for c in self.caches or [] for t in (c.k, c.v)]
+        return device_bytes(self.model, *(self.streamer.slots if self.streamer else [])) + sum(
+            t.nbytes for t in kept if t.is_cuda)
 
     def run(self, ids: list[int], new_tokens: int, eos: set[int]) -> tuple[float, float, float, int]:
         """One generation -> (prefill s, select+compact ms, decode tok/s, bytes per decode step)."""
         gen = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
-        session = Session(self.model, [ids], new_tokens, policy=make_policy(self.core, self.model), cores=self.cores)
+        policy = make_policy(self.core, self.model)
+        if self.budget is None:
+            session = Session(self.model, [ids], new_tokens, policy=policy, cores=self.cores, caches=self.caches,
+                              compiled=self.compiled)
+        else:
+            session = OffloadSession(self.model, [ids], new_tokens, policy=policy, cores=self.cores, caches=self.caches,
+                                     budget=self.budget, streamer=self.streamer, compiled=self.compiled)
+        self.caches = session.caches
         t0 = time.perf_counter()
         steps = decode(session, gen, eos)
         next(steps)
@@ -74,22 +107,31 @@ class Ours:
         core = session.stats
         ms = core.select_ms + core.compact_ms if core else 0.0
         prefill_s = t1 - t0 - ms / 1e3
+        if self.streamer is not None:
+            self.note = f"{session.offload.step_bytes_moved / 1e6:.0f} MB/token host->GPU"
         return prefill_s, ms, n / (t2 - t1), core.bytes_core if core else self.model.weight_bytes()
 
 
 class Transformers:
     """transformers `generate`, greedy, same weights, dtype and threads: the baseline users have."""
 
-    def __init__(self, hf_model):
-        self.name, self.hf, self.note = "transformers", hf_model, "dense"
+    def __init__(self, hf_model, name="transformers", note="dense"):
+        self.name, self.hf, self.note = name, hf_model, note
+        self.device = hf_model.get_input_embeddings().weight.device  # with a device map: where tokens go in
+
+    def held_bytes(self) -> int:
+        return device_bytes(self.hf)
 
     def run(self, ids, new_tokens, eos):
-        x = torch.tensor([ids], device=self.hf.device)
+        x = torch.tensor([ids], device=self.device)
         kw = dict(do_sample=False, min_new_tokens=new_tokens, pad_token_id=0)
+        synchronize(self.device)
         t0 = time.perf_counter()
         self.hf.generate(x, max_new_tokens=1, **{**kw, "min_new_tokens": 1})
+        synchronize(self.device)
         t1 = time.perf_counter()
         self.hf.generate(x, max_new_tokens=new_tokens, **kw)
+        synchronize(self.device)
         t2 = time.perf_counter()
         decode_s = (t2 - t1) - (t1 - t0)  # the same prefill, then new_tokens - 1 decode steps
         nbytes = sum(p.nbytes for p in self.hf.parameters()) - self.hf.get_input_embeddings().weight.nbytes * (
@@ -103,7 +145,7 @@ class LlamaCpp:
     def __init__(self, gguf_path, threads: int):
         from llama_cpp import Llama
 
-        self.name, self.note = "llama.cpp", gguf_path.name
+        self.name, self.note = f"llama.cpp {gguf_type(gguf_path)}", gguf_path.name
         self.llm = Llama(str(gguf_path), n_ctx=2048, n_threads=threads, verbose=False)
 
     def run(self, ids, new_tokens, eos):
@@ -116,6 +158,12 @@ class LlamaCpp:
             self.llm.eval([token])
         t2 = time.perf_counter()
         return t1 - t0, 0.0, (new_tokens - 1) / (t2 - t1), 0
+
+
+def gguf_type(path: Path) -> str:
+    """The weight type a GGUF's name announces (SmolLM2-135M-Instruct-Q4_1.gguf -> Q4_1), else "gguf"."""
+    parts = path.stem.replace("-", ".").split(".")
+    return next((p for p in reversed(parts) if p[:1] in "QF" and p[1:2].isdigit()), "gguf")
 
 
 def per_token_breakdown(model, ids: list[int], core: CoreConfig | None, steps: int = 32) -> dict[str, float]:
@@ -150,13 +198,31 @@ def per_token_breakdown(model, ids: list[int], core: CoreConfig | None, steps: i
     return {k: v * 1e3 for k, v in {"total": total, **parts}.items()}
 
 
+def peak_gpu_bytes(c, run) -> tuple[tuple, int]:
+    """run() and the contender's peak GPU memory: its own weights plus the most its run allocated on
+    top of what was allocated before (other contenders' weights are not its own). 0 without CUDA."""
+    device = getattr(c, "device", torch.device("cpu"))
+    if device.type != "cuda":
+        return run(), 0
+    torch.cuda.synchronize(device)
+    held, before = c.held_bytes(), torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out = run()
+    return out, held + torch.cuda.max_memory_allocated(device) - before
+
+
 def run_bench(contenders, ids, new_tokens, rounds, eos, bandwidth) -> list[Result]:
     from tqdm import tqdm
 
     samples = {c.name: [] for c in contenders}
+    peaks, compile_s = dict.fromkeys(samples, 0), dict.fromkeys(samples, 0.0)
     for r in tqdm(range(rounds + 1), desc="bench rounds", file=sys.stderr):
         for c in contenders:
-            out = c.run(ids, new_tokens, eos)
+            compiled = getattr(c, "compiled", None)
+            before = compiled.compile_s if compiled else 0.0
+            out, peak = peak_gpu_bytes(c, lambda: c.run(ids, new_tokens, eos))
+            compile_s[c.name] += (compiled.compile_s if compiled else 0.0) - before
+            peaks[c.name] = max(peaks[c.name], peak)
             if r:  # round 0 warms every contender up
                 samples[c.name].append(out)
     results = []
@@ -166,22 +232,25 @@ def run_bench(contenders, ids, new_tokens, rounds, eos, bandwidth) -> list[Resul
         nbytes = cols[3][0]
         gb_s = nbytes * tok_s / 1e9
         results.append(Result(c.name, len(ids) / prefill_s, ms, tok_s, nbytes, gb_s,
-                              gb_s / bandwidth if nbytes else 0.0, c.note))
+                              gb_s / bandwidth if nbytes else 0.0, c.note, ttft_ms=prefill_s * 1e3 + ms,
+                              compile_s=compile_s[c.name], peak_gpu_mb=peaks[c.name] / 2**20))
     return results
 
 
 def table(results: list[Result], bandwidth: float) -> str:
-    base = next((r.decode_tok_s for r in results if r.name == "coreinfer dense"), None)
+    base = next((r.decode_tok_s for r in results if r.name.startswith("coreinfer dense")), None)
+    gpu = any(r.peak_gpu_mb for r in results)  # on CUDA: time to first token and peak GPU memory too
     lines = [f"machine read bandwidth: {bandwidth:.1f} GB/s", "",
-             "| contender | prefill tok/s | select+compact ms | decode tok/s | vs dense | MB/token | GB/s | of bw |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| contender | prefill tok/s | select+compact ms | decode tok/s | vs dense | MB/token | GB/s | of bw "
+             "| compile s |" + (" TTFT ms | peak GPU MB | note |" if gpu else ""),
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---|" if gpu else "")]
     for r in results:
         rel = f"{r.decode_tok_s / base:.2f}x" if base else "-"
         mb = f"{r.bytes_per_token / 1e6:.0f}" if r.bytes_per_token else "-"
         gb = f"{r.gb_s:.1f}" if r.bytes_per_token else "-"
         share = f"{r.share_of_bandwidth:.0%}" if r.bytes_per_token else "-"
         lines.append(f"| {r.name} | {r.prefill_tok_s:.0f} | {r.select_compact_ms:.1f} | {r.decode_tok_s:.1f} | {rel} "
-                     f"| {mb} | {gb} | {share} |")
+                     f"| {mb} | {gb} | {share} | {r.compile_s:.1f} |" + (f" {r.ttft_ms:.1f} | {r.peak_gpu_mb:.0f} | {r.note} |" if gpu else ""))
     return "\n".join(lines)
 
 
@@ -217,39 +286,96 @@ def transformers_model(ckpt, dtype):
 
 
 def contenders_for(args, ckpt, dtype):
+    from tqdm import tqdm
+
+    from .api import RuntimeConfig
     from .cli.args import core_grid
     from .io.loading import embedded_model_path
     from .models import build_model
 
+    if args.max_gpu_memory is not None:
+        return offload_contenders(args, ckpt, dtype)
     out = []
     if not args.no_transformers:
-        out.append(Transformers(transformers_model(ckpt, dtype)))
+        out.append(Transformers(transformers_model(ckpt, dtype).to(args.device)))
     for fmt in [f.strip() for f in args.weights.split(",")]:
-        if fmt not in ("dense", "int8"):
-            raise ValueError(f"--weights takes dense and/or int8, got {fmt!r}")
+        if fmt not in WEIGHT_FORMATS:
+            raise ValueError(f"--weights takes {', '.join(WEIGHT_FORMATS)} (comma-separated), got {fmt!r}")
         model = build_model(ckpt.config, ckpt.weights, args.device, dtype)
         if fmt == "int8":
             quantize_model(model)
-        tag = " int8" if fmt == "int8" else ""
+        compiled = None
+        if RuntimeConfig(args.model, args.device, args.dtype, weights=fmt, compile=args.compile).compiles():
+            use_cache_dir(cache_dir() / "inductor")
+            compiled = CompiledStep(model, log=lambda line: tqdm.write(line, file=sys.stderr))
+        tag = "" if fmt == "dense" else f" {fmt}"
         for core in core_grid(args):
             name = "coreinfer dense" if core is None else f"coreinfer {core.statistic} keep {core.beta}"
-            out.append(Ours(name + tag, model, core))
+            out.append(Ours(name + tag, model, core))  # eager: what compiling gains is measured against it
+            if compiled:
+                out.append(Ours(name + tag + " compiled", model, core, compiled=compiled))
     gguf = embedded_model_path() if args.model is None else Path(args.model)
     if gguf.suffix == ".gguf" and not args.no_llama_cpp:
         try:
             out.append(LlamaCpp(gguf, torch.get_num_threads()))
+            out.append(LlamaCpp(q8_0(gguf), torch.get_num_threads()))
         except ImportError:
             print("llama.cpp: skipped (pip install llama-cpp-python to compare against it)", file=sys.stderr)
     return out
 
 
+def q8_0(gguf: Path) -> Path:
+    """The GGUF requantized to Q8_0 by llama.cpp (once, into the cache): llama.cpp on int8 weights, the
+    byte-comparable row to coreinfer's int8."""
+    import llama_cpp
+
+    out = cache_dir() / "gguf" / f"{gguf.stem}.Q8_0.gguf"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.allow_requantize = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, True
+        tmp = out.with_suffix(".tmp")
+        if llama_cpp.llama_model_quantize(str(gguf).encode(), str(tmp).encode(), params) != 0:
+            raise OSError(f"llama.cpp could not requantize {gguf} to Q8_0")
+        tmp.rename(out)
+    return out
+
+
+def offload_contenders(args, ckpt, dtype):
+    """The memory-limited comparison at one GPU budget: transformers + accelerate's offload
+    (`device_map="auto"` with the same max_memory), coreinfer dense with its offload (the leading
+    FFNs that fit resident, the rest streamed every token) and coreinfer's core settings."""
+    from .cli.args import core_grid
+    from .models import build_model
+
+    if torch.device(args.device).type != "cuda" or args.weights != "dense":
+        raise ValueError("--max-gpu-memory needs --device cuda and --weights dense")
+    budget = parse_bytes(args.max_gpu_memory)
+    out = []
+    if not args.no_transformers:
+        from accelerate import dispatch_model, infer_auto_device_map
+
+        hf = transformers_model(ckpt, dtype)
+        gpu = torch.device(args.device).index or 0
+        device_map = infer_auto_device_map(hf, max_memory={gpu: budget, "cpu": 2**40},
+                                           no_split_module_classes=hf._no_split_modules)
+        offloaded = sum(1 for d in device_map.values() if d == "cpu")
+        out.append(Transformers(dispatch_model(hf, device_map), "transformers + accelerate offload",
+                                f"{offloaded} of {len(device_map)} modules on the CPU"))
+    model = build_model(ckpt.config, ckpt.weights, "cpu", dtype)
+    place(model, args.device)
+    for core in core_grid(args):
+        name = "coreinfer dense offload" if core is None else f"coreinfer {core.statistic} keep {core.beta} offload"
+        out.append(Ours(name, model, core, budget))
+    return out
+
+
 def cmd_bench(args) -> None:
-    from .api import RuntimeConfig
+    from .api import RuntimeConfig, physical_cores
     from .io.loading import load_checkpoint
     from .io.text import Tokenizer
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or physical_cores())
     for flag in ("prompt_tokens", "new_tokens", "rounds"):
         if getattr(args, flag) < (2 if flag == "new_tokens" else 1):
             raise ValueError(f"--{flag.replace('_', '-')} is too small: {getattr(args, flag)}")
@@ -258,13 +384,15 @@ def cmd_bench(args) -> None:
     tokenizer = Tokenizer(ckpt.tokenizer_dir, ckpt.config)
     ids = prompt_ids(tokenizer, args.prompt_tokens)
     contenders = contenders_for(args, ckpt, dtype)
-    bandwidth = read_bandwidth_gb_s()
+    bandwidth = read_bandwidth_gb_s(device=args.device)
     with torch.inference_mode():
         results = run_bench(contenders, ids, args.new_tokens, args.rounds, tokenizer.eos_ids, bandwidth)
     ours = [c for c in contenders if isinstance(c, Ours)]
-    breakdown = {c.name: per_token_breakdown(c.model, ids, c.core) for c in ours}
+    breakdown = {c.name: per_token_breakdown(c.model, ids, c.core) for c in ours if c.budget is None and not c.compiled}
     settings = dict(model=ckpt.source, prompt_tokens=len(ids), new_tokens=args.new_tokens, rounds=args.rounds,
-                    threads=torch.get_num_threads(), dtype=str(dtype), device=args.device)
+                    threads=torch.get_num_threads(), dtype=str(dtype), device=args.device,
+                    gpu=torch.cuda.get_device_name(args.device) if torch.device(args.device).type == "cuda" else None,
+                    max_gpu_memory=args.max_gpu_memory)
     if args.json:
         print(to_json(results, bandwidth, breakdown, settings))
         return

@@ -2,10 +2,13 @@
 per-prompt core rows are graph inputs, not constants frozen on the first prompt), in a batch of 2,
 and eager again when compiling fails."""
 
+import os
+
 import pytest
 import torch
 import transformers
 
+from coreinfer.api import RuntimeConfig, physical_cores
 from coreinfer.engine.compact import CoreWeights
 from coreinfer.engine.compiled import CompiledStep
 from coreinfer.engine.policy import CoreConfig
@@ -64,3 +67,14 @@ def test_falls_back_to_eager_without_a_compiler(model):
     eager, _ = greedy(model, [PROMPTS[0]], None, None, CoreWeights())
     assert torch.equal(fast, eager)
     assert compiled.failed and any("decoding eager instead" in line for line in lines)
+
+
+def test_compiled_by_default_where_it_pays():
+    assert RuntimeConfig(weights="int8").compiles()
+    assert not RuntimeConfig(weights="dense").compiles()  # fp32 is bound by bytes, not kernel launches
+    assert not RuntimeConfig(weights="int8", compile=False).compiles()
+    assert RuntimeConfig(weights="dense", compile=True).compiles()
+
+
+def test_default_threads_are_physical_cores():
+    assert 1 <= physical_cores() <= len(os.sched_getaffinity(0))

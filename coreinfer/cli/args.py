@@ -8,6 +8,8 @@ import copy
 import sys
 from pathlib import Path
 
+import torch
+
 from ..engine.generate import GenerationConfig
 from ..engine.policy import MODES, CoreConfig
 
@@ -42,8 +44,12 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="HF folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     g.add_argument("--dtype", default=None, help="fp32 (CPU default), bf16 (CUDA default), fp16")
-    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads (default: the physical cores this process may use, SMT siblings counted once)")
     g.add_argument("--weights", default="dense", help="dense (the dtype's) or int8 (weight-only, per channel)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compiled decode step (default: on for CPU int8, where it pays; the first start compiles "
+                        "for a minute or more, later starts load the cached kernels)")
 
 
 def add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
@@ -109,7 +115,8 @@ def adaptive_kwargs(args, refine: float | None, input_keep: float) -> dict:
 
 
 def runtime_kwargs(args) -> dict:
-    return dict(model=args.model, device=args.device, dtype=args.dtype, threads=args.threads, weights=args.weights)
+    return dict(model=args.model, device=args.device, dtype=args.dtype, threads=args.threads, weights=args.weights,
+                compile=args.compile)
 
 
 def generation_config(args) -> GenerationConfig:
@@ -163,7 +170,7 @@ def core_grid(args) -> list[CoreConfig | None]:
 def report_speed(c) -> None:
     """One stderr line: prompt and decode speed, and what the core set saved (a Completion in)."""
     line = f"prompt {c.prompt_tokens} tok at {c.prefill_tok_s:.1f} tok/s, decode {c.completion_tokens} tok at " \
-           f"{decode_rate(c)} tok/s"
+           f"{decode_rate(c)} tok/s, {torch.get_num_threads()} threads"
     if c.stats is not None:
         line += f", core {c.stats.share:.0%} of weight bytes per token " \
                 f"(select {c.stats.select_ms:.1f} ms, compact {c.stats.compact_ms:.1f} ms)"

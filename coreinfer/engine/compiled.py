@@ -62,7 +62,7 @@ class CompiledStep:
     so benchmarks can report it apart from decoding.
     """
 
-    def __init__(self, model, mode: str = "default", log=None):
+    def __init__(self, model, mode: str = "max-autotune", log=None):
         self.model, self.mode = model, mode
         self.log = log or (lambda line: print(line, file=sys.stderr))
         self.fn = torch.compile(decode_forward, fullgraph=True, dynamic=False, options=inductor_options(mode))
