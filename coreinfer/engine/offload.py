@@ -336,3 +336,5 @@ class OffloadSession(Session):
     def measure_peak(self) -> None:
         if self.streamer.device.type == "cuda":
             self.offload.peak_device_bytes = torch.cuda.max_memory_allocated(self.streamer.device)
+            if self.stats is not None:
+                self.stats.peak_gpu_bytes = self.offload.peak_device_bytes

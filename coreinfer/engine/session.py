@@ -43,6 +43,7 @@ class CoreStats:
     bytes_core: int = 0
     cluster: list[int] | None = None  # similarity mode: each sequence's cluster
     cluster_score: list[float] | None = None  # and its mean core-set overlap with that cluster's members
+    peak_gpu_bytes: int = 0  # memory-limited mode on CUDA: the most GPU memory allocated, prefill to last step
 
     @property
     def per_sequence(self) -> float:
