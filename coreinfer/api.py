@@ -8,6 +8,7 @@
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Iterator
 
@@ -15,8 +16,10 @@ import torch
 
 from .engine.clusters import ClusterSet
 from .engine.compact import CoreWeights
-from .engine.compiled import CompiledStep, use_cache_dir
+from .engine.compiled import CompiledStep, decode_forward, use_cache_dir
+from .engine.cuda_graphs import GraphedStep
 from .engine.generate import GenerationConfig, decode
+from .engine.offload import OffloadSession, Streamer, parse_bytes, plan, place
 from .engine.policy import CoreConfig, SelectionPolicy
 from .engine.quant import WEIGHT_FORMATS, quantize_model
 from .engine.session import CoreStats, Session, make_policy
@@ -39,10 +42,14 @@ class RuntimeConfig:
     dtype: str | None = None
     threads: int | None = None
     weights: str = "dense"
+    max_gpu_memory: str | int | None = None  # e.g. "2GiB": the memory-limited mode (engine/offload.py)
     compile: bool | None = None
 
     def compiles(self) -> bool:
-        """Whether decode steps run compiled (engine/compiled.py)."""
+        """Whether decode steps run compiled (engine/compiled.py). The memory-limited mode streams FFN
+        weights between steps and stays eager."""
+        if self.max_gpu_memory is not None:
+            return False
         if self.compile is not None:
             return self.compile
         return torch.device(self.device).type == "cpu" and self.weights != "dense"
@@ -55,6 +62,11 @@ class RuntimeConfig:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         check_device(self.device)  # before the model loads, which takes a while
+        if self.max_gpu_memory is not None:
+            parse_bytes(self.max_gpu_memory)
+            if torch.device(self.device).type != "cuda" or self.weights != "dense":
+                raise ValueError("--max-gpu-memory needs --device cuda and --weights dense: it keeps FFN weights "
+                                 "in CPU memory and only their core rows on the GPU")
 
     def torch_dtype(self) -> torch.dtype:
         name = self.dtype or ("fp32" if torch.device(self.device).type == "cpu" else "bf16")
@@ -153,13 +165,21 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
 class LLM:
     def __init__(self, model: str | None = None, device: str = "cpu", dtype: str | None = None,
                  threads: int | None = None, weights: str = "dense", progress: bool = True,
-                 compile: bool | None = None):
-        self.runtime = RuntimeConfig(model, device, dtype, threads, weights, compile=compile)
+                 max_gpu_memory: str | int | None = None, compile: bool | None = None):
+        self.runtime = RuntimeConfig(model, device, dtype, threads, weights, max_gpu_memory=max_gpu_memory,
+                                     compile=compile)
         torch.set_num_threads(threads or physical_cores())
         ckpt = load_checkpoint(model, progress=progress)
         self.name = ckpt.source
         self.config = ckpt.config
-        self.model = build_model(ckpt.config, ckpt.weights, device, self.runtime.torch_dtype())
+        limited = max_gpu_memory is not None
+        self.model = build_model(ckpt.config, ckpt.weights, "cpu" if limited else device, self.runtime.torch_dtype())
+        # memory-limited: FFN weights stay in pinned CPU memory, the rest moves to the GPU
+        self.budget = parse_bytes(max_gpu_memory) if limited else None
+        if limited:
+            plan(self.model, 1, 1, None, 0).check(self.budget)  # the resident weights and staging must fit
+            place(self.model, device)
+        self.streamer = Streamer(self.model, device) if limited else None
         if weights == "int8":
             quantize_model(self.model)
         self.tokenizer = Tokenizer(ckpt.tokenizer_dir, ckpt.config)
@@ -169,6 +189,8 @@ class LLM:
         if self.runtime.compiles():
             use_cache_dir(cache_dir() / "inductor")  # a second process loads the kernels the first compiled
             self.compiled = CompiledStep(self.model)
+        if torch.device(device).type == "cuda" and compile is not False:  # one launch per step, not hundreds
+            self.compiled = GraphedStep(self.compiled or partial(decode_forward, self.model))
         self._clusters: dict[str, ClusterSet] = {}
 
     def load_clusters(self, path: str) -> ClusterSet:
@@ -181,8 +203,12 @@ class LLM:
                 core: CoreConfig | SelectionPolicy | None = None) -> Session:
         """A decode session over token ids; `core` None decodes dense."""
         policy = make_policy(core, self.model, self.load_clusters)
-        session = Session(self.model, ids, max_new_tokens, self.tokenizer.pad_id, policy, self.cores, self.caches,
-                          compiled=self.compiled)
+        if self.budget is not None:
+            session = OffloadSession(self.model, ids, max_new_tokens, self.tokenizer.pad_id, policy, self.cores,
+                                     self.caches, budget=self.budget, streamer=self.streamer, compiled=self.compiled)
+        else:
+            session = Session(self.model, ids, max_new_tokens, self.tokenizer.pad_id, policy, self.cores, self.caches,
+                              compiled=self.compiled)
         self.caches = session.caches
         return session
 

@@ -172,3 +172,25 @@ def test_int8_decode_on_cuda_uses_the_kernel_and_matches_cpu():
     ref = x.float() @ (q.float() * s[:, None]).t()
     got = int8_matmul(x.cuda(), q.cuda(), s.to(torch.bfloat16).cuda()).float().cpu()
     assert (got - ref).abs().max().item() < 0.05 * ref.abs().max().item()
+
+
+@needs_cuda
+def test_llm_on_cuda_bf16_graphs_and_memory_limited(tiny_model_dir):
+    """The API on CUDA: bf16 by default, CUDA graphs unless compile=False, the same greedy tokens as
+    eager; the memory-limited mode (fp32 here, so summation order cannot flip a token) matches too."""
+    from coreinfer import LLM, GenerationConfig
+    from coreinfer.engine.cuda_graphs import GraphedStep
+
+    gen, core = GenerationConfig(max_new_tokens=12, ignore_eos=True), CoreConfig(beta=0.5)
+    texts = ["The capital of France is", "Scholars argue about"]
+
+    def tokens(llm):
+        return [llm.generate(t, gen, core=c)[0].token_ids for t in texts for c in (None, core)]
+
+    llm = LLM(str(tiny_model_dir), device="cuda", progress=False)
+    assert llm.model.embed_tokens.weight.dtype == torch.bfloat16 and isinstance(llm.compiled, GraphedStep)
+    assert tokens(llm) == tokens(LLM(str(tiny_model_dir), device="cuda", compile=False, progress=False))
+    eager = tokens(LLM(str(tiny_model_dir), device="cuda", dtype="fp32", compile=False, progress=False))
+    limited = LLM(str(tiny_model_dir), device="cuda", dtype="fp32", max_gpu_memory="256MiB", progress=False)
+    assert limited.model.ffns()[0].up.is_pinned()
+    assert tokens(limited) == eager

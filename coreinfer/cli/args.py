@@ -47,6 +47,8 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: the physical cores this process may use, SMT siblings counted once)")
     g.add_argument("--weights", default="dense", help="dense (the dtype's) or int8 (weight-only, per channel)")
+    g.add_argument("--max-gpu-memory", default=None, metavar="SIZE",
+                   help="memory-limited mode, e.g. 2GiB: FFN weights stay in CPU memory, only core rows on the GPU")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compiled decode step (default: on for CPU int8, where it pays; the first start compiles "
                         "for a minute or more, later starts load the cached kernels)")
@@ -116,7 +118,7 @@ def adaptive_kwargs(args, refine: float | None, input_keep: float) -> dict:
 
 def runtime_kwargs(args) -> dict:
     return dict(model=args.model, device=args.device, dtype=args.dtype, threads=args.threads, weights=args.weights,
-                compile=args.compile)
+                max_gpu_memory=args.max_gpu_memory, compile=args.compile)
 
 
 def generation_config(args) -> GenerationConfig:
@@ -176,6 +178,8 @@ def report_speed(c) -> None:
                 f"(select {c.stats.select_ms:.1f} ms, compact {c.stats.compact_ms:.1f} ms)"
         if c.stats.cluster is not None:
             line += f", cluster {c.stats.cluster[0]} (overlap {c.stats.cluster_score[0]:.2f})"
+        if c.stats.peak_gpu_bytes:
+            line += f", peak GPU memory {c.stats.peak_gpu_bytes / 2**30:.2f} GiB"
     print(line, file=sys.stderr)
 
 
