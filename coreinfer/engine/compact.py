@@ -4,6 +4,7 @@ A neuron is one slice of each of the FFN's per-neuron tensors (`FFN.neuron_tenso
 and gate, a row of down in float ([F, d]) or a column in int8 ([d, F], the kernel's layout).
 """
 
+import numpy as np
 import torch
 
 from .quant import INT8_K_ALIGN, int8_matmul
@@ -34,7 +35,12 @@ class CompactFFN:
             self.weights.pop(name, None)  # drop the old buffer before allocating its successor
             buf = self.weights[name] = torch.empty(shape, dtype=source.dtype, device=source.device)
         for b in range(index.shape[0]):
-            torch.index_select(source, axis, index[b], out=buf[b])
+            if axis == 1 and source.device.type == "cpu":
+                # int8 down's neurons are columns: torch gathers them byte by byte (13 ms a layer on
+                # SmolLM2's [576, 1536]), numpy's take copies each row's picks in a tight loop (4x faster)
+                np.take(source.numpy(), index[b].numpy(), axis=1, out=buf[b].numpy())
+            else:
+                torch.index_select(source, axis, index[b], out=buf[b])
 
     @torch.inference_mode()
     def load(self, ffn, index: torch.Tensor) -> None:
