@@ -10,12 +10,14 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from .engine.compact import CoreWeights
-from .engine.compiled import CompiledStep, use_cache_dir
+from .engine.compiled import CompiledStep, decode_forward, use_cache_dir
+from .engine.cuda_graphs import GraphedStep
 from .engine.generate import GenerationConfig, decode
 from .engine.offload import OffloadSession, Streamer, parse_bytes, place
 from .engine.policy import CoreConfig
@@ -308,12 +310,17 @@ def contenders_for(args, ckpt, dtype):
         if RuntimeConfig(args.model, args.device, args.dtype, weights=fmt, compile=args.compile).compiles():
             use_cache_dir(cache_dir() / "inductor")
             compiled = CompiledStep(model, log=lambda line: tqdm.write(line, file=sys.stderr))
+        graphs = None  # on CUDA, as LLM decodes there: the step in CUDA graphs (of the compiled step if any)
+        if torch.device(args.device).type == "cuda" and args.compile is not False:
+            graphs = GraphedStep(compiled or partial(decode_forward, model), max_graphs=8)
         tag = "" if fmt == "dense" else f" {fmt}"
         for core in core_grid(args):
             name = "coreinfer dense" if core is None else f"coreinfer {core.statistic} keep {core.beta}"
             out.append(Ours(name + tag, model, core))  # eager: what compiling gains is measured against it
             if compiled:
                 out.append(Ours(name + tag + " compiled", model, core, compiled=compiled))
+            if graphs:
+                out.append(Ours(name + tag + " CUDA graphs", model, core, compiled=graphs))
     gguf = embedded_model_path() if args.model is None else Path(args.model)
     if gguf.suffix == ".gguf" and not args.no_llama_cpp:
         try:
