@@ -10,7 +10,7 @@ import transformers
 
 from coreinfer.api import RuntimeConfig, physical_cores
 from coreinfer.engine.compact import CoreWeights
-from coreinfer.engine.compiled import CompiledStep
+from coreinfer.engine.compiled import CompiledStep, use_cache_dir
 from coreinfer.engine.policy import CoreConfig
 from coreinfer.engine.quant import quantize_model
 from coreinfer.engine.session import Session, stability_policy
@@ -78,3 +78,14 @@ def test_compiled_by_default_where_it_pays():
 
 def test_default_threads_are_physical_cores():
     assert 1 <= physical_cores() <= len(os.sched_getaffinity(0))
+
+
+def test_inductor_cache_under_ours_unless_the_user_chose(monkeypatch, tmp_path):
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what torch writes on first use
+    use_cache_dir(tmp_path / "ours")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "ours")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "theirs"))
+    use_cache_dir(tmp_path / "ours")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "theirs")

@@ -23,6 +23,7 @@ import time
 from functools import partial
 
 import torch
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
 MODES = ("default", "max-autotune")
 
@@ -50,8 +51,11 @@ def inductor_options(mode: str) -> dict:
 
 
 def use_cache_dir(path) -> None:
-    """Point inductor's on-disk caches at `path` unless the user chose a place (TORCHINDUCTOR_CACHE_DIR)."""
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(path))
+    """Point inductor's on-disk caches at `path` unless the user chose a place (TORCHINDUCTOR_CACHE_DIR).
+    Torch writes its own default into the variable the first time anything asks for the directory (a
+    model build does), so that default counts as unset."""
+    if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
 
 
 class CompiledStep:
