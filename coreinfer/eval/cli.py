@@ -220,7 +220,7 @@ def cmd_frontier(args) -> None:
     for path in args.files:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
         points = frontier_points(doc)
-        label = Path(str(doc.get("model", path))).stem
+        label = f"{Path(str(doc.get('model', path))).stem} ({Path(path).stem})"
         for ax, col in ((left, 2), (right, 3)):
             ax.scatter([p[1] for p in points], [p[col] for p in points], label=label)
             for p in points:
