@@ -20,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from dataclasses import asdict
 from functools import partial
 from types import SimpleNamespace
@@ -30,7 +31,7 @@ import transformers
 from coreinfer.bench import Ours, Transformers, read_bandwidth_gb_s, run_bench, table, transformers_model
 from coreinfer.engine.compiled import decode_forward
 from coreinfer.engine.cuda_graphs import GraphedStep
-from coreinfer.engine.offload import GiB, place, plan
+from coreinfer.engine.offload import place, plan, size
 from coreinfer.engine.policy import CoreConfig
 from coreinfer.engine.quant import quantize_model
 from coreinfer.engine.session import cache_length, stability_policy
@@ -48,7 +49,8 @@ SHAPES = {  # the checkpoints' config.json values that set the shapes
 }
 # budgets as fractions of the bf16 weights: Gemma-3-270M's tied embedding table alone is 62% of it
 FRACTIONS = {"gemma-3-270m": "0.9", "qwen2.5-coder-1.5b": "0.5,0.75"}
-TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=4)
+TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16)
 KEEPS = (0.5, 0.4, 0.3, 0.25, 0.2, 0.15, 0.1)
 
 
@@ -107,9 +109,9 @@ def limited(ckpt, args, ids, bandwidth, fraction: float) -> tuple[list, list[str
     """Memory-limited at `fraction` of the model's bf16 weight bytes; lines saying what did not fit."""
     dtype, device = torch.bfloat16, args.device
     model = build_model(ckpt.config, ckpt.weights, "cpu", dtype)
-    size = sum({t.data_ptr(): t.nbytes for t in model.state_dict().values()}.values())
-    budget = int(fraction * size)
-    notes = [f"budget {budget / GiB:.2f} GiB = {fraction:.0%} of the {size / GiB:.2f} GiB of bf16 weights"]
+    weights = sum({t.data_ptr(): t.nbytes for t in model.state_dict().values()}.values())
+    budget = int(fraction * weights)
+    notes = [f"budget {size(budget)} = {fraction:.0%} of the {size(weights)} of bf16 weights"]
     place(model, device)
     cache_len = cache_length(len(ids) + args.new_tokens, model.max_context)
     out = []
@@ -134,6 +136,19 @@ def limited(ckpt, args, ids, bandwidth, fraction: float) -> tuple[list, list[str
         out.insert(0, Transformers(dispatch_model(hf, device_map), "transformers + accelerate offload",
                                    f"{on_cpu} of {len(device_map)} modules on the CPU"))
     return (run_bench(out, ids, args.new_tokens, args.rounds, set(), bandwidth) if out else []), notes
+
+
+def guarded(stage, lines: list[str]):
+    """Run one stage; a failure is printed and noted, and the next stages still run (one GPU call)."""
+    try:
+        return stage()
+    except Exception as e:  # noqa: BLE001 -- report whatever broke, keep the rest of the run
+        traceback.print_exc()
+        lines.append(f"- FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        return None
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def main(argv=None) -> int:
@@ -161,18 +176,20 @@ def main(argv=None) -> int:
             ckpt = random_checkpoint(name, args.tiny, torch.bfloat16, args.device)
             ids = torch.randint(10, ckpt.config["vocab_size"], (args.prompt_tokens,),
                                 generator=torch.Generator().manual_seed(0)).tolist()
+            entry = report["models"][name] = {"limited": {}}
             log(f"{name}: speed")
-            fast = speed(ckpt, args, ids, bandwidth)
-            entry = report["models"][name] = {"speed": [asdict(r) for r in fast], "limited": {}}
-            lines += ["", f"## {ckpt.source}: full GPU", "", table(fast, bandwidth)]
-            torch.cuda.empty_cache() if args.device.startswith("cuda") else None
+            fast = guarded(lambda: speed(ckpt, args, ids, bandwidth), lines)
+            if fast is not None:
+                entry["speed"] = [asdict(r) for r in fast]
+                lines += ["", f"## {ckpt.source}: full GPU", "", table(fast, bandwidth)]
             for fraction in map(float, (args.fractions or FRACTIONS[name]).split(",")):
                 log(f"{name}: memory-limited at {fraction:.0%}")
-                results, notes = limited(ckpt, args, ids, bandwidth, fraction)
-                entry["limited"][str(fraction)] = {"results": [asdict(r) for r in results], "notes": notes}
-                lines += ["", f"## {ckpt.source}: memory-limited", ""] + [f"- {n}" for n in notes]
-                lines += ["", table(results, bandwidth)] if results else []
-                torch.cuda.empty_cache() if args.device.startswith("cuda") else None
+                lines += ["", f"## {ckpt.source}: memory-limited", ""]
+                got = guarded(lambda: limited(ckpt, args, ids, bandwidth, fraction), lines)
+                if got is not None:
+                    results, notes = got
+                    entry["limited"][str(fraction)] = {"results": [asdict(r) for r in results], "notes": notes}
+                    lines += [f"- {n}" for n in notes] + (["", table(results, bandwidth)] if results else [])
             log(f"{name}: {time.perf_counter() - t0:.0f} s")
     text = "\n".join(lines)
     print(text)
