@@ -136,15 +136,21 @@ def test_core_options_ride_in_the_body(url, app):
 
 
 def test_concurrent_clients_get_their_own_outputs(url, app):
-    """16 clients x 3 requests, greedy: every output equals what that prompt gets alone."""
+    """16 clients x 3 requests, greedy, decoded in one batch: every output equals what that prompt gets alone."""
     c = client(url)
     jobs = [("text", p) for p in PROMPTS] + [("chat", m) for m in CHATS]
+
+    rows = []  # batch_rows_mean of each non-streamed answer
 
     def ask(kind, prompt, stream=False):
         if kind == "text":
             out = c.completions.create(model=app.state.model_id, prompt=prompt, stream=stream, **GREEDY)
+            if not stream:
+                rows.append(out.model_extra["coreinfer"]["batch_rows_mean"])
             return "".join(ch.choices[0].text for ch in out) if stream else out.choices[0].text
         out = c.chat.completions.create(model=app.state.model_id, messages=prompt, stream=stream, **GREEDY)
+        if not stream:
+            rows.append(out.model_extra["coreinfer"]["batch_rows_mean"])
         return "".join(ch.choices[0].delta.content or "" for ch in out) if stream else out.choices[0].message.content
 
     alone = [ask(*job) for job in jobs]
@@ -159,6 +165,7 @@ def test_concurrent_clients_get_their_own_outputs(url, app):
     assert len(results) == 48
     for j, text in results:
         assert text == alone[j], jobs[j]
+    assert max(rows) > 1  # they decoded in one batch, not one after another
     state = wait_idle(url)
     assert state["status"] == "ok" and state["requests_failed"] == failed_before
 
