@@ -378,11 +378,11 @@ def offload_contenders(args, ckpt, dtype):
 
 
 def cmd_bench(args) -> None:
-    from .api import RuntimeConfig, physical_cores
+    from .api import RuntimeConfig, default_threads
     from .io.loading import load_checkpoint
     from .io.text import Tokenizer
 
-    torch.set_num_threads(args.threads or physical_cores())
+    torch.set_num_threads(args.threads or default_threads())
     for flag in ("prompt_tokens", "new_tokens", "rounds"):
         if getattr(args, flag) < (2 if flag == "new_tokens" else 1):
             raise ValueError(f"--{flag.replace('_', '-')} is too small: {getattr(args, flag)}")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from coreinfer.api import RuntimeConfig, physical_cores
+from coreinfer.api import RuntimeConfig, default_threads, physical_cores
 from coreinfer.engine.compact import CoreWeights
 from coreinfer.engine.compiled import CompiledStep, use_cache_dir
 from coreinfer.engine.policy import CoreConfig
@@ -76,8 +76,8 @@ def test_compiled_by_default_where_it_pays():
     assert RuntimeConfig(weights="dense", compile=True).compiles()
 
 
-def test_default_threads_are_physical_cores():
-    assert 1 <= physical_cores() <= len(os.sched_getaffinity(0))
+def test_default_threads_are_free_physical_cores():
+    assert 1 <= default_threads() <= physical_cores() <= len(os.sched_getaffinity(0))
 
 
 def test_inductor_cache_under_ours_unless_the_user_chose(monkeypatch, tmp_path):
