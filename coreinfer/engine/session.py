@@ -228,7 +228,7 @@ class Session:
         b.positions += 1
         b.slot += 1
         span = min(b.key_valid.shape[1], (slot // CACHE_BLOCK + 1) * CACHE_BLOCK)
-        check = self.compacted and self.policy.check(self.steps)
+        check = self.compacted and self.policy is not None and self.policy.check(self.steps)
         if check:  # a dense step whose activations tell the policy whether the core sets still fit
             observer = Observer(self.policy.wanted())
             observer.valid = b.token.new_ones(b.size, 1, dtype=torch.bool)
