@@ -142,10 +142,11 @@ for M, N, K in [(1, 40, 96), (3, 17, 300), (16, 64, 64)]:
     q, s = quantize_int8(torch.randn(N, K))
     x = torch.randn(M, K)
     ref = x @ (q.float() * s[:, None]).t()
-    got = int8_gpu.int8_mm(x.to(device), q.to(device), s.to(device), block_k=64).cpu()
-    err = (got - ref).abs().max().item()
-    print(M, N, K, err)
-    assert err < 1e-3, err
+    for dtype in (torch.float32, torch.bfloat16) if device == "cuda" else (torch.float32,):
+        got = int8_gpu.int8_mm(x.to(device, dtype), q.to(device), s.to(device, dtype), block_k=64).float().cpu()
+        err = (got - ref).abs().max().item() / ref.abs().max().item()
+        print(M, N, K, dtype, f"max relative error {err:.1e}")
+        assert err < 2e-2, err  # fp32 dots run in TF32 on the GPU; bf16 rounds inputs and output
 """
 
 
@@ -163,8 +164,8 @@ def test_int8_kernel_matches_dequantized_matmul():
 
 
 @needs_cuda
-def test_int8_decode_on_cuda_uses_the_kernel_and_matches_cpu():
-    """Int8 weights on CUDA decode within bf16 rounding of the same int8 model on the CPU."""
+def test_int8_matmul_on_cuda_matches_dequantized():
+    """int8_matmul's CUDA decode path (the Triton kernel) within bf16 rounding of the dequantized product."""
     from coreinfer.engine.quant import int8_matmul
 
     q, s = quantize_int8(torch.randn(64, 96))
