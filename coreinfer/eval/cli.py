@@ -234,8 +234,9 @@ def cmd_frontier(args) -> None:
     left.axhline(1.03, color="grey", linestyle=":", linewidth=1)
     for ax in (left, right):
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = left.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8)  # below the plots: never over a point
+    fig.tight_layout(rect=(0, 0.06 * (1 + (len(labels) - 1) // 3), 1, 1))
     fig.savefig(args.output, dpi=120)
     print(f"wrote {args.output}", file=sys.stderr)
 
