@@ -114,10 +114,24 @@ def test_drift_check_refreshes_a_set_that_does_not_fit(tiny):
 @pytest.mark.parametrize("make, message", [
     (lambda: Plan(0), "down rows"), (lambda: Plan(4, 1.5), "input keep"),
     (lambda: DriftPolicy(None, 0, 0.5), "period"), (lambda: DriftPolicy(None, 4, 1.2), "threshold"),
+    (lambda: CoreConfig(refine=0.0), "refine"), (lambda: CoreConfig(input_keep=1.5), "input keep"),
+    (lambda: CoreConfig(drift_period=-1), "drift period"), (lambda: CoreConfig(drift_threshold=2), "drift threshold"),
+    (lambda: CoreConfig(profile="p.json", mode="similarity", clusters="c"), "profile"),
 ])
 def test_bad_settings_fail_with_one_clear_error(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_bad_flags_fail_with_one_line(tiny_model_dir, capsys):
+    from coreinfer.cli import main as cli
+
+    base = ["generate", "x", "--model", str(tiny_model_dir), "--max-new-tokens", "1"]
+    for flags, message in ((["--refine", "1.5"], "refine"), (["--input-keep", "0"], "input keep"),
+                           (["--profile", "/nonexistent.json"], "no such file")):
+        assert cli.main([*base, *flags]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
 
 
 def test_profile_round_trips_and_refuses_another_model(tiny, tmp_path):
