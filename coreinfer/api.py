@@ -35,7 +35,7 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 class RuntimeConfig:
     """Where and how the model runs. dtype None: fp32 on CPU, bf16 on CUDA. threads None:
     `default_threads()`, the physical cores this process may use less those the load average shows busy.
-    compile None: a compiled decode step where it pays (CPU int8), eager elsewhere; True/False force it."""
+    compile: a compiled decode step (engine/compiled.py); None (off) until a second start loads it warm."""
 
     model: str | None = None
     device: str = "cpu"
@@ -50,9 +50,9 @@ class RuntimeConfig:
         weights between steps and stays eager."""
         if self.max_gpu_memory is not None:
             return False
-        if self.compile is not None:
-            return self.compile
-        return torch.device(self.device).type == "cpu" and self.weights != "dense"
+        # Off unless asked: a compiled int8 step decodes ~1.5x faster, but each new process still spends
+        # minutes compiling it (docs/speed.md), which a one-shot request never earns back.
+        return bool(self.compile)
 
     def __post_init__(self):
         if self.weights not in WEIGHT_FORMATS:

@@ -307,7 +307,9 @@ def contenders_for(args, ckpt, dtype):
         if fmt == "int8":
             quantize_model(model)
         compiled = None
-        if RuntimeConfig(args.model, args.device, args.dtype, weights=fmt, compile=args.compile).compiles():
+        # the bench compiles int8 on the CPU unless told not to: compile time is its own column here
+        wanted = args.compile if args.compile is not None else fmt != "dense" and args.device == "cpu"
+        if RuntimeConfig(args.model, args.device, args.dtype, weights=fmt, compile=wanted).compiles():
             use_cache_dir(cache_dir() / "inductor")
             compiled = CompiledStep(model, log=lambda line: tqdm.write(line, file=sys.stderr))
         graphs = None  # on CUDA, as LLM decodes there: the step in CUDA graphs (of the compiled step if any)
