@@ -13,8 +13,9 @@ parameters, and reach the graph through `decode_forward`'s `cores` argument; fre
 parameters and buffers. tests/test_compile.py decodes two prompts with different core sets one after
 the other and checks every token against eager.
 
-Inductor's on-disk caches (generated kernels, autotuning) live under coreinfer's cache dir, so only
-the first start pays the full compile; later processes load the kernels.
+Inductor's on-disk caches (generated kernels, autotuning) live under coreinfer's cache dir. Later
+processes reuse the C++ builds, but (measured, docs/speed.md) still spend minutes rebuilding the
+graph: with frozen weights the FX-graph cache does not appear to hit.
 """
 
 import os
@@ -87,8 +88,8 @@ class CompiledStep:
         if key in self.seen:
             return self.fn(self.model, tokens, positions, slots, key_valid, caches, cores)
         B, S = key_valid.shape
-        self.log(f"compiling the decode step (batch {B}, cache {S}, {len(key[2])} core layers, {self.mode}); "
-                 "the first time takes a minute or more, later starts load it from the cache")
+        self.log(f"compiling the decode step (batch {B}, cache {S}, {len(key[2])} core layers, {self.mode}): "
+                 "minutes; later processes reuse its C++ builds from the cache")
         t = time.perf_counter()
         try:
             out = self.fn(self.model, tokens, positions, slots, key_valid, caches, cores)
