@@ -28,7 +28,8 @@ from types import SimpleNamespace
 import torch
 import transformers
 
-from coreinfer.bench import Ours, Transformers, read_bandwidth_gb_s, run_bench, table, transformers_model
+from coreinfer.bench.contenders import Ours, Transformers, transformers_model
+from coreinfer.bench.run import read_bandwidth_gb_s, run_bench, table
 from coreinfer.engine.compiled import decode_forward
 from coreinfer.engine.cuda_graphs import GraphedStep
 from coreinfer.engine.offload import place, plan, size

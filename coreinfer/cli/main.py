@@ -137,7 +137,7 @@ def build_parser() -> Parser:
 def command_modules() -> list:
     """The `add_parser(sub)` functions of the modules that bring their own commands."""
     from ..analysis.cli import add_parser as analyses
-    from ..bench import add_parser as bench
+    from ..bench.run import add_parser as bench
     from ..eval.calibrate import add_parser as calibrate
     from ..eval.cli import add_parser as evaluate
     from ..serving.cli import add_parser as serve
