@@ -97,7 +97,7 @@ def test_path_chosen_by_bytes():
     for n in range(1, 6):
         session, logits, selection, stats = prefill_one(model, [3 + n, 9, 27], make_policy(QUARTER, model))
         rows.append(batch.add(session, logits, gen, set(), selection)[0])
-        assert stats.core_sizes == {1: 24, 2: 24} and stats.bytes_core == round(core_bytes(model, stats.core_sizes))
+        assert stats.core_sizes == {1: 24, 2: 24} and stats.bytes_core == round(core_bytes(model.ffns(), model.weight_bytes(), stats.core_sizes))
         compact = n * 24 < 96
         assert batch.paths == {1: "compact", 2: "compact"} if compact else {1: "masked", 2: "masked"}
         read = n * 24 / 96 if compact else 1.0

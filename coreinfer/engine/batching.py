@@ -39,10 +39,10 @@ from .session import CACHE_BLOCK, CoreStats, Session, cache_length
 FFN_PATHS = ("auto", "compact", "masked")
 
 
-def core_bytes(model, sizes: dict[int, int]) -> int:
-    """Weight bytes one sequence's decode step reads when layer l keeps sizes[l] of its F neurons."""
-    ffns = model.ffns()
-    return model.weight_bytes() - sum(ffns[l].neuron_bytes() * (1 - k / ffns[l].width) for l, k in sizes.items())
+def core_bytes(ffns: list, dense_bytes: int, sizes: dict[int, int]) -> int:
+    """Weight bytes one sequence's decode step reads when layer l keeps sizes[l] of its F neurons
+    (`dense_bytes`: the dense model's step)."""
+    return dense_bytes - sum(ffns[l].neuron_bytes() * (1 - k / ffns[l].width) for l, k in sizes.items())
 
 
 @torch.inference_mode()
@@ -66,7 +66,8 @@ def prefill_one(model, prompt: list[int], policy: SelectionPolicy | None, pad_id
                          "not decoded in a continuous batch: it runs plain core sets")
     sizes = {l: ix.shape[1] for l, ix in selection.index.items()}
     stats = CoreStats(core_sizes=sizes, ffn_width=model.ffns()[0].width, select_ms=(time.perf_counter() - t0) * 1e3,
-                      bytes_dense=model.weight_bytes(), bytes_core=round(core_bytes(model, sizes)),
+                      bytes_dense=session.dense_bytes,
+                      bytes_core=round(core_bytes(model.ffns(), session.dense_bytes, sizes)),
                       cluster=selection.cluster, cluster_score=selection.cluster_score)
     return session, logits, selection, stats
 
@@ -150,6 +151,7 @@ class DecodeBatch:
         self.compact: dict[int, CompactFFN] = {}  # n * k < F rows each: kept across plans, reused
         self.masks: dict[int, torch.Tensor] = {}  # layer -> [C, F] 0/1 in the compute dtype
         self.step_bytes = 0  # weight bytes one step of the current rows reads
+        self.dense_bytes = model.weight_bytes()  # of one dense decode step: the start of every plan's count
         self.layer_paths: Counter = Counter()  # FFN layers per path in the current plan
         self.logits: torch.Tensor | None = None  # the last step's logits [n, V], rows in batch order
 
@@ -220,7 +222,7 @@ class DecodeBatch:
         The plan is built aside and swapped in whole: other threads may read it (a server's health)."""
         n = len(self.rows)
         self.views = [cache_rows(c, n) for c in self.caches]
-        paths, layer_paths, step_bytes = {}, Counter(), self.model.weight_bytes()
+        paths, layer_paths, step_bytes = {}, Counter(), self.dense_bytes
         for ffn in self.model.ffns():
             layer, F = ffn.layer_id, ffn.width
             ks = {row.core[layer].numel() if layer in row.core else F for row in self.rows}

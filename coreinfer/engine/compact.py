@@ -125,8 +125,8 @@ class CoreWeights:
     def get(self, layer: int) -> CompactFFN | None:
         return self.layers.get(layer)
 
-    def step_bytes(self, model) -> int:
-        """Weight bytes one decode step of the whole batch reads: the dense model's, with each compacted
-        layer's neurons counted as its gathered weights (every sequence reads its own core rows)."""
-        ffns = model.ffns()
-        return model.weight_bytes() - sum(ffns[l].neuron_bytes() - c.nbytes() for l, c in self.layers.items())
+    def step_bytes(self, ffns: list, dense_bytes: int) -> int:
+        """Weight bytes one decode step of the whole batch reads: `dense_bytes` (the dense model's step),
+        with each compacted layer's neurons counted as its gathered weights (every sequence reads its own
+        core rows)."""
+        return dense_bytes - sum(ffns[l].neuron_bytes() - c.nbytes() for l, c in self.layers.items())

@@ -302,7 +302,8 @@ class OffloadSession(Session):
         self.stats = CoreStats(core_sizes={l: ix.shape[1] for l, ix in self.picked.items()},
                                ffn_width=self.model.ffns()[0].width, batch=self.batch.size,
                                select_ms=self.select_s * 1e3, compact_ms=self.compact_s * 1e3,
-                               bytes_dense=self.model.weight_bytes(), bytes_core=self.cores.step_bytes(self.model))
+                               bytes_dense=self.dense_bytes,
+                               bytes_core=self.cores.step_bytes(self.model.ffns(), self.dense_bytes))
 
     @torch.inference_mode()
     def prefill(self, observer=None, all_logits=False) -> torch.Tensor:

@@ -102,8 +102,8 @@ class Session:
     """Owns a batch's decode state; see the module docstring. `policy` None decodes dense.
 
     `cores` and `caches` are the compacted weights and KV caches to (re)use: pass the previous
-    session's to the next so buffers are allocated once (caches are taken when their shape fits). `observer` replaces the policy's (analyses that read
-    activations); its layers' activations are handed over during prefill.
+    session's to the next so buffers are allocated once (caches are taken when their shape fits).
+    `compiled` runs the decode steps instead of the eager model (compiled.py, cuda_graphs.py).
     """
 
     def __init__(self, model, prompts: list[list[int]], max_new_tokens: int, pad_id: int = 0,
@@ -206,7 +206,8 @@ class Session:
         self.stats = CoreStats(core_sizes={l: ix.shape[1] for l, ix in chosen.index.items()},
                                ffn_width=self.model.ffns()[0].width, batch=self.batch.size,
                                select_ms=(t1 - t0) * 1e3, compact_ms=(t2 - t1) * 1e3,
-                               bytes_dense=self.model.weight_bytes(), bytes_core=self.cores.step_bytes(self.model),
+                               bytes_dense=self.dense_bytes,
+                               bytes_core=self.cores.step_bytes(self.model.ffns(), self.dense_bytes),
                                cluster=chosen.cluster, cluster_score=chosen.cluster_score)
         return self.stats
 

@@ -237,7 +237,7 @@ class Worker:
         tail = live.text.finish()
         done = Completion(live.text.text, live.text.ids, reason, live.prompt_tokens, prefill_s=live.t_first - live.t0,
                           decode_s=t_end - live.t_first, stats=live.stats)
-        live.job.batching = row.stats.report(self.llm.model.weight_bytes())
+        live.job.batching = row.stats.report(self.batch.dense_bytes)
         live.job.push(StreamEvent(0, tail, done))
         self.completed += 1
 
