@@ -18,6 +18,7 @@ say nothing about quality (docs/quality.md measures that on real models).
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -192,14 +193,18 @@ def main(argv=None) -> int:
                     entry["limited"][str(fraction)] = {"results": [asdict(r) for r in results], "notes": notes}
                     lines += [f"- {n}" for n in notes] + (["", table(results, bandwidth)] if results else [])
             log(f"{name}: {time.perf_counter() - t0:.0f} s")
-    text = "\n".join(lines)
-    print(text)
-    if args.out:
-        with open(f"{args.out}/gpu_check.json", "w") as f:
-            json.dump(report, f, indent=2)
-        with open(f"{args.out}/gpu_check.md", "w") as f:
-            f.write(text + "\n")
+            save(args.out, report, lines)  # after each model: a run stopped at its time limit keeps the rest
+    print("\n".join(lines))
     return 0
+
+
+def save(out: str | None, report: dict, lines: list[str]) -> None:
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(f"{out}/gpu_check.json", "w") as f:
+            json.dump(report, f, indent=2)
+        with open(f"{out}/gpu_check.md", "w") as f:
+            f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ widths) the step is captured again. Graphs share one memory pool; the oldest is 
 caches, cores) -> logits [B, 1, V], with the whole key mask, so shapes are static.
 """
 
+import time
 from collections import OrderedDict
 
 import torch
@@ -23,12 +24,13 @@ import torch
 
 class GraphedStep:
     """Captures `step` (the eager decode forward, `partial(compiled.decode_forward, model)`, or a
-    CompiledStep) per set of buffers, then replays. `captures` counts captures, for tests and benchmarks."""
+    CompiledStep) per set of buffers, then replays. `captures` counts captures, for tests and benchmarks; `compile_s` sums the time they took (the
+    bench reports it as CompiledStep's)."""
 
     def __init__(self, step, max_graphs: int = 4):
         self.step = step
         self.graphs: OrderedDict[tuple, tuple] = OrderedDict()  # key -> (graph, static inputs, output)
-        self.max_graphs, self.pool, self.captures = max_graphs, None, 0
+        self.max_graphs, self.pool, self.captures, self.compile_s = max_graphs, None, 0, 0.0
 
     @staticmethod
     def key(inputs: list[torch.Tensor], caches, cores) -> tuple:
@@ -56,7 +58,7 @@ class GraphedStep:
         """Warm up on a side stream (lazy initialisation and kernel selection must happen outside the
         capture), then record. Both runs write the step's own cache slot with the values the replay
         writes again, so neither changes the decode."""
-        device = inputs[0].device
+        t, device = time.perf_counter(), inputs[0].device
         static = [t.clone() for t in inputs]
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -68,4 +70,5 @@ class GraphedStep:
             out = self.step(*static, caches, cores)
         self.pool = graph.pool()
         self.captures += 1
+        self.compile_s += time.perf_counter() - t
         return graph, static, out
