@@ -3,11 +3,12 @@
     from coreinfer import LLM, GenerationConfig, CoreConfig
     llm = LLM()                                   # the embedded SmolLM2-135M-Instruct
     out = llm.generate("The capital of France is", GenerationConfig(max_new_tokens=16), core=CoreConfig(beta=0.7))
+    llm.generate("...", core=CoreConfig(profile="auto"))  # the default: the model's calibrated profile, or dense
 """
 
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Iterator
@@ -21,11 +22,21 @@ from .engine.cuda_graphs import GraphedStep
 from .engine.generate import GenerationConfig, decode
 from .engine.offload import OffloadSession, Streamer, parse_bytes, plan, place
 from .engine.policy import CoreConfig, SelectionPolicy
+from .engine.profile import AUTO, find_profile
 from .engine.quant import WEIGHT_FORMATS, quantize_model
 from .engine.session import CoreStats, Session, make_policy
 from .io.loading import cache_dir, load_checkpoint
 from .io.text import TextStream, Tokenizer
 from .models import build_model
+
+PROFILES = Path(__file__).parent / "profiles"  # calibrated profiles shipped for the embedded models
+
+
+def profile_folders() -> list[Path]:
+    """Where the default core setting looks for a profile calibrated on the model: the user's own
+    (`coreinfer calibrate` writes there by default) before the shipped ones."""
+    return [cache_dir() / "profiles", PROFILES]
+
 
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
@@ -199,6 +210,45 @@ class LLM:
         if torch.device(device).type == "cuda" and compile is not False:  # one launch per step, not hundreds
             self.compiled = GraphedStep(self.compiled or partial(decode_forward, self.model))
         self._clusters: dict[str, ClusterSet] = {}
+        self._default: tuple[str | None, str] | None = None
+
+    def default_core(self) -> tuple[str | None, str]:
+        """What `CoreConfig(profile="auto")`, the default core setting, decodes with: (profile path, or
+        None for dense; one line saying which and why). The profile is the one calibrated on this model
+        (`coreinfer calibrate`, or shipped for the embedded models), which kept top-1 agreement with
+        dense >= its target on held-out text. Dense where there is none, where its calibration found no
+        sparse setting that met the target, or where this runtime cannot run its per-token plans."""
+        if self._default is None:
+            self._default = self._find_default()
+        return self._default
+
+    def _find_default(self) -> tuple[str | None, str]:
+        found = find_profile(self.model, profile_folders())
+        if found is None:
+            return None, ("core neurons: no calibrated profile for this model, decoding dense (`coreinfer calibrate` "
+                          "makes one; --beta picks the paper's prompt-fixed core sets)")
+        path, profile = found
+        target = profile.info.get("target_top1_agree", 0.95)
+        if not profile.layers:
+            return None, (f"core neurons: {path.name} found no sparse setting that keeps top-1 agreement >= "
+                          f"{target:g} on this model, decoding dense")
+        cannot = [why for why, yes in (("int8 weights", self.model.ffns()[0].quantized),
+                                       ("a memory-limited GPU", self.budget is not None),
+                                       ("a compiled or graphed decode step", self.compiled is not None)) if yes]
+        if profile.per_token and cannot:
+            return None, (f"core neurons: the calibrated profile {path.name} picks rows per token, which "
+                          f"{cannot[0]} cannot run yet: decoding dense")
+        got = profile.measured or {}
+        return str(path), (f"core neurons: calibrated profile {path.name} (held-out top-1 agreement "
+                           f"{got.get('top1_agree', float('nan')):.1%} >= {target:g}, {profile.ffn_share(self.model):.0%} "
+                           "of the FFN bytes)")
+
+    def resolve(self, core: CoreConfig | SelectionPolicy | None) -> CoreConfig | SelectionPolicy | None:
+        """`core` with profile "auto" replaced by what `default_core` chose (None: dense)."""
+        if isinstance(core, CoreConfig) and core.profile == AUTO:
+            path = self.default_core()[0]
+            return None if path is None else replace(core, profile=path)
+        return core
 
     def load_clusters(self, path: str) -> ClusterSet:
         """A cluster file, read once per LLM."""
@@ -209,7 +259,7 @@ class LLM:
     def session(self, ids: list[list[int]], max_new_tokens: int,
                 core: CoreConfig | SelectionPolicy | None = None) -> Session:
         """A decode session over token ids; `core` None decodes dense."""
-        policy = make_policy(core, self.model, self.load_clusters)
+        policy = make_policy(self.resolve(core), self.model, self.load_clusters)
         if self.budget is not None:
             session = OffloadSession(self.model, ids, max_new_tokens, self.tokenizer.pad_id, policy, self.cores,
                                      self.caches, budget=self.budget, streamer=self.streamer, compiled=self.compiled)
@@ -266,9 +316,9 @@ class LLM:
 
     def compare(self, prompt: str | list[dict], gen: GenerationConfig | None = None,
                 core: CoreConfig | SelectionPolicy | None = None, chat: bool = False) -> Comparison:
-        """Decode one prompt dense, then with core neurons (`core` None: CoreConfig()'s defaults), and
-        teacher-force the dense tokens through the core model to measure how often it agrees."""
-        gen, core = gen or GenerationConfig(), core or CoreConfig()
+        """Decode one prompt dense, then with core neurons (`core` None: the default, CoreConfig(profile="auto")),
+        and teacher-force the dense tokens through the core model to measure how often it agrees."""
+        gen, core = gen or GenerationConfig(), core or CoreConfig(profile=AUTO)
         for warm_up in (None, core):  # first calls allocate and pick kernels: keep that out of both rates
             self.generate(prompt, GenerationConfig(max_new_tokens=2, ignore_eos=True), warm_up, chat)
         [dense] = self.generate(prompt, gen, None, chat)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from coreinfer.api import LLM
+from coreinfer.engine import rowsum
 from coreinfer.engine.adaptive import AdaptiveFFN, AdaptivePolicy, DriftPolicy, Plan
 from coreinfer.engine.policy import CoreConfig, Selection, StabilityPolicy
 from coreinfer.engine.selection import keep_count, rank_neurons
@@ -31,8 +32,11 @@ def masked_ffn(ffn, x, superset, down_rows, input_keep):
     return ffn.project((a * keep)[None])[0]
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
 @pytest.mark.parametrize("plan", [Plan(16), Plan(48, 0.5), Plan(None, 0.25), Plan(1, 1.0)], ids=str)
-def test_fast_path_equals_reference_and_masked_dense(tiny, plan):
+def test_fast_path_equals_reference_and_masked_dense(tiny, plan, native, monkeypatch):
+    if not native:  # the path taken without a C compiler
+        monkeypatch.setattr(rowsum, "load", lambda: None)
     ffn = tiny.model.ffns()[1]
     torch.manual_seed(0)
     index = torch.stack([torch.randperm(ffn.width)[:64].sort().values for _ in range(2)])  # [B=2, k=64]
@@ -44,6 +48,25 @@ def test_fast_path_equals_reference_and_masked_dense(tiny, plan):
         oracle = torch.stack([masked_ffn(ffn, x[b], index[b], plan.down_rows or 64, plan.input_keep) for b in range(2)])
     print(f"{plan}: max|fast-ref| {(fast - ref).abs().max():.2e}, max|ref-oracle| {(ref - oracle).abs().max():.2e}")
     assert torch.allclose(fast, ref, atol=1e-5) and torch.allclose(ref, oracle, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("m", [1, 3, 4, 67, 300])
+def test_native_row_sum_equals_gathered_matmul(m, threads):
+    lib = rowsum.load()
+    assert lib is not None, "the C compiler inductor uses must build the row-sum kernel too"
+    torch.manual_seed(m)
+    w = torch.randn(3, 311, 70)[1]  # [311, 70]: a view of a batched buffer, as AdaptiveFFN reads it
+    rows = torch.randint(0, 311, (m,))  # repeats allowed
+    coef, out = torch.randn(m), torch.full((70,), float("nan"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = rowsum.rowsum(lib, w, rows, coef, out)
+    finally:
+        torch.set_num_threads(before)
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(got, coef @ w[rows], atol=1e-5, rtol=1e-5)
 
 
 def test_bytes_count_the_rows_read(tiny):

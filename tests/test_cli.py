@@ -45,7 +45,8 @@ def test_generate_help_and_top_level_help(capsys):
         main(["generate", "--help"])
     out = " ".join(capsys.readouterr().out.split())  # unwrapped
     assert exit.value.code == 0
-    assert "tokens to decode at most (default: 128)" in out and "(default: 0.85)" in out
+    assert "tokens to decode at most (default: 128)" in out and "0.85 when other core flags are given" in out
+    assert "'auto', the default when no core flag is given" in out
     assert "--compare" in out and "--chat" in out
     with pytest.raises(SystemExit):
         main(["--help"])
@@ -148,6 +149,9 @@ class FakeLLM:
 
     def __init__(self, **runtime):
         pass
+
+    def default_core(self):
+        return None, "core neurons: no calibrated profile for this model, decoding dense"
 
     def stream(self, messages, gen, core):
         FakeLLM.seen.append([dict(m) for m in messages])

@@ -8,6 +8,7 @@ import shutil
 import sys
 import textwrap
 
+from ..engine.profile import AUTO
 from ..io.loading import CheckpointError
 from .args import (
     Parser,
@@ -30,6 +31,7 @@ def cmd_generate(args) -> None:
     if args.compare and core is None:
         raise ValueError("--compare decodes both dense and with core neurons; drop --dense")
     llm = LLM(**runtime_kwargs(args))
+    say_default(llm, core)
     if args.compare:
         print_comparison(args.prompt, llm.compare(args.prompt, gen, core, chat=args.chat))
         return
@@ -39,6 +41,12 @@ def cmd_generate(args) -> None:
         final = event.completion or final
     print()
     report_speed(final)
+
+
+def say_default(llm, core) -> None:
+    """With the default core setting, one stderr line: the calibrated profile it found, or why dense."""
+    if core is not None and core.profile == AUTO:
+        print(llm.default_core()[1], file=sys.stderr)
 
 
 def print_comparison(prompt: str, c) -> None:
@@ -74,6 +82,7 @@ def cmd_chat(args) -> None:
 
     gen, core = generation_config(args), core_config(args)
     llm = LLM(**runtime_kwargs(args))
+    say_default(llm, core)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     print("coreinfer chat: Ctrl-C stops a reply; an empty line, Ctrl-D or Ctrl-C at the prompt quits", file=sys.stderr)
     while True:

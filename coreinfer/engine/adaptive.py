@@ -17,14 +17,16 @@ base `SelectionPolicy` (stability, similarity):
   with no re-prefill.
 
 `AdaptiveFFN.reference` is the oracle (masked dense math over the gathered rows); the decode path
-reads only the chosen rows (index_select, then a small matmul). Bytes are counted as read: the
-superset's gate/up (or their kept columns) and only the chosen down rows.
+reads only the chosen rows, in place, with the native weighted row sum of engine/rowsum.py (float32 on
+the CPU; elsewhere, or without a C compiler, index_select and a small matmul). Bytes are counted as
+read: the superset's gate/up (or their kept columns) and only the chosen down rows.
 """
 
 from dataclasses import dataclass
 
 import torch
 
+from . import rowsum
 from .compact import CompactFFN
 from .observe import RunningStats, Statistic
 from .policy import CoreConfig, Selection, SelectionPolicy
@@ -63,6 +65,7 @@ class AdaptiveFFN(CompactFFN):
         super().__init__()
         self.plan = plan
         self.down_norm = self.in_norm = None
+        self.scratch: dict[str, torch.Tensor] = {}  # per-token outputs, reused: "out" [B, d], "up"/"gate" [B, k]
 
     @torch.inference_mode()
     def load(self, ffn, index: torch.Tensor) -> None:
@@ -78,6 +81,12 @@ class AdaptiveFFN(CompactFFN):
             w["up_t"] = w.pop("up").transpose(1, 2).contiguous()  # [B, d, k]
             if "gate" in w:
                 w["gate_t"] = w.pop("gate").transpose(1, 2).contiguous()
+        (B, k, d), like = w["down"].shape, w["down"]
+        self.scratch = {"out": like.new_empty(B, d), "up": like.new_empty(B, k), "gate": like.new_empty(B, k)}
+
+    def clear(self) -> None:
+        super().clear()
+        self.scratch.clear()
 
     def sizes(self) -> tuple[int, int]:
         """(input entries read, down rows read) per token."""
@@ -124,20 +133,29 @@ class AdaptiveFFN(CompactFFN):
         out = torch.bmm(a, self.weights["down"])
         return out if self.down_bias is None else out + self.down_bias
 
+    @staticmethod
+    def _rows(lib, weight: torch.Tensor, rows: torch.Tensor, coef: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """out [n] = coef [m] @ weight[rows] for weight [R, n]: in place with the native kernel, else
+        through a gathered copy."""
+        if lib is not None:
+            return rowsum.rowsum(lib, weight, rows, coef, out)
+        return torch.mv(weight.index_select(0, rows).t(), coef, out=out)
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Decode steps (T = 1) read only the chosen rows; longer inputs (teacher-forced scoring) take
-        the reference, which computes the same function."""
+        the reference, which computes the same function. A decode step returns a view of a reused
+        buffer, valid until the next call."""
         if x.shape[1] != 1:
             return self.reference(x)
-        w, (d_in, m) = self.weights, self.sizes()
-        out = []
+        w, (d_in, m), buf = self.weights, self.sizes(), self.scratch
+        lib = rowsum.load() if rowsum.usable(w["down"][0]) else None
         for b in range(x.shape[0]):
             xb = x[b, 0]  # [d]
             if "up_t" in w:
                 cols = (xb.abs() * self.in_norm[b]).topk(d_in).indices  # [d_in]
                 xs = xb[cols]
-                up = xs @ w["up_t"][b].index_select(0, cols)  # [k]
-                gate = xs @ w["gate_t"][b].index_select(0, cols) if "gate_t" in w else None
+                up = self._rows(lib, w["up_t"][b], cols, xs, buf["up"][b])  # [k]
+                gate = self._rows(lib, w["gate_t"][b], cols, xs, buf["gate"][b]) if "gate_t" in w else None
             else:
                 up = w["up"][b] @ xb
                 gate = w["gate"][b] @ xb if "gate" in w else None
@@ -145,8 +163,8 @@ class AdaptiveFFN(CompactFFN):
                 up = up + w["up_bias"][b]
             a = self.act(up) if gate is None else self.act(gate) * up  # [k]
             rows = (a.abs() * self.down_norm[b]).topk(m).indices  # [m]
-            out.append(a[rows] @ w["down"][b].index_select(0, rows))  # [m] @ [m, d]
-        out = torch.stack(out)[:, None]  # [B, 1, d]
+            self._rows(lib, w["down"][b], rows, a[rows], buf["out"][b])  # [m] @ [m, d]
+        out = buf["out"][:, None]  # [B, 1, d]
         return out if self.down_bias is None else out + self.down_bias
 
 

@@ -10,6 +10,9 @@ statistic over the calibration text, which `PriorPolicy` fuses with a prompt's o
 neurons core across the corpus stay in every set (`--prior FILE --prior-weight W`).
 
 The file is JSON: small, diffable, no pickle.
+
+`find_profile` picks the profile calibrated on a model out of a few folders: what the default core
+setting (`CoreConfig(profile="auto")`, resolved by api.LLM.default_core) decodes with.
 """
 
 import json
@@ -25,6 +28,7 @@ from .policy import Selection, StabilityPolicy
 from .selection import keep_count, rank_neurons
 
 FORMAT = "coreinfer.profile/1"
+AUTO = "auto"  # CoreConfig.profile: the model's calibrated profile (find_profile), or dense without one
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,18 @@ class Profile:
                  for l, b in self.layers.items()}
         return AdaptivePolicy(base, plans)
 
+    @property
+    def per_token(self) -> bool:
+        """Whether a layer picks rows per decoded token (refine or input sparsity), which only the
+        eager float path runs (engine/adaptive.py)."""
+        return any(b.refine is not None or b.input_keep < 1 for b in self.layers.values())
+
+    @property
+    def measured(self) -> dict | None:
+        """What the calibration measured for the chosen budget on held-out text (a `tried` entry)."""
+        tried = self.info.get("tried") or []
+        return tried[-1] if tried and self.info.get("meets_target") else None
+
     def ffn_share(self, model) -> float:
         """Share of the dense FFN bytes one decoded token reads (dense layers read in full)."""
         n, gated = len(model.ffns()), model.ffns()[0].gated
@@ -118,6 +134,21 @@ class Profile:
         if not layers and doc.get("info", {}).get("meets_target", True):
             raise ValueError(f"--profile {path}: no sparse layers")
         return cls(fingerprint, layers, doc.get("info", {}), prior)
+
+
+def find_profile(model, folders: list[Path]) -> tuple[Path, Profile] | None:
+    """The first profile in `folders` (each in name order) calibrated on `model`; other JSON files and
+    missing folders are skipped."""
+    mine = model_fingerprint(model)
+    for folder in folders:
+        for path in sorted(Path(folder).glob("*.json")):
+            try:
+                profile = Profile.load(path)
+            except ValueError:
+                continue
+            if same_model(profile.fingerprint, mine):
+                return path, profile
+    return None
 
 
 @dataclass

@@ -21,7 +21,7 @@ from .clusters import ClusterSet, SimilarityPolicy
 from .compact import CoreWeights
 from .observe import Observer
 from .policy import CoreConfig, Selection, SelectionPolicy, StabilityPolicy
-from .profile import Profile, prior_policy
+from .profile import AUTO, Profile, prior_policy
 
 PREFILL_CHUNK = 512  # prompt tokens per prefill forward: bounds attention scores and activations
 CACHE_BLOCK = 256  # cache lengths and decode key spans are multiples of this: few distinct shapes
@@ -294,6 +294,9 @@ def make_policy(core: CoreConfig | SelectionPolicy | None, model,
     reads a cluster file: callers that serve many requests pass a cached loader."""
     if core is None or isinstance(core, SelectionPolicy):
         return core
+    if core.profile == AUTO:
+        raise ValueError('profile "auto" (the model\'s calibrated profile) is chosen by LLM.default_core: '
+                         "give a profile file here")
     if core.profile:
         profile = Profile.load(core.profile)
         profile.check(model, core.profile)

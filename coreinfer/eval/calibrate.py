@@ -2,6 +2,7 @@
 
     coreinfer calibrate --budgets 0.5,0.6,0.7 --target-agree 0.95 --output smollm2.profile.json
     coreinfer generate "..." --profile smollm2.profile.json
+    coreinfer calibrate          # into the cache folder, where the default core setting finds it
 
 1. Dense prefills of the calibration paragraphs record every sparse layer's FFN inputs x.
 2. Per layer, each candidate (input keep i, down rows r; engine/adaptive.py) is scored by the
@@ -21,8 +22,10 @@ Calibration paragraphs are SQuAD's, taken from the far end of the seed-0 shuffle
 """
 
 import math
+import re
 import sys
 import time
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -161,7 +164,7 @@ def calibrate(llm, budgets: list[float], target: float, docs: int, eval_docs: in
 
 
 def cmd_calibrate(args) -> None:
-    from ..api import LLM
+    from ..api import LLM, profile_folders
     from ..cli.args import parse_floats
 
     budgets = parse_floats(args.budgets, "--budgets")
@@ -174,9 +177,12 @@ def cmd_calibrate(args) -> None:
     t0 = time.perf_counter()
     llm = LLM(**runtime_kwargs(args))
     profile = calibrate(llm, budgets, args.target_agree, args.docs, args.eval_docs, args.max_tokens, args.layers)
-    profile.save(args.output)
+    name = re.sub(r"[^\w.-]+", "-", Path(llm.name).stem)  # the checkpoint's name, safe as a file name
+    output = Path(args.output) if args.output else profile_folders()[0] / f"{name}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    profile.save(output)
     verdict = "meets" if profile.info["meets_target"] else "no budget meets"
-    print(f"wrote {args.output}: {verdict} top-1 agreement >= {args.target_agree:g}, FFN read "
+    print(f"wrote {output}: {verdict} top-1 agreement >= {args.target_agree:g}, FFN read "
           f"{profile.ffn_share(llm.model):.3f} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
 
 
@@ -190,6 +196,7 @@ def add_parser(sub) -> None:
     p.add_argument("--eval-docs", type=int, default=8, help="held-out calibration paragraphs scored end to end")
     p.add_argument("--max-tokens", type=int, default=256, help="cut each paragraph to this many tokens")
     p.add_argument("--layers", default=None, help="sparse layers: 'all', '3-27' (default: the layer policy)")
-    p.add_argument("--output", default="coreinfer.profile.json", help="the profile file to write")
+    p.add_argument("--output", default=None, help="the profile file to write (default: the cache folder's "
+                   "profiles/, where the default core setting of generate, chat and serve finds it)")
     add_runtime_args(p)
     p.set_defaults(func=cmd_calibrate)

@@ -12,6 +12,7 @@ import json
 import time
 import uuid
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import AsyncIterator, Literal
 
@@ -20,7 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from .server import Job, RequestError, Settings, Worker, core_info, log, make_job, usage
+from .server import Job, RequestError, Settings, Worker, core_info, log, make_job, server_core, usage
 
 POLL_S = 0.25  # how often a waiting request checks whether its client is still there
 UNSUPPORTED = ("echo", "logprobs", "top_logprobs", "suffix", "tools", "functions")
@@ -249,6 +250,7 @@ def add_error_handlers(app: FastAPI) -> None:
 def create_app(llm, settings: Settings | None = None) -> FastAPI:
     """The app serving `llm`. One app per LLM: its worker is the only thing that may run the model."""
     settings = settings or Settings()
+    settings = replace(settings, core=server_core(llm, settings.core))
     model_id = settings.model_id or default_model_id(llm)
     names = {model_id, "coreinfer"}
     worker = Worker(llm, settings.queue_size, settings.max_batch)

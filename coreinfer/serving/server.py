@@ -16,11 +16,13 @@ import resource
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from ..api import Completion, StreamEvent
 from ..engine.batching import DecodeBatch, Row, prefill_one
 from ..engine.generate import GenerationConfig
 from ..engine.policy import CoreConfig
+from ..engine.profile import AUTO, Profile
 from ..engine.session import CoreStats, make_policy
 from ..io.text import TextStream
 
@@ -33,11 +35,12 @@ CORE_FIELDS = ("alpha", "beta", "statistic", "ranking", "layers", "mode")  # Cor
 
 @dataclass(frozen=True)
 class Settings:
-    """How the server behaves. core None: dense by default (requests may still ask for core neurons)."""
+    """How the server behaves. core None: dense by default (requests may still ask for core neurons);
+    the default, profile "auto", is resolved when the app starts (`server_core`)."""
 
     model_id: str | None = None  # None: the checkpoint's name
     api_key: str | None = None  # None: no authentication
-    core: CoreConfig | None = field(default_factory=CoreConfig)
+    core: CoreConfig | None = field(default_factory=lambda: CoreConfig(profile=AUTO))
     queue_size: int = 64  # jobs waiting for a row of the decode batch
     max_batch: int = 16  # jobs decoding together
     request_timeout: float = 600.0  # seconds from arrival to the last token
@@ -288,6 +291,21 @@ def value_error(e: ValueError, fields: tuple, rename: dict) -> RequestError:
     return RequestError(400, str(e), param=rename.get(first, first if first in fields else None))
 
 
+def server_core(llm, core: CoreConfig | None) -> CoreConfig | None:
+    """The server's default core setting with profile "auto" resolved (LLM.default_core), logged.
+    Continuous batching decodes plain core sets: a calibrated profile that picks rows per token is
+    served dense."""
+    if core is None or core.profile != AUTO:
+        return core
+    path, line = llm.default_core()
+    if path is not None and Profile.load(path).per_token:
+        log.warning("core neurons: the calibrated profile %s picks rows per token, which continuous batching "
+                    "does not do yet: serving dense (requests may still ask for core sets by beta)", Path(path).name)
+        return None
+    log.info("%s", line)
+    return llm.resolve(core)
+
+
 def core_for(default: CoreConfig | None, req, num_layers: int) -> CoreConfig | None:
     """The server's core settings with the request's options laid over them; None decodes dense."""
     given = {k: getattr(req, k) for k in CORE_FIELDS if getattr(req, k) is not None}
@@ -298,7 +316,9 @@ def core_for(default: CoreConfig | None, req, num_layers: int) -> CoreConfig | N
             raise RequestError(400, f"{', '.join(given)} cannot be used with dense decoding", param=next(iter(given)))
         return None
     try:
-        core = replace(default or CoreConfig(), **given)  # keeps the server's cluster set, if any
+        # keeps the server's cluster set, if any; a request's own options replace a profile's budgets
+        base = default if default is not None and not (given and default.profile) else CoreConfig()
+        core = replace(base, **given)
         core.keep(num_layers)  # checks the layer spec and the number of betas now, not mid-generation
     except ValueError as e:
         raise value_error(e, CORE_FIELDS, {"similarity": "mode", "bad": "layers"}) from None
