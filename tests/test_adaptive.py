@@ -69,6 +69,24 @@ def test_native_row_sum_equals_gathered_matmul(m, threads):
     torch.testing.assert_close(got, coef @ w[rows], atol=1e-5, rtol=1e-5)
 
 
+def test_a_whole_ffn_superset_is_read_in_place_and_never_overwritten(tiny):
+    ffn = tiny.model.ffns()[1]
+    dense = {name: t.clone() for name, (t, _) in ffn.neuron_tensors().items()}
+    core, whole = AdaptiveFFN(Plan(16, 0.5)), torch.arange(ffn.width)[None]  # keep 1: [1, F]
+    x = torch.randn(1, 1, ffn.up.shape[1])
+    with torch.inference_mode():
+        core.load(ffn, whole)
+        assert core.weights["down"].data_ptr() == ffn.down.data_ptr()  # a view: nothing copied
+        first = core(x).clone()
+        torch.testing.assert_close(first, masked_ffn(ffn, x[0], whole[0], 16, 0.5)[None], atol=1e-5, rtol=1e-5)
+        core.load(ffn, torch.arange(0, ffn.width, 2)[None])  # a partial superset gathers into new buffers
+        assert core.weights["down"].data_ptr() != ffn.down.data_ptr()
+        core.load(ffn, whole)
+        torch.testing.assert_close(core(x), first)
+    for name, (t, _) in ffn.neuron_tensors().items():
+        assert torch.equal(t, dense[name]), name
+
+
 def test_bytes_count_the_rows_read(tiny):
     ffn = tiny.model.ffns()[1]
     index = torch.arange(64)[None]  # one sequence, k = 64 of F = 128

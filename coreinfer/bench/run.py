@@ -21,6 +21,7 @@ from ..engine.offload import parse_bytes, place
 from ..engine.policy import CoreConfig
 from ..engine.quant import WEIGHT_FORMATS, quantize_model
 from ..engine.session import Session, make_policy
+from ..eval.report import setting_name
 from ..io.loading import cache_dir
 from .contenders import LlamaCpp, Ours, Transformers, q8_0, synchronize, transformers_model
 
@@ -192,7 +193,7 @@ def contenders_for(args, ckpt, dtype):
             graphs = GraphedStep(compiled or partial(decode_forward, model), max_graphs=8)
         tag = "" if fmt == "dense" else f" {fmt}"
         for core in core_grid(args):
-            name = "coreinfer dense" if core is None else f"coreinfer {core.statistic} keep {core.beta}"
+            name = f"coreinfer {setting_name(core)}"
             out.append(Ours(name + tag, model, core))  # eager: what compiling gains is measured against it
             if compiled:
                 out.append(Ours(name + tag + " compiled", model, core, compiled=compiled))
@@ -232,7 +233,7 @@ def offload_contenders(args, ckpt, dtype):
     model = build_model(ckpt.config, ckpt.weights, "cpu", dtype)
     place(model, args.device)
     for core in core_grid(args):
-        name = "coreinfer dense offload" if core is None else f"coreinfer {core.statistic} keep {core.beta} offload"
+        name = f"coreinfer {setting_name(core)} offload"
         out.append(Ours(name, model, core, budget))
     return out
 

@@ -55,7 +55,7 @@ def top_mask(score: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask [..., n] of the k largest scores of each row."""
     if k >= score.shape[-1]:
         return torch.ones_like(score, dtype=torch.bool)
-    return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, score.topk(k, dim=-1).indices, True)
+    return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, score.topk(k, dim=-1, sorted=False).indices, True)
 
 
 class AdaptiveFFN(CompactFFN):
@@ -66,12 +66,30 @@ class AdaptiveFFN(CompactFFN):
         self.plan = plan
         self.down_norm = self.in_norm = None
         self.scratch: dict[str, torch.Tensor] = {}  # per-token outputs, reused: "out" [B, d], "up"/"gate" [B, k]
+        self.source = None  # the dense FFN whose weights `weights` views, when the superset is all of it
 
     @torch.inference_mode()
     def load(self, ffn, index: torch.Tensor) -> None:
         if ffn.quantized:
             raise NotImplementedError("per-token refinement runs on float weights; use --weights dense")
+        if index.shape == (1, ffn.width) and bool((index[0] == torch.arange(ffn.width, device=index.device)).all()):
+            # The superset is the whole FFN (keep 1, as calibrated profiles choose): read the dense
+            # weights in place instead of copying them, and keep the norms and transposed copies,
+            # which then do not depend on the prompt, for every later prompt.
+            if self.source is not ffn:
+                self.clear()
+                self.act, self.down_bias = ffn.act, ffn.down_bias
+                self.weights = {name: t.unsqueeze(0) for name, (t, _) in ffn.neuron_tensors().items()}  # [1, F, ...]
+                self.prepare()
+                self.source = ffn
+            return
+        if self.source is not None:
+            self.clear()  # views of the dense weights must not become the gather's reused buffers
         super().load(ffn, index)
+        self.prepare()
+
+    def prepare(self) -> None:
+        """The per-layer constants of the gathered rows: WINA norms, transposed gate/up, output buffers."""
         w = self.weights
         self.down_norm = w["down"].norm(dim=-1)  # [B, k]: ||down row i||, the WINA weight of a_i
         inputs = [w["up"]] + ([w["gate"]] if "gate" in w else [])
@@ -87,6 +105,7 @@ class AdaptiveFFN(CompactFFN):
     def clear(self) -> None:
         super().clear()
         self.scratch.clear()
+        self.source = None
 
     def sizes(self) -> tuple[int, int]:
         """(input entries read, down rows read) per token."""
@@ -152,7 +171,7 @@ class AdaptiveFFN(CompactFFN):
         for b in range(x.shape[0]):
             xb = x[b, 0]  # [d]
             if "up_t" in w:
-                cols = (xb.abs() * self.in_norm[b]).topk(d_in).indices  # [d_in]
+                cols = (xb.abs() * self.in_norm[b]).topk(d_in, sorted=False).indices  # [d_in]
                 xs = xb[cols]
                 up = self._rows(lib, w["up_t"][b], cols, xs, buf["up"][b])  # [k]
                 gate = self._rows(lib, w["gate_t"][b], cols, xs, buf["gate"][b]) if "gate_t" in w else None
@@ -162,7 +181,7 @@ class AdaptiveFFN(CompactFFN):
             if "up_bias" in w:
                 up = up + w["up_bias"][b]
             a = self.act(up) if gate is None else self.act(gate) * up  # [k]
-            rows = (a.abs() * self.down_norm[b]).topk(m).indices  # [m]
+            rows = (a.abs() * self.down_norm[b]).topk(m, sorted=False).indices  # [m]
             self._rows(lib, w["down"][b], rows, a[rows], buf["out"][b])  # [m] @ [m, d]
         out = buf["out"][:, None]  # [B, 1, d]
         return out if self.down_bias is None else out + self.down_bias
