@@ -168,6 +168,9 @@ class SelectionPolicy:
         return None
 
 
+WHOLE = Statistic("norm")
+
+
 @dataclass
 class StabilityPolicy(SelectionPolicy):
     """The paper's stability-guided decoding: each prompt's own sentence-wise core set per layer.
@@ -179,9 +182,17 @@ class StabilityPolicy(SelectionPolicy):
     spec: Statistic = field(default_factory=Statistic)
 
     def wanted(self) -> dict[int, Statistic]:
-        return {layer: self.spec for layer in self.keep}
+        # a layer that keeps every neuron (a calibrated profile's superset) ranks nothing: the
+        # cheapest statistic, only for the batch's shape, instead of e.g. frequency's per-token top-k
+        return {layer: self.spec if keep_count(beta, self.width) < self.width else WHOLE
+                for layer, beta in self.keep.items()}
 
     def select(self, stats: dict[int, RunningStats]) -> Selection:
-        return Selection({layer: rank_neurons(stats[layer].primary, stats[layer].secondary,
-                                              keep_count(beta, self.width))  # [B, k]
-                          for layer, beta in self.keep.items()})
+        index = {}
+        for layer, beta in self.keep.items():
+            k, s = keep_count(beta, self.width), stats[layer]
+            if k == self.width:
+                index[layer] = torch.arange(k, device=s.primary.device).expand(s.primary.shape[0], k)  # [B, F]
+            else:
+                index[layer] = rank_neurons(s.primary, s.secondary, k)  # [B, k]
+        return Selection(index)
