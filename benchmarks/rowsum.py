@@ -1,4 +1,4 @@
-"""The native weighted row sum (engine/rowsum.py) against PyTorch, on one model's worth of layers.
+"""The native weighted row sum (engine/native.py) against PyTorch, on one model's worth of layers.
 
     python benchmarks/rowsum.py --threads 2
 
@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from coreinfer.engine import rowsum
+from coreinfer.engine import native
 
 
 def per_layer_us(fn, layers: int, rounds: int) -> float:
@@ -37,7 +37,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=10)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    lib = rowsum.load()
+    lib = native.load()
     if lib is None:
         raise SystemExit("no C compiler: nothing to compare")
     g = torch.Generator().manual_seed(0)
@@ -52,7 +52,7 @@ def main() -> None:
         m = round(share * args.rows)
         rows = [a.abs().topk(m).indices.sort().values for a in acts]  # [m] each, in address order
         coef = [acts[i][rows[i]] for i in n]
-        native = per_layer_us(lambda: [rowsum.rowsum(lib, weights[i], rows[i], coef[i], out) for i in n],
+        native = per_layer_us(lambda: [native.rowsum(lib, weights[i], rows[i], coef[i], out) for i in n],
                               args.layers, args.rounds)
         gather = per_layer_us(lambda: [coef[i] @ weights[i].index_select(0, rows[i]) for i in n],
                               args.layers, args.rounds)

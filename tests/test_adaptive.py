@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from coreinfer.api import LLM
-from coreinfer.engine import rowsum
+from coreinfer.engine import native
 from coreinfer.engine.adaptive import AdaptiveFFN, AdaptivePolicy, DriftPolicy, Plan
 from coreinfer.engine.policy import CoreConfig, Selection, StabilityPolicy
 from coreinfer.engine.selection import keep_count, rank_neurons
@@ -32,11 +32,11 @@ def masked_ffn(ffn, x, superset, down_rows, input_keep):
     return ffn.project((a * keep)[None])[0]
 
 
-@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+@pytest.mark.parametrize("kernel", [True, False], ids=["native", "torch"])
 @pytest.mark.parametrize("plan", [Plan(16), Plan(48, 0.5), Plan(None, 0.25), Plan(1, 1.0)], ids=str)
-def test_fast_path_equals_reference_and_masked_dense(tiny, plan, native, monkeypatch):
-    if not native:  # the path taken without a C compiler
-        monkeypatch.setattr(rowsum, "load", lambda: None)
+def test_fast_path_equals_reference_and_masked_dense(tiny, plan, kernel, monkeypatch):
+    if not kernel:  # the path taken without a C compiler
+        monkeypatch.setattr(native, "load", lambda: None)
     ffn = tiny.model.ffns()[1]
     torch.manual_seed(0)
     index = torch.stack([torch.randperm(ffn.width)[:64].sort().values for _ in range(2)])  # [B=2, k=64]
@@ -53,7 +53,7 @@ def test_fast_path_equals_reference_and_masked_dense(tiny, plan, native, monkeyp
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("m", [1, 3, 4, 67, 300])
 def test_native_row_sum_equals_gathered_matmul(m, threads):
-    lib = rowsum.load()
+    lib = native.load()
     assert lib is not None, "the C compiler inductor uses must build the row-sum kernel too"
     torch.manual_seed(m)
     w = torch.randn(3, 311, 70)[1]  # [311, 70]: a view of a batched buffer, as AdaptiveFFN reads it
@@ -62,11 +62,26 @@ def test_native_row_sum_equals_gathered_matmul(m, threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        got = rowsum.rowsum(lib, w, rows, coef, out)
+        got = native.rowsum(lib, w, rows, coef, out)
     finally:
         torch.set_num_threads(before)
     assert got.data_ptr() == out.data_ptr()
     torch.testing.assert_close(got, coef @ w[rows], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_native_int8_column_gather_equals_indexing(threads):
+    lib = native.load()
+    src = torch.randint(-128, 128, (3, 300, 517), dtype=torch.int8)[1]  # [300, 517], a view
+    idx = torch.randint(0, 517, (411,))
+    out = torch.zeros(300, 411, dtype=torch.int8)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        native.take_columns(lib, src, idx, out)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out, src[:, idx])
 
 
 def test_a_whole_ffn_superset_is_read_in_place_and_never_overwritten(tiny):

@@ -4,6 +4,7 @@ import pytest
 import torch
 import transformers
 
+from coreinfer.engine import native
 from coreinfer.engine.policy import CoreConfig
 from coreinfer.engine.quant import int8_matmul, quantize_int8, quantize_model
 from coreinfer.engine.session import stability_policy
@@ -50,8 +51,11 @@ def test_int8_model_close_to_fp32():
     assert model.weight_bytes() < 0.4 * dense.weight_bytes()
 
 
+@pytest.mark.parametrize("kernel", [True, False], ids=["native", "numpy"])  # numpy: no C compiler
 @pytest.mark.parametrize("beta", [0.5, 0.45])  # k = 48, and k = 43: padded to the kernel's block of 16
-def test_compacted_int8_equals_masked_int8(beta):
+def test_compacted_int8_equals_masked_int8(beta, kernel, monkeypatch):
+    if not kernel:
+        monkeypatch.setattr(native, "load", lambda: None)
     _, model = hf_pair(transformers.LlamaConfig(**TINY))
     quantize_model(model)
     sparse, session = our_logits(model, PROMPTS, CONTS, policy=stability_policy(CoreConfig(beta=beta, layers="1-2"),

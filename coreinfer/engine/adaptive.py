@@ -17,7 +17,7 @@ base `SelectionPolicy` (stability, similarity):
   with no re-prefill.
 
 `AdaptiveFFN.reference` is the oracle (masked dense math over the gathered rows); the decode path
-reads only the chosen rows, in place, with the native weighted row sum of engine/rowsum.py (float32 on
+reads only the chosen rows, in place, with the native weighted row sum of engine/native.py (float32 on
 the CPU; elsewhere, or without a C compiler, index_select and a small matmul). Bytes are counted as
 read: the superset's gate/up (or their kept columns) and only the chosen down rows.
 """
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import rowsum
+from . import native
 from .compact import CompactFFN
 from .observe import RunningStats, Statistic
 from .policy import CoreConfig, Selection, SelectionPolicy
@@ -157,7 +157,7 @@ class AdaptiveFFN(CompactFFN):
         """out [n] = coef [m] @ weight[rows] for weight [R, n]: in place with the native kernel, else
         through a gathered copy."""
         if lib is not None:
-            return rowsum.rowsum(lib, weight, rows, coef, out)
+            return native.rowsum(lib, weight, rows, coef, out)
         return torch.mv(weight.index_select(0, rows).t(), coef, out=out)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,7 +167,7 @@ class AdaptiveFFN(CompactFFN):
         if x.shape[1] != 1:
             return self.reference(x)
         w, (d_in, m), buf = self.weights, self.sizes(), self.scratch
-        lib = rowsum.load() if rowsum.usable(w["down"][0]) else None
+        lib = native.load() if native.usable(w["down"][0]) else None
         for b in range(x.shape[0]):
             xb = x[b, 0]  # [d]
             if "up_t" in w:
