@@ -176,6 +176,9 @@ def core_grid(args) -> list[CoreConfig | None]:
     """Dense first, then one CoreConfig per (mode, statistic, beta, refine, input keep) of the grid flags."""
     if args.dense:
         return [None]
+    if args.profile == AUTO:  # before the model loads: these commands compare settings by name
+        raise ValueError("--profile auto is the default of generate, chat and serve; eval and bench take a profile "
+                         "file (coreinfer/profiles/ holds the shipped ones, the cache folder's profiles/ yours)")
     stats = [s.strip() for s in args.statistic.split(",") if s.strip()]
     modes = [m.strip() for m in args.mode.split(",") if m.strip()]
     check_modes(args, modes)
