@@ -46,7 +46,8 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 class RuntimeConfig:
     """Where and how the model runs. dtype None: fp32 on CPU, bf16 on CUDA. threads None:
     `default_threads()`, the physical cores this process may use less those the load average shows busy.
-    compile: a compiled decode step (engine/compiled.py); None (off) until a second start loads it warm."""
+    compile: a compiled decode step (engine/compiled.py); None: on for int8 weights on the CPU, where it
+    pays (~1.5x decode), off elsewhere."""
 
     model: str | None = None
     device: str = "cpu"
@@ -61,9 +62,12 @@ class RuntimeConfig:
         weights between steps and stays eager."""
         if self.max_gpu_memory is not None:
             return False
-        # Off unless asked: a compiled int8 step decodes ~1.5x faster, but each new process still spends
-        # minutes compiling it (docs/speed.md), which a one-shot request never earns back.
-        return bool(self.compile)
+        if self.compile is not None:
+            return self.compile
+        # int8 on the CPU: the compiled step decodes ~1.5x faster; the first compile of a shape takes
+        # minutes, once: later processes load it from the on-disk cache in seconds (docs/speed.md).
+        # fp32 and bf16 gain little from it, and CUDA has its graphs.
+        return self.weights == "int8" and torch.device(self.device).type == "cpu"
 
     def __post_init__(self):
         if self.weights not in WEIGHT_FORMATS:

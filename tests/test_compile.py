@@ -69,9 +69,10 @@ def test_falls_back_to_eager_without_a_compiler(model):
     assert compiled.failed and any("decoding eager instead" in line for line in lines)
 
 
-def test_compiled_only_when_asked():
-    """Off by default while each new process still compiles for minutes (docs/speed.md)."""
-    assert not RuntimeConfig(weights="int8").compiles()
+def test_compiled_by_default_where_it_pays():
+    """int8 on the CPU: on by default (its later starts load the compiled step, see below); else off."""
+    assert RuntimeConfig(weights="int8").compiles()  # where it pays: on by default
+    assert not RuntimeConfig().compiles()  # fp32: little to gain
     assert not RuntimeConfig(weights="int8", compile=False).compiles()
     assert RuntimeConfig(weights="int8", compile=True).compiles()
 
@@ -89,3 +90,40 @@ def test_inductor_cache_under_ours_unless_the_user_chose(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "theirs"))
     use_cache_dir(tmp_path / "ours")
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "theirs")
+
+
+WARM_START = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import torch, transformers
+from torch._dynamo.utils import counters
+from coreinfer.engine.compact import CoreWeights
+from coreinfer.engine.compiled import CompiledStep
+from coreinfer.engine.policy import CoreConfig
+from coreinfer.engine.quant import quantize_model
+from coreinfer.engine.session import Session, stability_policy
+from oracle import hf_pair
+_, model = hf_pair(transformers.LlamaConfig(**{tiny!r}))
+quantize_model(model)
+policy = stability_policy(CoreConfig(beta=0.5, layers="1-2"), model)
+session = Session(model, [[5, 17, 3, 88]], 2, policy=policy, cores=CoreWeights(), compiled=CompiledStep(model))
+session.step(session.prefill().argmax(-1))
+print(json.dumps(dict(counters["inductor"])))
+"""
+
+
+def test_a_second_process_loads_the_compiled_step_from_the_cache(tmp_path):
+    """The warm start: inductor's FX-graph cache must hit in a new process (frozen weights included),
+    or every start of `coreinfer generate --weights int8` compiles for minutes again."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = WARM_START.format(tests=str(Path(__file__).parent), tiny=TINY)
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "OMP_NUM_THREADS": "1"}
+    runs = [json.loads(subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                                      check=True, timeout=600).stdout.splitlines()[-1]) for _ in range(2)]
+    print(runs)
+    assert runs[0].get("fxgraph_cache_miss", 0) >= 1  # a fresh cache compiles
+    assert runs[1].get("fxgraph_cache_hit", 0) >= 1 and not runs[1].get("fxgraph_cache_miss")

@@ -23,7 +23,8 @@ class CoreConfig:
 
     The default keep, 0.85, is chosen for free continuation, where a prompt-fixed set costs most: on
     the embedded model it raises perplexity x1.19 (0.7: x1.59, 0.5: x2.6; docs/quality.md). Where the
-    answer lives in the prompt (multiple choice) 0.7 or 0.5 cost only ~3 points of accuracy.
+    answer lives in the prompt (multiple choice) 0.7 or 0.5 cost only ~3 points of accuracy. The
+    commands' default is not these fields' but `profile="auto"`: the model's calibrated profile.
 
     layers: which layers are sparse: None for the default policy (the first 10% and last 7% of layers
     stay dense: sparsifying layer 0 alone of the embedded model multiplies perplexity by 2.5, and the
@@ -38,7 +39,8 @@ class CoreConfig:
     drift_period, drift_threshold: every `drift_period` decode steps one runs dense and, where the core
     set covers less than `drift_threshold` of that token's statistic, the set is re-chosen; 0: off.
     profile: a file made by `coreinfer calibrate` (engine/profile.py): its per-layer keep, refine and
-    input keep replace `beta`, `layers`, `refine` and `input_keep`.
+    input keep replace `beta`, `layers`, `refine` and `input_keep`. "auto": the profile calibrated on
+    the model, shipped or in the cache folder, or dense without one (api.LLM.default_core).
     prior, prior_weight: a profile whose global prior (neurons core across the calibration text) is
     fused with each prompt's statistic at this weight (engine/profile.PriorPolicy).
     """
