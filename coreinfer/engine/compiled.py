@@ -89,7 +89,7 @@ class CompiledStep:
             return self.fn(self.model, tokens, positions, slots, key_valid, caches, cores)
         B, S = key_valid.shape
         self.log(f"compiling the decode step (batch {B}, cache {S}, {len(key[2])} core layers, {self.mode}): "
-                 "minutes; later processes reuse its C++ builds from the cache")
+                 "minutes the first time, about 20 s once the cache holds it (--no-compile: eager)")
         t = time.perf_counter()
         try:
             out = self.fn(self.model, tokens, positions, slots, key_valid, caches, cores)
