@@ -1,4 +1,4 @@
-"""The native weighted row sum (engine/native.py) against PyTorch, on one model's worth of layers.
+"""The native weighted row sum (engine/native.py) against PyTorch, on more layers than the cache holds.
 
     python benchmarks/rowsum.py --threads 2
 
@@ -52,11 +52,11 @@ def main() -> None:
         m = round(share * args.rows)
         rows = [a.abs().topk(m).indices.sort().values for a in acts]  # [m] each, in address order
         coef = [acts[i][rows[i]] for i in n]
-        native = per_layer_us(lambda: [native.rowsum(lib, weights[i], rows[i], coef[i], out) for i in n],
+        in_place = per_layer_us(lambda: [native.rowsum(lib, weights[i], rows[i], coef[i], out) for i in n],
                               args.layers, args.rounds)
         gather = per_layer_us(lambda: [coef[i] @ weights[i].index_select(0, rows[i]) for i in n],
                               args.layers, args.rounds)
-        print(f"| {share:.0%} | {native:.0f} | {gather:.0f} | {dense:.0f} |")
+        print(f"| {share:.0%} | {in_place:.0f} | {gather:.0f} | {dense:.0f} |")
 
 
 if __name__ == "__main__":
