@@ -18,6 +18,7 @@ called through ctypes (no PyTorch headers, so the build takes about a second). W
 import ctypes
 import hashlib
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -86,11 +87,12 @@ void take_columns_i8(const int8_t *src, int64_t ld, int64_t rows, const int64_t 
 
 @cache
 def load() -> ctypes.CDLL | None:
-    """The compiled kernel (built on first use, then read from the cache folder); None, with one line
-    on stderr, where it cannot be built."""
+    """The compiled kernels (built on first use, then read from the cache folder); None, with one line
+    on stderr, where they cannot be built."""
     from ..io.loading import cache_dir
 
-    digest = hashlib.sha256(SOURCE.encode()).hexdigest()[:12]
+    # -march=native code must not reach another CPU through a shared cache folder: the CPU is in the key
+    digest = hashlib.sha256((SOURCE + cpu_model()).encode()).hexdigest()[:12]
     path = cache_dir() / "native" / f"kernels-{digest}.so"
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,6 +117,15 @@ def load() -> ctypes.CDLL | None:
     lib.take_columns_i8.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                                     ctypes.c_void_p, ctypes.c_int]
     return lib
+
+
+def cpu_model() -> str:
+    """This CPU's model name and feature flags (Linux), else the platform's processor string."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor() or platform.machine()
+    return "\n".join(sorted({line for line in info if line.startswith(("model name", "flags"))}))
 
 
 def usable(w: torch.Tensor) -> bool:
