@@ -67,6 +67,7 @@ class AdaptiveFFN(CompactFFN):
         self.down_norm = self.in_norm = None
         self.scratch: dict[str, torch.Tensor] = {}  # per-token outputs, reused: "out" [B, d], "up"/"gate" [B, k]
         self.source = None  # the dense FFN whose weights `weights` views, when the superset is all of it
+        self.lib = None  # the native kernels (native.py) where they can read these weights in place
 
     @torch.inference_mode()
     def load(self, ffn, index: torch.Tensor) -> None:
@@ -101,6 +102,7 @@ class AdaptiveFFN(CompactFFN):
                 w["gate_t"] = w.pop("gate").transpose(1, 2).contiguous()
         (B, k, d), like = w["down"].shape, w["down"]
         self.scratch = {"out": like.new_empty(B, d), "up": like.new_empty(B, k), "gate": like.new_empty(B, k)}
+        self.lib = native.load() if native.usable(like[0]) else None  # None: the PyTorch gather
 
     def clear(self) -> None:
         super().clear()
@@ -166,8 +168,7 @@ class AdaptiveFFN(CompactFFN):
         buffer, valid until the next call."""
         if x.shape[1] != 1:
             return self.reference(x)
-        w, (d_in, m), buf = self.weights, self.sizes(), self.scratch
-        lib = native.load() if native.usable(w["down"][0]) else None
+        w, (d_in, m), buf, lib = self.weights, self.sizes(), self.scratch, self.lib
         for b in range(x.shape[0]):
             xb = x[b, 0]  # [d]
             if "up_t" in w:
