@@ -31,7 +31,7 @@ import transformers
 
 from coreinfer.bench.contenders import Ours, Transformers, transformers_model
 from coreinfer.bench.run import read_bandwidth_gb_s, run_bench, table
-from coreinfer.engine.compiled import decode_forward
+from coreinfer.engine.compiled import CompiledStep, decode_forward
 from coreinfer.engine.cuda_graphs import GraphedStep
 from coreinfer.engine.offload import place, plan, size
 from coreinfer.engine.policy import CoreConfig
@@ -75,8 +75,11 @@ def random_checkpoint(name: str, tiny: bool, dtype, device):
     return SimpleNamespace(config=config.to_dict(), weights=weights, source=f"{name} (random weights)")
 
 
-def graphed(model, device):
-    return GraphedStep(partial(decode_forward, model)) if torch.device(device).type == "cuda" else None
+def graphed(model, device, compiled=None):
+    """The CUDA-graphed decode step (of `compiled`, a CompiledStep, when given); None off CUDA."""
+    if torch.device(device).type != "cuda":
+        return compiled
+    return GraphedStep(compiled or partial(decode_forward, model))
 
 
 def speed(ckpt, args, ids, bandwidth) -> list:
@@ -87,6 +90,10 @@ def speed(ckpt, args, ids, bandwidth) -> list:
     out = [Transformers(transformers_model(ckpt, dtype).to(device)), Ours("coreinfer dense eager", model, None),
            Ours("coreinfer dense", model, None, compiled=graphed(model, device))]
     out += [Ours(f"coreinfer keep {c.beta}", model, c, compiled=graphed(model, device)) for c in cores]
+    if args.compile:  # inductor fuses the step's small kernels (norms, RoPE, casts); graphs replay the result
+        step = CompiledStep(model, log=log)
+        out += [Ours("coreinfer dense, compiled", model, None, compiled=graphed(model, device, step)),
+                Ours(f"coreinfer keep {cores[1].beta}, compiled", model, cores[1], compiled=graphed(model, device, step))]
     q8 = build_model(ckpt.config, ckpt.weights, device, dtype)
     quantize_model(q8)
     out += [Ours("coreinfer dense int8", q8, None, compiled=graphed(q8, device)),
@@ -163,6 +170,9 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--stages", default="speed,limited", help="which stages run: speed, limited or both")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the compiled (inductor) step inside CUDA graphs")
     p.add_argument("--tiny", action="store_true", help="tiny shapes: a dry run of this script's logic")
     args = p.parse_args(argv)
     bandwidth = read_bandwidth_gb_s(device=args.device)
@@ -180,11 +190,12 @@ def main(argv=None) -> int:
                                 generator=torch.Generator().manual_seed(0)).tolist()
             entry = report["models"][name] = {"limited": {}}
             log(f"{name}: speed")
-            fast = guarded(lambda: speed(ckpt, args, ids, bandwidth), lines)
+            fast = guarded(lambda: speed(ckpt, args, ids, bandwidth), lines) if "speed" in args.stages else None
             if fast is not None:
                 entry["speed"] = [asdict(r) for r in fast]
                 lines += ["", f"## {ckpt.source}: full GPU", "", table(fast, bandwidth)]
-            for fraction in map(float, (args.fractions or FRACTIONS[name]).split(",")):
+            fractions = (args.fractions or FRACTIONS[name]).split(",") if "limited" in args.stages else []
+            for fraction in map(float, fractions):
                 log(f"{name}: memory-limited at {fraction:.0%}")
                 lines += ["", f"## {ckpt.source}: memory-limited", ""]
                 got = guarded(lambda: limited(ckpt, args, ids, bandwidth, fraction), lines)

@@ -73,16 +73,18 @@ def test_compacted_equals_masked_and_scorer_equals_steps_on_cuda(family):
 
 
 @needs_cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_decode_equals_eager_across_prompts(dtype):
+@pytest.mark.parametrize("dtype,inductor", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+def test_cuda_graph_decode_equals_eager_across_prompts(dtype, inductor):
     """Two prompts one after the other, each with its own core set gathered into the same buffers: the
-    graph captured on the first replays the second (no stale rows), with the same greedy tokens."""
-    from coreinfer.engine.compiled import decode_forward
+    graph captured on the first replays the second (no stale rows), with the same greedy tokens. With
+    `inductor` the graph holds the compiled step (`--compile` on CUDA), whose core rows are graph inputs.
+    (bf16 is not compared compiled: fused kernels round differently, so greedy ties may flip.)"""
+    from coreinfer.engine.compiled import CompiledStep, decode_forward
     from coreinfer.engine.cuda_graphs import GraphedStep
 
     _, _, gpu = pair("llama")
     gpu = gpu.to(dtype)
-    graphs = GraphedStep(partial(decode_forward, gpu))
+    graphs = GraphedStep(CompiledStep(gpu) if inductor else partial(decode_forward, gpu))
     kept = {}  # what LLM keeps across requests: core buffers and KV caches
 
     def greedy(prompt, compiled, keep):
@@ -177,9 +179,11 @@ def test_int8_matmul_on_cuda_matches_dequantized():
 
 @needs_cuda
 def test_llm_on_cuda_bf16_graphs_and_memory_limited(tiny_model_dir):
-    """The API on CUDA: bf16 by default, CUDA graphs unless compile=False, the same greedy tokens as
-    eager; the memory-limited mode (fp32 here, so summation order cannot flip a token) matches too."""
+    """The API on CUDA: bf16 by default, the compiled step inside CUDA graphs unless compile=False, the
+    same greedy tokens as eager; the memory-limited mode matches too (fp32 for both comparisons, so
+    summation order cannot flip a token)."""
     from coreinfer import LLM, GenerationConfig
+    from coreinfer.engine.compiled import CompiledStep
     from coreinfer.engine.cuda_graphs import GraphedStep
 
     gen, core = GenerationConfig(max_new_tokens=12, ignore_eos=True), CoreConfig(beta=0.5)
@@ -190,8 +194,10 @@ def test_llm_on_cuda_bf16_graphs_and_memory_limited(tiny_model_dir):
 
     llm = LLM(str(tiny_model_dir), device="cuda", progress=False)
     assert llm.model.embed_tokens.weight.dtype == torch.bfloat16 and isinstance(llm.compiled, GraphedStep)
-    assert tokens(llm) == tokens(LLM(str(tiny_model_dir), device="cuda", compile=False, progress=False))
+    assert isinstance(llm.compiled.step, CompiledStep) and llm.compiled.step.mode == "default"
+    assert all(len(t) == 12 for t in tokens(llm))
     eager = tokens(LLM(str(tiny_model_dir), device="cuda", dtype="fp32", compile=False, progress=False))
+    assert tokens(LLM(str(tiny_model_dir), device="cuda", dtype="fp32", progress=False)) == eager
     limited = LLM(str(tiny_model_dir), device="cuda", dtype="fp32", max_gpu_memory="256MiB", progress=False)
     assert limited.model.ffns()[0].up.is_pinned()
     assert tokens(limited) == eager
