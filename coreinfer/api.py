@@ -17,7 +17,7 @@ import torch
 
 from .engine.clusters import ClusterSet
 from .engine.compact import CoreWeights
-from .engine.compiled import CompiledStep, decode_forward, use_cache_dir
+from .engine.compiled import CompiledStep, batch_bucket, decode_forward, use_cache_dir
 from .engine.cuda_graphs import GraphedStep
 from .engine.generate import GenerationConfig, decode
 from .engine.offload import OffloadSession, Streamer, parse_bytes, plan, place
@@ -265,11 +265,15 @@ class LLM:
 
     def session(self, ids: list[list[int]], max_new_tokens: int,
                 core: CoreConfig | SelectionPolicy | None = None) -> Session:
-        """A decode session over token ids; `core` None decodes dense."""
+        """A decode session over token ids; `core` None decodes dense. With a compiled step the batch is
+        padded to its bucket (`batch_bucket`) with copies of the last prompt: they decode what it decodes,
+        and callers read only the first len(ids) rows."""
         policy = make_policy(self.resolve(core), self.model, self.load_clusters)
         if self.budget is not None:
             session = OffloadSession(self.model, ids, max_new_tokens, self.tokenizer.pad_id, policy, self.cores,
                                      self.caches, budget=self.budget, streamer=self.streamer, compiled=self.compiled)
+        if self.compiled is not None:
+            ids = ids + [ids[-1]] * (batch_bucket(len(ids)) - len(ids))
         else:
             session = Session(self.model, ids, max_new_tokens, self.tokenizer.pad_id, policy, self.cores, self.caches,
                               compiled=self.compiled)
@@ -296,7 +300,7 @@ class LLM:
         t_first = None
         for token in decode(session, gen, self.tokenizer.eos_ids):
             t_first = t_first or time.perf_counter()
-            for b, tok in enumerate(token.tolist()):
+            for b, tok in enumerate(token.tolist()[:len(ids)]):  # rows past len(ids): the bucket's padding
                 if finished[b]:
                     continue
                 if tok in self.tokenizer.eos_ids and not gen.ignore_eos:

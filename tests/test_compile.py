@@ -1,6 +1,6 @@
 """The compiled decode step decodes what eager decodes: across prompts whose core sets differ (the
-per-prompt core rows are graph inputs, not constants frozen on the first prompt), in a batch of 2,
-and eager again when compiling fails."""
+per-prompt core rows are graph inputs, not constants frozen on the first prompt), in a batch of 2 and
+in a bucketed batch of 3, and eager again when compiling fails."""
 
 import os
 
@@ -10,7 +10,7 @@ import transformers
 
 from coreinfer.api import RuntimeConfig, default_threads, physical_cores
 from coreinfer.engine.compact import CoreWeights
-from coreinfer.engine.compiled import CompiledStep, use_cache_dir
+from coreinfer.engine.compiled import CompiledStep, batch_bucket, use_cache_dir
 from coreinfer.engine.policy import CoreConfig
 from coreinfer.engine.quant import quantize_model
 from coreinfer.engine.session import Session, stability_policy
@@ -56,6 +56,21 @@ def test_compiled_equals_eager_across_prompts_and_batch(model):
     assert not torch.equal(sets[0], sets[1])  # the two prompts did need different rows
     assert compiled.failed is None and compiled.compile_s > 0
     assert len(compiled.seen) == 2  # batch 1 and batch 2: the second prompt reused the first's graph
+
+
+def test_batches_run_in_power_of_two_buckets(tiny_model_dir):
+    """Three prompts run as a batch of 4 (the fourth a copy of the third, dropped): one graph serves
+    batches of 3 and 4, and every prompt decodes what eager decodes."""
+    from coreinfer import LLM, GenerationConfig
+
+    assert [batch_bucket(n) for n in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
+    gen, texts = GenerationConfig(max_new_tokens=6, ignore_eos=True), ["The capital", "a b", "Scholars argue about"]
+    fast = LLM(str(tiny_model_dir), weights="int8", progress=False)
+    eager = LLM(str(tiny_model_dir), weights="int8", compile=False, progress=False)
+    got = fast.generate(texts, gen, core=None)
+    assert [c.token_ids for c in got] == [c.token_ids for c in eager.generate(texts, gen, core=None)]
+    fast.generate(texts + ["more"], gen, core=None)
+    assert {key[0] for key in fast.compiled.seen} == {(4, 1)}  # token shapes [B, 1]: only the bucket
 
 
 def test_falls_back_to_eager_without_a_compiler(model):

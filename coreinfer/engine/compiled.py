@@ -41,6 +41,13 @@ def decode_forward(model, tokens, positions, slots, key_valid, caches, cores=Non
     return model(tokens, positions, slots, key_valid, caches, ffn=run)
 
 
+def batch_bucket(n: int) -> int:
+    """The batch size a compiled step runs `n` sequences at: the next power of two. Each batch size is a
+    graph of its own (minutes to compile on the CPU), so varying batches share log2(max) graphs, for at
+    most twice the rows."""
+    return 1 << (n - 1).bit_length()
+
+
 def inductor_options(mode: str) -> dict:
     """default: fuse the small kernels. max-autotune: also freeze and prepack the model's weights and
     pick GEMM kernels by timing them (a slower first compile; the faster int8 step)."""
