@@ -267,11 +267,14 @@ class LLM:
                 core: CoreConfig | SelectionPolicy | None = None) -> Session:
         """A decode session over token ids; `core` None decodes dense. With a compiled step the batch is
         padded to its bucket (`batch_bucket`) with copies of the last prompt: they decode what it decodes,
-        and callers read only the first len(ids) rows."""
+        and callers read only the first len(ids) rows. Not in the memory-limited mode, whose budget is
+        planned for the rows it is given."""
         policy = make_policy(self.resolve(core), self.model, self.load_clusters)
         if self.budget is not None:
             session = OffloadSession(self.model, ids, max_new_tokens, self.tokenizer.pad_id, policy, self.cores,
                                      self.caches, budget=self.budget, streamer=self.streamer, compiled=self.compiled)
+        if self.compiled is not None and self.budget is None:
+            ids = ids + [ids[-1]] * (batch_bucket(len(ids)) - len(ids))
         if self.compiled is not None:
             ids = ids + [ids[-1]] * (batch_bucket(len(ids)) - len(ids))
         else:
