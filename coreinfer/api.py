@@ -270,13 +270,11 @@ class LLM:
         and callers read only the first len(ids) rows. Not in the memory-limited mode, whose budget is
         planned for the rows it is given."""
         policy = make_policy(self.resolve(core), self.model, self.load_clusters)
+        if self.compiled is not None and self.budget is None:
+            ids = ids + [ids[-1]] * (batch_bucket(len(ids)) - len(ids))
         if self.budget is not None:
             session = OffloadSession(self.model, ids, max_new_tokens, self.tokenizer.pad_id, policy, self.cores,
                                      self.caches, budget=self.budget, streamer=self.streamer, compiled=self.compiled)
-        if self.compiled is not None and self.budget is None:
-            ids = ids + [ids[-1]] * (batch_bucket(len(ids)) - len(ids))
-        if self.compiled is not None:
-            ids = ids + [ids[-1]] * (batch_bucket(len(ids)) - len(ids))
         else:
             session = Session(self.model, ids, max_new_tokens, self.tokenizer.pad_id, policy, self.cores, self.caches,
                               compiled=self.compiled)
