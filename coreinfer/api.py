@@ -75,6 +75,9 @@ class RuntimeConfig:
     def __post_init__(self):
         if self.weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {self.weights!r}")
+        if self.weights == "int4" and torch.device(self.device).type != "cpu":
+            raise ValueError("--weights int4 runs on the CPU only (PyTorch's CUDA int4 kernel packs its weights "
+                             "differently): use int8 on CUDA")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.dtype is not None and self.dtype not in DTYPES:
@@ -205,8 +208,8 @@ class LLM:
             plan(self.model, 1, 1, None, 0).check(self.budget)  # the resident weights and staging must fit
             place(self.model, device)
         self.streamer = Streamer(self.model, device) if limited else None
-        if weights == "int8":
-            quantize_model(self.model)
+        if weights != "dense":
+            quantize_model(self.model, weights)
         self.tokenizer = Tokenizer(ckpt.tokenizer_dir, ckpt.config)
         self.cores = CoreWeights()  # compacted weights, reused by every session
         self.caches = None  # the last session's KV caches, reused by the next one of the same shape
@@ -239,7 +242,7 @@ class LLM:
         if not profile.layers:
             return None, (f"core neurons: {path.name} found no sparse setting that keeps top-1 agreement >= "
                           f"{target:g} on this model, decoding dense")
-        cannot = [why for why, yes in (("int8 weights", self.model.ffns()[0].quantized),
+        cannot = [why for why, yes in ((f"{self.runtime.weights} weights", self.model.ffns()[0].quantized),
                                        ("a memory-limited GPU", self.budget is not None),
                                        ("a compiled or graphed decode step", self.compiled is not None)) if yes]
         if profile.per_token and cannot:

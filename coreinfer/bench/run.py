@@ -180,8 +180,8 @@ def contenders_for(args, ckpt, dtype):
         if fmt not in WEIGHT_FORMATS:
             raise ValueError(f"--weights takes {', '.join(WEIGHT_FORMATS)} (comma-separated), got {fmt!r}")
         model = build_model(ckpt.config, ckpt.weights, args.device, dtype)
-        if fmt == "int8":
-            quantize_model(model)
+        if fmt != "dense":
+            quantize_model(model, fmt)
         compiled = None
         # the bench compiles int8 on the CPU unless told not to: compile time is its own column here
         wanted = args.compile if args.compile is not None else fmt != "dense" and args.device == "cpu"

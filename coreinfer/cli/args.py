@@ -48,7 +48,9 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: the physical cores this process may use, SMT siblings counted once, "
                         "less those the 1-minute load average shows busy; at least 1)")
-    g.add_argument("--weights", default="dense", help="dense (the dtype's) or int8 (weight-only, per channel)")
+    g.add_argument("--weights", default="dense",
+                   help="dense (the dtype's), int8 (weight-only, per channel) or int4 (group-wise, CPU only; FFN "
+                        "down stays int8)")
     g.add_argument("--max-gpu-memory", default=None, metavar="SIZE",
                    help="memory-limited mode, e.g. 2GiB: FFN weights stay in CPU memory, only core rows on the GPU")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,

@@ -1,19 +1,22 @@
 """Compacted FFNs: each sequence's core neurons of a layer, gathered into small dense matrices.
 
 A neuron is one slice of each of the FFN's per-neuron tensors (`FFN.neuron_tensors`): a row of up
-and gate, a row of down in float ([F, d]) or a column in int8 ([d, F], the kernel's layout).
+and gate, a row of down in float ([F, d]) or a column in int8 ([d, F], the kernel's layout). int4 up
+and gate are gathered as columns of their `_src` copies, then packed into the int4 kernel's layout
+(int4.py).
 """
 
 import numpy as np
 import torch
 
-from . import native
+from . import int4, native
 from .quant import INT8_K_ALIGN, int8_matmul
 
 
 class CompactFFN:
     """Core weights of one FFN layer, per sequence: up/gate/down [B, k, d] (int8 down [B, d, k]),
-    up bias and int8 scales [B, k].
+    up bias and int8 scales [B, k]; int4 up/gate packed [B, k, d/2], their scales and zeros
+    [B, d/G, k, 2].
 
     The buffers are allocated on the first load and reused by every later load of the same shape, so
     serving many prompts allocates nothing after warm-up; `clear` frees them.
@@ -24,24 +27,30 @@ class CompactFFN:
     def __init__(self):
         self.act = self.down_bias = self.down_scale = None
         self.weights: dict[str, torch.Tensor] = {}
-        self.quantized = False
+        self.gathered: dict[str, torch.Tensor] = {}  # int4 up/gate columns [B, d/2, k] on their way to `weights`
+        self.quantized = self.int4 = False
+
+    def _buffer(self, store: dict, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
+        """store[name], reused when it has this shape, dtype and device, else allocated."""
+        buf = store.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != like.dtype or buf.device != like.device:
+            store.pop(name, None)  # drop the old buffer before allocating its successor
+            buf = store[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return buf
 
     def _gather(self, name: str, source: torch.Tensor, axis: int, index: torch.Tensor) -> None:
         """Gather `index` [B, k] along `axis` of `source` into the reused buffer `name` [B, ...]."""
         shape = list(source.shape)
         shape[axis] = index.shape[1]
-        shape = (index.shape[0], *shape)
-        buf = self.weights.get(name)
-        if buf is None or buf.shape != shape or buf.dtype != source.dtype or buf.device != source.device:
-            self.weights.pop(name, None)  # drop the old buffer before allocating its successor
-            buf = self.weights[name] = torch.empty(shape, dtype=source.dtype, device=source.device)
+        store = self.gathered if name.endswith("_src") else self.weights
+        buf = self._buffer(store, name, (index.shape[0], *shape), source)
         lib = native.load() if axis == 1 and source.device.type == "cpu" else None
         for b in range(index.shape[0]):
             if lib is not None and source.dtype == torch.int8 and source.stride(1) == 1:
                 # int8 down's neurons are columns: torch gathers them byte by byte (13 ms a layer on
                 # SmolLM2's [576, 1536]), numpy's take 0.7 ms, the native loop (native.py) faster
                 native.take_columns(lib, source, index[b], buf[b])
-            elif axis == 1 and source.device.type == "cpu":
+            elif axis == 1 and source.device.type == "cpu" and source.dtype != torch.bfloat16:  # numpy lacks bf16
                 np.take(source.numpy(), index[b].numpy(), axis=1, out=buf[b].numpy())
             else:
                 torch.index_select(source, axis, index[b], out=buf[b])
@@ -50,18 +59,28 @@ class CompactFFN:
     def load(self, ffn, index: torch.Tensor) -> None:
         """Gather the neurons `index` [B, k] (one row of neuron ids per sequence) of `ffn`."""
         self.act, self.quantized, self.down_bias = ffn.act, ffn.quantized, ffn.down_bias
+        self.int4 = ffn.format == "int4"
         self.down_scale = getattr(ffn, "down_scale", None)
         k = index.shape[1]
-        if ffn.quantized and k % INT8_K_ALIGN:
-            # pad the core to the int8 kernel's block with repeats of its first neuron; their down
-            # columns are zeroed below, so they add nothing
-            pad = index[:, :1].expand(-1, INT8_K_ALIGN - k % INT8_K_ALIGN)
+        align = int4.BLOCK_N if self.int4 else INT8_K_ALIGN
+        if ffn.quantized and k % align:
+            # pad the core to the kernel's block (int8 down's K; int4's packed blocks) with repeats of
+            # its first neuron; their down columns are zeroed below, so they add nothing
+            pad = index[:, :1].expand(-1, align - k % align)
             index = torch.cat([index, pad], dim=1)
         tensors = ffn.neuron_tensors()
-        for name in set(self.weights) - set(tensors):
+        packed = {name.removesuffix("_src") for name in tensors if name.endswith("_src")}  # int4 up/gate
+        for name in set(self.weights) - set(tensors) - packed:
             del self.weights[name]
+        for name in set(self.gathered) - set(tensors):
+            del self.gathered[name]
         for name, (source, axis) in tensors.items():
             self._gather(name, source, axis, index)
+        for name in packed:
+            src = self.gathered[f"{name}_src"]  # [B, d/2, k]
+            out = self._buffer(self.weights, name, (src.shape[0], src.shape[2], src.shape[1]), src.view(torch.uint8))
+            for b in range(src.shape[0]):
+                int4.pack_core(src[b], out[b])  # [k, d/2]
         if ffn.quantized:
             self.weights["down"][:, :, k:] = 0  # [B, d, k_padded]: the padding neurons' columns
 
@@ -72,6 +91,7 @@ class CompactFFN:
     def clear(self) -> None:
         """Free the gathered weights."""
         self.weights.clear()
+        self.gathered.clear()
 
     def nbytes(self) -> int:
         """Bytes of the gathered weights: what one decode step reads for this layer's neurons, all sequences."""
@@ -91,13 +111,20 @@ class CompactFFN:
         return out if self.down_bias is None else out + self.down_bias
 
     def _int8(self, x: torch.Tensor, b: int) -> torch.Tensor:
-        """One sequence: x [T, d] -> [T, d]; the int8 kernel takes one weight matrix at a time."""
+        """One sequence: x [T, d] -> [T, d]; the int8 and int4 kernels take one weight matrix at a time."""
         w = self.weights
-        up = int8_matmul(x, w["up"][b], w["up_scale"][b])  # [T, k]
+        up = self._rows(x, "up", b)  # [T, k]
         if "up_bias" in w:
             up = up + w["up_bias"][b]
-        a = self.act(up) if "gate" not in w else self.act(int8_matmul(x, w["gate"][b], w["gate_scale"][b])) * up
+        a = self.act(up) if "gate" not in w else self.act(self._rows(x, "gate", b)) * up
         return int8_matmul(a, w["down"][b], self.down_scale)  # [T, k] x [d, k]^T
+
+    def _rows(self, x: torch.Tensor, name: str, b: int) -> torch.Tensor:
+        """x [T, d] @ W.T -> [T, k] for sequence b's quantized up or gate."""
+        w = self.weights
+        if self.int4:
+            return int4.int4_matmul(x, w[name][b], w[f"{name}_sz"][b])
+        return int8_matmul(x, w[name][b], w[f"{name}_scale"][b])
 
 
 class CoreWeights:

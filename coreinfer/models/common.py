@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..engine import int4
 from ..engine.quant import int8_matmul, quantize_int8
 
 ACTIVATIONS = {
@@ -162,13 +163,16 @@ class FFN(nn.Module):
 
     After `quantize_()` the weights are int8 (see quant.py): up/gate [F, d] with a scale per neuron,
     down as [d, F] with a scale per output channel, the layout the int8 kernel reads; a neuron is
-    then a row of up/gate and a column of down.
+    then a row of up/gate and a column of down. `quantize_("int4")` packs up/gate group-wise int4 for
+    the dense matmul and keeps `{up,gate}_src` [d/2, F], the same values a neuron per column, for
+    compaction (see int4.py); down stays int8.
     """
 
     def __init__(self, layer_id: int, dim: int, hidden: int, act: str, gated: bool, bias: bool):
         super().__init__()
         self.layer_id = layer_id  # what selection policies and the session key this layer's state by
-        self.act_name, self.act, self.gated, self.quantized = act, activation(act), gated, False
+        self.act_name, self.act, self.gated = act, activation(act), gated
+        self.format = "dense"  # of up/gate: dense, int8 or int4 (`quantize_`)
         self.up = nn.Parameter(torch.empty(hidden, dim))  # [F, d]
         self.gate = nn.Parameter(torch.empty(hidden, dim)) if gated else None  # [F, d]
         self.down = nn.Parameter(torch.empty(hidden, dim))  # [F, d]
@@ -179,12 +183,22 @@ class FFN(nn.Module):
     def width(self) -> int:
         return self.up.shape[0]
 
+    @property
+    def quantized(self) -> bool:
+        return self.format != "dense"
+
     def neuron_tensors(self) -> dict[str, tuple[torch.Tensor, int]]:
         """Every tensor with one slice per neuron, and the axis that indexes the neurons: up, gate and
-        their int8 scales by row; down by row in float ([F, d]) but by column in int8 ([d, F])."""
+        their int8 scales by row; down by row in float ([F, d]) but by column in int8 ([d, F]). int4 up
+        and gate: by column of their `_src` copies and of their scales and zeros [d/G, F, 2] (as many
+        bytes as the packed rows a dense step reads)."""
         out = {"up": (self.up, 0), "gate": (self.gate, 0), "down": (self.down, 1 if self.quantized else 0),
                "up_bias": (self.up_bias, 0)}
-        if self.quantized:
+        if self.format == "int4":
+            del out["up"], out["gate"]
+            out.update(up_src=(self.up_src, 1), up_sz=(self.up_sz, 1), gate_src=(getattr(self, "gate_src", None), 1),
+                       gate_sz=(getattr(self, "gate_sz", None), 1))
+        elif self.quantized:
             out.update(up_scale=(self.up_scale, 0), gate_scale=(getattr(self, "gate_scale", None), 0))
         return {name: (t, axis) for name, (t, axis) in out.items() if t is not None}
 
@@ -193,23 +207,37 @@ class FFN(nn.Module):
         return sum(t.nbytes for t, _ in self.neuron_tensors().values())
 
     @torch.no_grad()
-    def quantize_(self) -> None:
+    def quantize_(self, fmt: str = "int8") -> None:
+        """int8, or int4 up/gate where the int4 kernel takes their [F, d] (else int8; see int4.py)."""
         scale_dtype = torch.bfloat16 if self.up.device.type == "cpu" else self.up.dtype
+        self.format = "int4" if fmt == "int4" and int4.fits(*self.up.shape) else "int8"
         for name, w in (("up", self.up), ("gate", self.gate), ("down", self.down)):
             if w is None:
                 continue
-            q, scale = quantize_int8(w.t().contiguous() if name == "down" else w)  # down: [d, F], scale [d]
             delattr(self, name)
+            if self.format == "int4" and name != "down":
+                q, sz = int4.quantize_int4(w)  # q [F, d], sz [d/G, F, 2]
+                self.register_buffer(name, int4.pack(q))  # [F, d/2], the kernel's interleaved layout
+                self.register_buffer(f"{name}_sz", sz)
+                # [d/2, F]: read only when compacting; not persistent, so not in what a decode step reads
+                self.register_buffer(f"{name}_src", int4.source(q), persistent=False)
+                continue
+            q, scale = quantize_int8(w.t().contiguous() if name == "down" else w)  # down: [d, F], scale [d]
             self.register_buffer(name, q)
             self.register_buffer(f"{name}_scale", scale.to(scale_dtype))
-        self.quantized = True
+
+    def _rows(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """x [B, T, d] -> x @ W.T [B, T, F] for W the quantized up or gate."""
+        if self.format == "int4":
+            return int4.int4_matmul(x, getattr(self, name), getattr(self, f"{name}_sz"))
+        return int8_matmul(x, getattr(self, name), getattr(self, f"{name}_scale"))
 
     def activations(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, d] -> a [B, T, F], the input of the down projection."""
         if self.quantized:
-            up = int8_matmul(x, self.up, self.up_scale)
+            up = self._rows(x, "up")
             up = up if self.up_bias is None else up + self.up_bias
-            return self.act(up) if not self.gated else self.act(int8_matmul(x, self.gate, self.gate_scale)) * up
+            return self.act(up) if not self.gated else self.act(self._rows(x, "gate")) * up
         up = F.linear(x, self.up, self.up_bias)
         if self.gate is None:
             return self.act(up)
