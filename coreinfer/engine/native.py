@@ -284,9 +284,10 @@ TORCH_LIBRARY_IMPL(coreinfer, CPU, m) { m.impl("int8_gemv", &int8_gemv); }
 TORCH_LIBRARY_IMPL(coreinfer, CatchAll, m) { m.impl("int8_gemv_supported", &supported); }
 """
 
-# The GEMV takes up to this many rows of x: decode, one row a sequence. More rows favour a GEMM that
-# reuses each weight across them (PyTorch's kernel); benchmarks/int8_gemv.py times both.
-GEMV_MAX_M = 4
+# The GEMV takes up to this many rows of x: decode, one row a sequence. It beats PyTorch's int8 kernel
+# at every M measured (1.5-2x up to 64, benchmarks/int8_gemv.py --m), but prefill (a prompt's rows)
+# keeps bf16 activations, so that prompts and teacher-forced scoring read what they read before.
+GEMV_MAX_M = 16
 GEMV_K_ALIGN, GEMV_N_ALIGN = 16, 4
 
 
