@@ -11,6 +11,10 @@ quantized per block of 32, vpdpbusd dots), and fp32 `F.linear` on the dequantize
 GB/s counts the int8 weight bytes (fp32's 4x).
 Error: |out - ref| / |ref| against the float product of the int8 weights with the unquantized activations.
 
+The sweep then calls every matmul of one SmolLM2 decode step in order (30 layers of qkv, o, up, gate,
+down, then the head: 151 matrices, 134 MB), M = 1: the decode working set, which (on the development
+machine) does not stay in L3 from one token to the next, so this is the figure a decode step sees.
+
 `--decode` decodes 64 tokens of one prompt with the embedded model's int8 weights, eager and compiled
 (max-autotune, freezing, cpp_wrapper: coreinfer's compiled step), alternating the two matmuls by setting
 native.GEMV_MAX_M (0: every matmul takes PyTorch's kernel).
@@ -74,6 +78,24 @@ def equal_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+def sweep(args) -> None:
+    """One decode step's matmuls in order, M = 1; ms per step, best of `--rounds`."""
+    g = torch.Generator().manual_seed(1)
+    layer = [SHAPES["qkv"], SHAPES["o"], SHAPES["up/gate"], SHAPES["up/gate"], SHAPES["down"]]
+    mats = []
+    for N, K in layer * 30 + [SHAPES["lm_head"]]:
+        q, s = quantize_int8(torch.randn(N, K, generator=g) * 0.05)
+        mats.append((q, s.bfloat16()))
+    xs = {K: torch.randn(1, K, generator=g) for _, K in layer}  # [1, K]
+    ms = per_call_us({
+        "pack": lambda i: [torch.ops.aten._weight_int8pack_mm(xs[q.shape[1]].bfloat16(), q, s) for q, s in mats],
+        "native": lambda i: [torch.ops.coreinfer.int8_gemv(xs[q.shape[1]], q, s) for q, s in mats]}, 1, args.rounds)
+    mb = sum(q.numel() for q, _ in mats) / 1e6
+    print(f"\nsweep of one decode step's {len(mats)} matmuls ({mb:.0f} MB), M = 1, best of {args.rounds}: "
+          + ", ".join(f"{k} {v / 1e3:.2f} ms ({mb / v * 1e3:.0f} GB/s)" for k, v in ms.items())
+          + f"; pack/native {ms['pack'] / ms['native']:.2f}x")
+
+
 def decode(args) -> None:
     from coreinfer.api import LLM
     from coreinfer.engine.generate import GenerationConfig
@@ -116,6 +138,7 @@ def main() -> None:
     if not native.gemv_available():
         raise SystemExit("no int8 x int8 GEMV here (needs x86 AVX512-VNNI and a C compiler): nothing to compare")
     kernels(args)
+    sweep(args)
     if args.decode:
         decode(args)
 
