@@ -84,6 +84,19 @@ def test_falls_back_to_eager_without_a_compiler(model):
     assert compiled.failed and any("decoding eager instead" in line for line in lines)
 
 
+def test_default_mode_follows_the_int8_kernel(model, monkeypatch):
+    """cpp-wrapper where the native GEMV does the int8 matmuls (freezing buys nothing and costs the warm
+    start), max-autotune (prepacked weights) where PyTorch's kernels do."""
+    from coreinfer.engine import compiled, native
+
+    monkeypatch.setattr(native, "gemv_available", lambda: True)
+    assert compiled.default_mode(model) == "cpp-wrapper"
+    monkeypatch.setattr(native, "gemv_available", lambda: False)
+    assert compiled.default_mode(model) == "max-autotune"
+    _, fp32 = hf_pair(transformers.LlamaConfig(**TINY))
+    assert compiled.default_mode(fp32) == "max-autotune"
+
+
 def test_compiled_by_default_where_it_pays():
     """int8 on the CPU: on by default (its later starts load the compiled step, see below); else off."""
     assert RuntimeConfig(weights="int8").compiles()  # where it pays: on by default

@@ -112,15 +112,16 @@ class TwoLayers(torch.nn.Module):
 
 
 @needs_gemv
-def test_compiled_with_coreinfer_options_equals_eager():
-    """The operator survives dynamo, freezing and the C++ wrapper, and computes what eager computes
+@pytest.mark.parametrize("mode", ["cpp-wrapper", "max-autotune"])
+def test_compiled_with_coreinfer_options_equals_eager(mode):
+    """The operator survives dynamo, the C++ wrapper (and freezing), and computes what eager computes
     (tests/test_compile.py decodes a tiny int8 model compiled, through this kernel, token for token)."""
     model = TwoLayers().eval()
     x = torch.randn(1, 1, 64)
     with torch.inference_mode():
         eager = model(x)
         torch._dynamo.reset()
-        fast = torch.compile(model, fullgraph=True, dynamic=False, options=inductor_options("max-autotune"))(x)
+        fast = torch.compile(model, fullgraph=True, dynamic=False, options=inductor_options(mode))(x)
         hidden = torch.relu(int8_matmul(x, model.a, model.a_scale))
     print(f"compiled vs eager max |diff| {(fast - eager).abs().max().item():.2e}")
     assert torch.equal(fast, eager)

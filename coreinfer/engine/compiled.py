@@ -13,9 +13,12 @@ parameters, and reach the graph through `decode_forward`'s `cores` argument; fre
 parameters and buffers. tests/test_compile.py decodes two prompts with different core sets one after
 the other and checks every token against eager.
 
-Inductor's on-disk caches (generated kernels, autotuning) live under coreinfer's cache dir. Later
-processes reuse the C++ builds, but (measured, docs/speed.md) still spend minutes rebuilding the
-graph: with frozen weights the FX-graph cache does not appear to hit.
+Modes (`inductor_options`): freezing pays where inductor prepacks weights into its own GEMMs (float
+weights, PyTorch's int8 kernel), but AOT autograd's cache refuses frozen graphs, so every start spends
+~20 s rebuilding the graph. Where the native int8 GEMV (native.py) does the matmuls it reads the
+weights as stored and freezing buys nothing: there the step compiles without it, with a C++ wrapper
+(no Python between kernels), and a later process loads it from inductor's caches in ~7 s
+(docs/speed.md). Inductor's on-disk caches live under coreinfer's cache dir.
 """
 
 import os
@@ -26,7 +29,9 @@ from functools import partial
 import torch
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-MODES = ("default", "max-autotune")
+from . import native
+
+MODES = ("default", "cpp-wrapper", "max-autotune")
 
 
 def core_ffn(cores, ffn, x: torch.Tensor) -> torch.Tensor:
@@ -49,13 +54,22 @@ def batch_bucket(n: int) -> int:
 
 
 def inductor_options(mode: str) -> dict:
-    """default: fuse the small kernels. max-autotune: also freeze and prepack the model's weights and
-    pick GEMM kernels by timing them (a slower first compile; the faster int8 step)."""
+    """default: fuse the small kernels. cpp-wrapper: also call them from generated C++, not Python.
+    max-autotune: also freeze and prepack the model's weights and pick GEMM kernels by timing them (a
+    slower first compile, and no AOT autograd cache for later starts)."""
     if mode not in MODES:
         raise ValueError(f"compile mode must be one of {MODES}, got {mode!r}")
-    if mode == "default":
-        return {}
-    return {"freezing": True, "max_autotune": True, "cpp_wrapper": True}
+    return {"default": {}, "cpp-wrapper": {"cpp_wrapper": True},
+            "max-autotune": {"freezing": True, "max_autotune": True, "cpp_wrapper": True}}[mode]
+
+
+def default_mode(model) -> str:
+    """The mode a model compiles in unless told: default on CUDA (graphs take the launches away;
+    autotuning GEMMs costs minutes); on the CPU cpp-wrapper when the native int8 GEMV does the matmuls
+    (SmolLM2 int8: 140 tok/s against max-autotune's 108, warm start 11 s against ~25), else max-autotune."""
+    if model.embed_tokens.weight.device.type != "cpu":
+        return "default"
+    return "cpp-wrapper" if model.ffns()[0].format == "int8" and native.gemv_available() else "max-autotune"
 
 
 def use_cache_dir(path) -> None:
@@ -75,10 +89,7 @@ class CompiledStep:
     """
 
     def __init__(self, model, mode: str | None = None, log=None):
-        # None: max-autotune on the CPU (it prepacks the int8 weights, the fast CPU GEMM); default on
-        # CUDA, where the step is captured in graphs anyway and autotuning GEMMs costs minutes
-        cpu = model.embed_tokens.weight.device.type == "cpu"
-        self.model, self.mode = model, mode or ("max-autotune" if cpu else "default")
+        self.model, self.mode = model, mode or default_mode(model)
         self.log = log or (lambda line: print(line, file=sys.stderr))
         self.fn = torch.compile(decode_forward, fullgraph=True, dynamic=False, options=inductor_options(self.mode))
         self.failed: str | None = None
@@ -99,7 +110,7 @@ class CompiledStep:
             return self.fn(self.model, tokens, positions, slots, key_valid, caches, cores)
         B, S = key_valid.shape
         self.log(f"compiling the decode step (batch {B}, cache {S}, {len(key[2])} core layers, {self.mode}): "
-                 "minutes the first time, about 20 s once the cache holds it (--no-compile: eager)")
+                 "up to minutes the first time, seconds once the cache holds it (--no-compile: eager)")
         t = time.perf_counter()
         try:
             out = self.fn(self.model, tokens, positions, slots, key_valid, caches, cores)
