@@ -46,8 +46,8 @@ DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat1
 class RuntimeConfig:
     """Where and how the model runs. dtype None: fp32 on CPU, bf16 on CUDA. threads None:
     `default_threads()`, the physical cores this process may use less those the load average shows busy.
-    compile: a compiled decode step (engine/compiled.py); None: on where it pays: int8 weights on the CPU
-    (~1.5x decode) and float weights on CUDA (inside the CUDA graphs, ~1.4x), off elsewhere."""
+    compile: a compiled decode step (engine/compiled.py); None: on where it pays: int8 and int4 weights on
+    the CPU (~1.7x decode) and float weights on CUDA (inside the CUDA graphs, ~1.4x), off elsewhere."""
 
     model: str | None = None
     device: str = "cpu"
@@ -64,13 +64,13 @@ class RuntimeConfig:
             return False
         if self.compile is not None:
             return self.compile
-        # int8 on the CPU: the compiled step decodes ~1.5x faster; the first compile of a shape takes
-        # minutes, once: later processes load it from the on-disk cache in seconds (docs/speed.md).
+        # int8 and int4 on the CPU: the compiled step decodes ~1.7x faster; the first compile of a shape
+        # takes about two minutes, once: later processes load it from the on-disk cache (docs/speed.md).
         # fp32 and bf16 on the CPU gain little from it. On CUDA the graphed step is a chain of ~30 tiny
         # kernels a layer (norms, RoPE, casts) that inductor fuses: 1.4x on an H200 (docs/speed.md), for
         # ~20 s of compiling per shape; int8 there runs our Triton kernel, which is not verified compiled.
         cuda = torch.device(self.device).type == "cuda"
-        return self.weights == "int8" if not cuda else self.weights == "dense"
+        return self.weights in ("int8", "int4") if not cuda else self.weights == "dense"
 
     def __post_init__(self):
         if self.weights not in WEIGHT_FORMATS:

@@ -58,6 +58,21 @@ def test_compiled_equals_eager_across_prompts_and_batch(model):
     assert len(compiled.seen) == 2  # batch 1 and batch 2: the second prompt reused the first's graph
 
 
+def test_compiled_int4_equals_eager_across_prompts():
+    """int4 compiles by default too (its own mode, `default_mode`): the same two prompts with different
+    core sets, then both as a batch, token for token against eager."""
+    _, model = hf_pair(transformers.LlamaConfig(**TINY))
+    quantize_model(model, "int4")
+    assert model.ffns()[0].format == "int4"
+    policy = stability_policy(CoreConfig(beta=0.5, layers="1-2"), model)
+    compiled, cores = CompiledStep(model), CoreWeights()
+    for prompts in ([PROMPTS[0]], [PROMPTS[1]], PROMPTS):
+        eager, _ = greedy(model, prompts, policy, None, CoreWeights())
+        fast, _ = greedy(model, prompts, policy, compiled, cores)
+        assert torch.equal(fast, eager)
+    assert compiled.failed is None and len(compiled.seen) == 2
+
+
 def test_batches_run_in_power_of_two_buckets(tiny_model_dir):
     """Three prompts run as a batch of 4 (the fourth a copy of the third, dropped): one graph serves
     batches of 3 and 4, and every prompt decodes what eager decodes."""
@@ -98,8 +113,9 @@ def test_default_mode_follows_the_int8_kernel(model, monkeypatch):
 
 
 def test_compiled_by_default_where_it_pays():
-    """int8 on the CPU: on by default (its later starts load the compiled step, see below); else off."""
+    """int8 and int4 on the CPU: on by default (later starts load the compiled step, see below); else off."""
     assert RuntimeConfig(weights="int8").compiles()  # where it pays: on by default
+    assert RuntimeConfig(weights="int4").compiles()
     assert not RuntimeConfig().compiles()  # fp32: little to gain
     assert not RuntimeConfig(weights="int8", compile=False).compiles()
     assert RuntimeConfig(weights="int8", compile=True).compiles()

@@ -65,11 +65,12 @@ def inductor_options(mode: str) -> dict:
 
 def default_mode(model) -> str:
     """The mode a model compiles in unless told: default on CUDA (graphs take the launches away;
-    autotuning GEMMs costs minutes); on the CPU cpp-wrapper when the native int8 GEMV does the matmuls
-    (SmolLM2 int8: 140 tok/s against max-autotune's 108, warm start 11 s against ~25), else max-autotune."""
+    autotuning GEMMs costs minutes); on the CPU cpp-wrapper when the native int8 GEMV does the quantized
+    matmuls (SmolLM2 int8: 140 tok/s against max-autotune's 108, int4: 127 against 109; warm start 12 s
+    against ~25), else max-autotune. int4's up/gate kernel is an opaque op that freezing does not help."""
     if model.embed_tokens.weight.device.type != "cpu":
         return "default"
-    return "cpp-wrapper" if model.ffns()[0].format == "int8" and native.gemv_available() else "max-autotune"
+    return "cpp-wrapper" if model.ffns()[0].quantized and native.gemv_available() else "max-autotune"
 
 
 def use_cache_dir(path) -> None:
