@@ -29,5 +29,5 @@ def test_bench_json_on_tiny_model(tiny_model_dir, capsys):
 
 
 def test_bench_rejects_bad_flags(tiny_model_dir, capsys):
-    assert main(["bench", "--model", str(tiny_model_dir), "--weights", "int4"]) == 2
+    assert main(["bench", "--model", str(tiny_model_dir), "--weights", "int3"]) == 2
     assert "--weights" in capsys.readouterr().err

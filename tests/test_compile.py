@@ -88,6 +88,17 @@ def test_batches_run_in_power_of_two_buckets(tiny_model_dir):
     assert {key[0] for key in fast.compiled.seen} == {(4, 1)}  # token shapes [B, 1]: only the bucket
 
 
+def test_more_shapes_than_dynamos_recompile_limit(model):
+    """Each shape is one more compiled entry of the same code; dynamo's limit (8 by default, an error
+    under fullgraph) must not end a process that meets many shapes (a bench grid, a server)."""
+    compiled = CompiledStep(model)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for prompts in ([PROMPTS[0]], PROMPTS):  # batch 1, then 2: an entry past a limit of 1
+            fast, _ = greedy(model, prompts, None, compiled, CoreWeights())
+            assert torch.equal(fast, greedy(model, prompts, None, None, CoreWeights())[0])
+    assert compiled.failed is None and len(compiled.seen) == 2
+
+
 def test_falls_back_to_eager_without_a_compiler(model):
     lines = []
     compiled = CompiledStep(model, log=lines.append)

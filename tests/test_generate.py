@@ -118,7 +118,7 @@ def test_empty_prompt_and_too_long(tiny):
     (["generate", "hi", "--model", "{tiny}", "--layers", "7-9"], "out of range"),
     (["generate", "hi", "--model", "/nonexistent/model"], "nonexistent"),
     (["generate", "hi", "--model", "{tiny}", "--dtype", "fp8"], "dtype"),
-    (["generate", "hi", "--model", "{tiny}", "--weights", "int4"], "weights"),
+    (["generate", "hi", "--model", "{tiny}", "--weights", "int3"], "weights"),
 ])
 def test_cli_errors_are_one_clear_line(argv, message, tiny_model_dir, capsys):
     argv = [a.format(tiny=tiny_model_dir) for a in argv]

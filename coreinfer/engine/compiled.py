@@ -32,6 +32,10 @@ from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 from . import native
 
 MODES = ("default", "cpp-wrapper", "max-autotune")
+# Every shape of every CompiledStep in a process is one more compiled entry of `decode_forward`'s code;
+# dynamo stops at 8 by default (with fullgraph: an error), which a bench grid or a server's batch
+# buckets x cache lengths x keep ratios passes. Entries are only added at a new key (see __call__).
+RECOMPILE_LIMIT = 64
 
 
 def core_ffn(cores, ffn, x: torch.Tensor) -> torch.Tensor:
@@ -83,7 +87,7 @@ def use_cache_dir(path) -> None:
 
 class CompiledStep:
     """`decode_forward` compiled for one model; falls back to eager, with one line, when compiling
-    fails (no C++ compiler, an unsupported op) and stays eager from then on.
+    fails (no C++ compiler, an unsupported op, too many shapes) and stays eager from then on.
 
     Each new shape (batch, cache length, core widths) compiles once; `compile_s` sums the time spent,
     so benchmarks can report it apart from decoding.
@@ -112,10 +116,11 @@ class CompiledStep:
         B, S = key_valid.shape
         self.log(f"compiling the decode step (batch {B}, cache {S}, {len(key[2])} core layers, {self.mode}): "
                  "up to minutes the first time, seconds once the cache holds it (--no-compile: eager)")
-        t = time.perf_counter()
+        t, limit = time.perf_counter(), max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
         try:
-            out = self.fn(self.model, tokens, positions, slots, key_valid, caches, cores)
-        except torch._dynamo.exc.BackendCompilerFailed as e:
+            with torch._dynamo.config.patch(recompile_limit=limit):
+                out = self.fn(self.model, tokens, positions, slots, key_valid, caches, cores)
+        except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.Unsupported) as e:
             self.failed = str(e).strip().splitlines()[0][:200]
             self.log(f"compiling the decode step failed, decoding eager instead: {self.failed}")
             return decode_forward(self.model, tokens, positions, slots, key_valid, caches, cores)
