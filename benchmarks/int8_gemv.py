@@ -1,4 +1,4 @@
-"""The int8 x int8 GEMV (engine/native.py) against PyTorch's weight-only int8 kernel, at SmolLM2-135M's shapes.
+"""The int8 x int8 GEMV (engine/gemv.py) against PyTorch's weight-only int8 kernel, at SmolLM2-135M's shapes.
 
     python benchmarks/int8_gemv.py --threads 2            # kernels alone: us per call, GB/s, error
     python benchmarks/int8_gemv.py --threads 2 --decode   # also whole decode steps, eager and compiled
@@ -17,7 +17,7 @@ machine) does not stay in L3 from one token to the next, so this is the figure a
 
 `--decode` decodes 64 tokens of one prompt with the embedded model's int8 weights, eager and compiled
 (max-autotune, freezing, cpp_wrapper: coreinfer's compiled step), alternating the two matmuls by setting
-native.GEMV_MAX_M (0: every matmul takes PyTorch's kernel).
+gemv.MAX_M (0: every matmul takes PyTorch's kernel).
 """
 
 import argparse
@@ -27,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from coreinfer.engine import native
+from coreinfer.engine import gemv
 from coreinfer.engine.quant import quantize_int8
 
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "up/gate": (1536, 576), "down": (576, 1536),
@@ -105,14 +105,14 @@ def decode(args) -> None:
     print("\n| step | matmul | decode tok/s (median) | greedy tokens equal to eager's (same matmul) |\n"
           "|---|---|---:|---:|")
     eager: dict[str, list[int]] = {}
-    limit = native.GEMV_MAX_M
+    limit = gemv.MAX_M
     for compiled in (False, True):
         llm = LLM(weights="int8", threads=args.threads, compile=compiled, progress=False)
         rates: dict[str, list[float]] = {}
         tokens: dict[str, list[list[int]]] = {}
         for r in range(args.decode_rounds + 1):  # round 0 warms up (and compiles)
             for kernel, max_m in (("pack", 0), ("native", limit)):
-                native.GEMV_MAX_M = max_m
+                gemv.MAX_M = max_m
                 [c] = llm.generate(prompt, gen, None, chat=True)  # None: dense
                 tokens.setdefault(kernel, []).append(c.token_ids)
                 if r:
@@ -135,7 +135,7 @@ def main() -> None:
     p.add_argument("--decode-rounds", type=int, default=3)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    if not native.gemv_available():
+    if not gemv.available():
         raise SystemExit("no int8 x int8 GEMV here (needs x86 AVX512-VNNI and a C compiler): nothing to compare")
     kernels(args)
     sweep(args)

@@ -113,11 +113,11 @@ def test_falls_back_to_eager_without_a_compiler(model):
 def test_default_mode_follows_the_int8_kernel(model, monkeypatch):
     """cpp-wrapper where the native GEMV does the int8 matmuls (freezing buys nothing and costs the warm
     start), max-autotune (prepacked weights) where PyTorch's kernels do."""
-    from coreinfer.engine import compiled, native
+    from coreinfer.engine import compiled, gemv
 
-    monkeypatch.setattr(native, "gemv_available", lambda: True)
+    monkeypatch.setattr(gemv, "available", lambda: True)
     assert compiled.default_mode(model) == "cpp-wrapper"
-    monkeypatch.setattr(native, "gemv_available", lambda: False)
+    monkeypatch.setattr(gemv, "available", lambda: False)
     assert compiled.default_mode(model) == "max-autotune"
     _, fp32 = hf_pair(transformers.LlamaConfig(**TINY))
     assert compiled.default_mode(fp32) == "max-autotune"

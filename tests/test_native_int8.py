@@ -1,15 +1,15 @@
-"""The native int8 x int8 GEMV (engine/native.py): exact against its own arithmetic done in PyTorch, close
+"""The native int8 x int8 GEMV (engine/gemv.py): exact against its own arithmetic done in PyTorch, close
 to the float product, dispatched by int8_matmul only where it applies (told apart by that arithmetic),
 and inside the compiled step."""
 
 import pytest
 import torch
 
-from coreinfer.engine import native
+from coreinfer.engine import gemv
 from coreinfer.engine.compiled import inductor_options
 from coreinfer.engine.quant import int8_matmul, quantize_int8
 
-needs_gemv = pytest.mark.skipif(not native.gemv_available(),
+needs_gemv = pytest.mark.skipif(not gemv.available(),
                                 reason="optional: no AVX512-VNNI CPU or no C compiler for the int8 GEMV")
 
 
@@ -70,8 +70,8 @@ def took_gemv(out: torch.Tensor, x: torch.Tensor, q: torch.Tensor, scale: torch.
 
 @needs_gemv
 @pytest.mark.parametrize("M,N,K,native_path", [
-    (1, 24, 64, True), (native.GEMV_MAX_M, 24, 64, True),
-    (native.GEMV_MAX_M + 1, 24, 64, False),  # prefill-sized: PyTorch's GEMM
+    (1, 24, 64, True), (gemv.MAX_M, 24, 64, True),
+    (gemv.MAX_M + 1, 24, 64, False),  # prefill-sized: PyTorch's GEMM
     (1, 22, 64, False),  # N % 4: the kernel's rows come in fours
     (1, 24, 40, False),  # K % 16
 ])
@@ -87,9 +87,9 @@ def test_int8_matmul_dispatch(M, N, K, native_path):
 def test_without_a_compiler_int8_matmul_takes_pytorch(monkeypatch, tmp_path, capsys):
     """No C++ compiler: the build says so in one line and int8_matmul keeps PyTorch's kernel."""
     monkeypatch.setenv("CXX", "/nonexistent/c++")
-    assert native.build_gemv(tmp_path) is None
+    assert gemv.build(tmp_path) is None
     assert "no native int8 GEMV" in capsys.readouterr().err
-    monkeypatch.setattr(native, "load_gemv", lambda: False)
+    monkeypatch.setattr(gemv, "load", lambda: False)
     q, s = quantize_int8(torch.randn(24, 64))
     x = torch.randn(1, 64)
     ref = x @ (q.float() * s.bfloat16().float()[:, None]).t()

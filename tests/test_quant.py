@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from coreinfer.engine import native
+from coreinfer.engine import gemv, native
 from coreinfer.engine.policy import CoreConfig
 from coreinfer.engine.quant import int8_matmul, quantize_int8, quantize_model
 from coreinfer.engine.session import stability_policy
@@ -53,16 +53,16 @@ def test_int8_model_close_to_fp32():
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["native", "numpy"])  # numpy: no C compiler
 @pytest.mark.parametrize("beta", [0.5, 0.45])  # k = 48, and k = 43: padded to the kernel's block of 16
-@pytest.mark.parametrize("gemv", [False, True], ids=["pytorch-mm", "gemv"])
-def test_compacted_int8_equals_masked_int8(beta, kernel, gemv, monkeypatch):
-    """Exact with PyTorch's int8 kernel. With the decode GEMV (native.py) the compacted decode steps
+@pytest.mark.parametrize("use_gemv", [False, True], ids=["pytorch-mm", "gemv"])
+def test_compacted_int8_equals_masked_int8(beta, kernel, use_gemv, monkeypatch):
+    """Exact with PyTorch's int8 kernel. With the decode GEMV (gemv.py) the compacted decode steps
     quantize their activations per block of 32 while the masked reference, a whole-sequence forward,
     keeps PyTorch's bf16 ones: close only."""
     if not kernel:
         monkeypatch.setattr(native, "load", lambda: None)
-    if not gemv:
-        monkeypatch.setattr(native, "GEMV_MAX_M", 0)
-    elif not native.gemv_available():
+    if not use_gemv:
+        monkeypatch.setattr(gemv, "MAX_M", 0)
+    elif not gemv.available():
         pytest.skip("optional: no AVX512-VNNI CPU or no C++ compiler for the int8 GEMV")
     _, model = hf_pair(transformers.LlamaConfig(**TINY))
     quantize_model(model)
@@ -74,4 +74,4 @@ def test_compacted_int8_equals_masked_int8(beta, kernel, gemv, monkeypatch):
         ref = masked_dense_logits(model, p, c, {l: ix[b] for l, ix in session.selection.index.items()})
         err = (sparse[b][-len(c):] - ref[-len(c):]).abs().max().item()
         print(f"compact int8 vs masked int8 seq{b}: {err:.2e}")
-        assert err < (2e-2 if gemv else 1e-4)  # gemv: logits of std ~1, activation rounding ~4e-3
+        assert err < (2e-2 if use_gemv else 1e-4)  # gemv: logits of std ~1, activation rounding ~4e-3

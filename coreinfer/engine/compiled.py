@@ -15,7 +15,7 @@ the other and checks every token against eager.
 
 Modes (`inductor_options`): freezing pays where inductor prepacks weights into its own GEMMs (float
 weights, PyTorch's int8 kernel), but AOT autograd's cache refuses frozen graphs, so every start spends
-~20 s rebuilding the graph. Where the native int8 GEMV (native.py) does the matmuls it reads the
+~20 s rebuilding the graph. Where the native int8 GEMV (gemv.py) does the matmuls it reads the
 weights as stored and freezing buys nothing: there the step compiles without it, with a C++ wrapper
 (no Python between kernels), and a later process loads it from inductor's caches in ~7 s
 (docs/speed.md). Inductor's on-disk caches live under coreinfer's cache dir.
@@ -29,7 +29,7 @@ from functools import partial
 import torch
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-from . import native
+from . import gemv
 
 MODES = ("default", "cpp-wrapper", "max-autotune")
 # Every shape of every CompiledStep in a process is one more compiled entry of `decode_forward`'s code;
@@ -74,7 +74,7 @@ def default_mode(model) -> str:
     against ~25), else max-autotune. int4's up/gate kernel is an opaque op that freezing does not help."""
     if model.embed_tokens.weight.device.type != "cpu":
         return "default"
-    return "cpp-wrapper" if model.ffns()[0].quantized and native.gemv_available() else "max-autotune"
+    return "cpp-wrapper" if model.ffns()[0].quantized and gemv.available() else "max-autotune"
 
 
 def use_cache_dir(path) -> None:

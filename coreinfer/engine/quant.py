@@ -8,7 +8,7 @@ slower than fp32. The residual stream stays in the compute dtype; only the matmu
 import torch
 import torch.nn as nn
 
-from . import int4, int8_gpu, native
+from . import gemv, int8_gpu
 
 WEIGHT_FORMATS = ("dense", "int8", "int4")  # int4: group-wise, CPU only (int4.py)
 # The CPU int8 kernel reads K (the inner width) in blocks of 16: other widths crash it or return garbage
@@ -26,10 +26,10 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ (q [N, K] * scale[:, None]).T -> [..., N] in x's dtype. Decode-sized x on a VNNI CPU
-    is quantized to int8 per block of 32 on the way (native.int8_gemv, ~2x faster; ~0.5% relative error
+    is quantized to int8 per block of 32 on the way (gemv.py, ~2x faster; ~0.5% relative error
     against the float product, twice bf16's): prefill keeps bf16 activations."""
     flat = x.reshape(-1, x.shape[-1])  # [M, K]
-    if native.gemv_fits(flat, q, scale):  # decode on the CPU: int8 activations, VNNI dots (native.py)
+    if gemv.fits(flat, q, scale):  # decode on the CPU: int8 activations, VNNI dots (gemv.py)
         out = torch.ops.coreinfer.int8_gemv(flat, q, scale)
     elif flat.device.type == "cpu" and flat.shape[-1] % INT8_K_ALIGN == 0:
         out = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), q, scale)
