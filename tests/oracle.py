@@ -83,3 +83,18 @@ def masked_dense_logits(model, prompt: list[int], cont: list[int], index: dict[i
             for layer, w in saved.items():
                 model.ffns()[layer].neuron_tensors()["down"][0].copy_(w)
     return torch.cat(rows)
+
+
+def compacted_vs_masked(model, prompts, continuations, policy) -> tuple[list[float], list[float], Session]:
+    """Per sequence, over its continuation's logits: max |compacted - masked dense|, and max |compacted -
+    dense|, which says whether the core set mattered at all (without it the first proves nothing); and
+    the compacted session (its selection)."""
+    sparse, session = our_logits(model, prompts, continuations, policy=policy)
+    dense, _ = our_logits(model, prompts, continuations)
+    errs, changes = [], []
+    for b, (p, c) in enumerate(zip(prompts, continuations)):
+        got = sparse[b][-len(c):]  # decode rows: the prompt rows are dense in both
+        ref = masked_dense_logits(model, p, c, {l: ix[b] for l, ix in session.selection.index.items()})
+        errs.append((got - ref[-len(c):]).abs().max().item())
+        changes.append((got - dense[b][-len(c):]).abs().max().item())
+    return errs, changes, session
