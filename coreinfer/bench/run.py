@@ -183,11 +183,9 @@ def contenders_for(args, ckpt, dtype):
         if fmt != "dense":
             quantize_model(model, fmt)
         compiled = None
-        # the bench compiles int8 and int4 on the CPU unless told not to (compile time is its own column
-        # here); on CUDA it does what LLM does
-        cpu = torch.device(args.device).type == "cpu"
-        wanted = args.compile if args.compile is not None else (fmt != "dense" if cpu else None)
-        if RuntimeConfig(args.model, args.device, args.dtype, weights=fmt, compile=wanted).compiles():
+        # compiled where LLM compiles (int8 and int4 on the CPU, dense on CUDA) unless told otherwise;
+        # compile time is its own column here
+        if RuntimeConfig(args.model, args.device, args.dtype, weights=fmt, compile=args.compile).compiles():
             use_cache_dir(cache_dir() / "inductor")
             compiled = CompiledStep(model, log=lambda line: tqdm.write(line, file=sys.stderr))
         graphs = None  # on CUDA, as LLM decodes there: the step in CUDA graphs (of the compiled step if any)
