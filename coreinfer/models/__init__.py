@@ -10,6 +10,7 @@ FAMILIES = {
     "llama": (llama.LlamaConfig, llama.Model, llama.sanitize),
     "mistral": (llama.LlamaConfig, llama.Model, llama.sanitize),
     "qwen2": (llama.LlamaConfig, llama.Model, llama.sanitize),
+    "qwen3": (llama.LlamaConfig, llama.Model, llama.sanitize),
     "gemma3_text": (gemma3.Gemma3Config, gemma3.Model, llama.sanitize),  # same HF parameter names
     "opt": (opt.OPTConfig, opt.Model, opt.sanitize),
 }

@@ -255,20 +255,22 @@ class FFN(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with GQA, optional q/k/v bias (Qwen2, OPT), q/k RMSNorm (Gemma 3), RoPE.
+    """Multi-head attention with GQA, optional q/k/v bias (Qwen2, OPT), per-head q/k RMSNorm (Gemma 3
+    with 1 + w, Qwen3 with w: `qk_norm_offset`), RoPE.
 
     q, k and v come from one fused projection `qkv_proj` ([H + 2 Hkv] * hd rows; `fuse_qkv` builds it
     from a checkpoint's three), and RoPE turns q and k in one go: fewer kernels per decoded token.
     """
 
     def __init__(self, dim: int, heads: int, kv_heads: int, head_dim: int, scale: float,
-                 qkv_bias: bool = False, out_bias: bool = False, qk_norm_eps: float | None = None):
+                 qkv_bias: bool = False, out_bias: bool = False, qk_norm_eps: float | None = None,
+                 qk_norm_offset: float = 1.0):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim, self.scale = heads, kv_heads, head_dim, scale
         self.qkv_proj = nn.Linear(dim, (heads + 2 * kv_heads) * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(heads * head_dim, dim, bias=out_bias)
-        self.q_norm = RMSNorm(head_dim, qk_norm_eps, offset=1.0) if qk_norm_eps else None
-        self.k_norm = RMSNorm(head_dim, qk_norm_eps, offset=1.0) if qk_norm_eps else None
+        self.q_norm = RMSNorm(head_dim, qk_norm_eps, qk_norm_offset) if qk_norm_eps else None
+        self.k_norm = RMSNorm(head_dim, qk_norm_eps, qk_norm_offset) if qk_norm_eps else None
 
     def forward(self, x, rope, slots, mask, cache: KVCache) -> torch.Tensor:
         B, T, _ = x.shape

@@ -1,7 +1,10 @@
-"""LLaMA family: llama, mistral, qwen2 (SmolLM/SmolLM2, TinyLlama, Llama 2/3, Mistral, Qwen2/2.5).
+"""LLaMA family: llama, mistral, qwen2, qwen3 (SmolLM/SmolLM2, TinyLlama, Llama 2/3.x, Mistral,
+Qwen2/2.5, Qwen3 dense).
 
 RMSNorm pre-norm blocks, RoPE, grouped-query attention, SwiGLU FFN, tied or untied head;
-Qwen2 adds q/k/v biases, Mistral a sliding window.
+Qwen2 adds q/k/v biases, Mistral a sliding window on every layer, Qwen2/3 one on the layers from
+`max_window_layers` on (when `use_sliding_window`), Qwen3 a plain RMSNorm (no 1 + w) on each head
+of q and k before RoPE, and a head_dim of its own (not hidden_size / heads).
 """
 
 from dataclasses import dataclass, field, fields
@@ -18,6 +21,9 @@ from .common import (
     attention_mask,
     feed_forward,
 )
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+QWEN = ("qwen2", "qwen3")  # sliding window only with use_sliding_window, from max_window_layers on
 
 
 @dataclass
@@ -42,6 +48,8 @@ class LlamaConfig:
     mlp_bias: bool = False
     sliding_window: int | None = None
     use_sliding_window: bool = False
+    max_window_layers: int = 28  # transformers' Qwen default; only Qwen reads it
+    layer_types: list[str] | None = None
     bos_token_id: int | list | None = None
     eos_token_id: int | list | None = None
     extra: dict = field(default_factory=dict)
@@ -51,10 +59,22 @@ class LlamaConfig:
         self.head_dim = self.head_dim or self.hidden_size // self.num_attention_heads
         if self.model_type == "qwen2":
             self.attention_bias = True  # Qwen2's config has no flag for its q/k/v biases
-            # Qwen2 configs carry a sliding_window that is only used when use_sliding_window is set
+        if self.model_type in QWEN:
+            # Qwen configs carry a sliding_window that is only used when use_sliding_window is set
             self.sliding_window = self.sliding_window if self.use_sliding_window else None
+        if self.layer_types is None:
+            start = self.max_window_layers if self.model_type in QWEN else 0
+            self.layer_types = [SLIDING if self.sliding_window is not None and i >= start else FULL
+                                for i in range(self.num_hidden_layers)]
+        if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= {SLIDING, FULL}:
+            raise ValueError(f"layer_types must be {self.num_hidden_layers} of {SLIDING!r}/{FULL!r}, "
+                             f"got {self.layer_types}")
         if self.mlp_bias:
             raise ValueError("gated FFNs with biases (mlp_bias=true) are not supported")
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.model_type == "qwen3"
 
     @classmethod
     def from_dict(cls, d: dict) -> "LlamaConfig":
@@ -80,7 +100,8 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.self_attn = Attention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
                                    scale=c.head_dim**-0.5, qkv_bias=c.attention_bias, out_bias=c.attention_bias
-                                   and c.model_type != "qwen2")
+                                   and c.model_type != "qwen2", qk_norm_eps=c.rms_norm_eps if c.qk_norm else None,
+                                   qk_norm_offset=0.0)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = FFN(layer_id, c.hidden_size, c.intermediate_size, c.hidden_act, gated=True, bias=c.mlp_bias)
 
@@ -102,10 +123,12 @@ class Model(CausalLM):
     def forward(self, tokens, positions, slots, key_valid, caches, ffn=None, last_only=False) -> torch.Tensor:
         """tokens/positions/slots [B, T], key_valid [B, S'] -> logits [B, T, V] ([B, 1, V] if last_only)."""
         x = self.embed_tokens(tokens)  # [B, T, d]
-        mask = attention_mask(slots, key_valid, self.config.sliding_window)
+        c = self.config
+        masks = {kind: attention_mask(slots, key_valid, c.sliding_window if kind == SLIDING else None)
+                 for kind in set(c.layer_types)}
         rope = self.rotary(positions, x.dtype)
-        for layer, cache in zip(self.layers, caches):
-            x = layer(x, rope, slots, mask, ffn, cache)
+        for layer, kind, cache in zip(self.layers, c.layer_types, caches):
+            x = layer(x, rope, slots, masks[kind], ffn, cache)
         if last_only:
             x = x[:, -1:]  # [B, 1, d]
         return self.lm_head(self.norm(x))
