@@ -1,12 +1,20 @@
-"""Logit parity of every family with its transformers implementation, on tiny random configs.
+"""Logit parity of every family with its transformers implementation, on tiny random configs, and
+config validation (models/validate.py).
 
 Prefill and several cached decode steps, alone and in a left-padded batch of prompts of different
-lengths, must match an uncached transformers forward to 1e-4 (fp32, max abs).
+lengths, must match an uncached transformers forward to 1e-4 (fp32, max abs). A config field of the
+wrong type or range is refused in one line naming it, through the API and the CLI.
 """
+
+import json
+import shutil
+import subprocess
+import sys
 
 import pytest
 import transformers
 
+from coreinfer.models import UnsupportedModel, build_model
 from oracle import assert_parity
 
 TOL = 1e-4
@@ -45,3 +53,64 @@ CONTS = [[11, 4, 90, 23], [50, 8, 19, 70]]
 @pytest.mark.parametrize("name", CONFIGS)
 def test_parity_with_transformers(name):
     assert_parity(name, CONFIGS[name], PROMPTS, CONTS, TOL)
+
+
+def family_config(kind: str, **overrides) -> dict:
+    base = {"llama": transformers.LlamaConfig(**TINY), "qwen3": transformers.Qwen3Config(**TINY),
+            "mistral": transformers.MistralConfig(**TINY, sliding_window=5),
+            "gemma3": transformers.Gemma3TextConfig(**TINY), "opt": transformers.OPTConfig(
+                vocab_size=97, hidden_size=64, ffn_dim=96, num_hidden_layers=3, num_attention_heads=4)}[kind]
+    return {**base.to_dict(), **overrides}
+
+
+# (family, overrides, what the one line must say): integer, float, bool, list and dict fields of each family
+BAD_CONFIGS = [
+    ("llama", dict(hidden_size="big"), 'hidden_size must be an integer, got "big"'),
+    ("llama", dict(num_hidden_layers=True), "num_hidden_layers must be an integer, got true"),
+    ("llama", dict(intermediate_size=0), "intermediate_size must be at least 1, got 0"),
+    ("llama", dict(rms_norm_eps="1e-5"), 'rms_norm_eps must be a number, got "1e-5"'),
+    ("llama", dict(tie_word_embeddings="yes"), 'tie_word_embeddings must be true or false, got "yes"'),
+    ("llama", dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}),
+     "rope_parameters of rope_type 'llama3' lacks low_freq_factor (a number)"),
+    ("llama", dict(rope_scaling={"rope_type": "linear", "factor": "2"}), 'rope_scaling.factor must be a number'),
+    ("llama", dict(rope_scaling=[2.0]), "rope_scaling must be an object or null, got [2.0]"),
+    ("llama", dict(num_key_value_heads=3), "num_attention_heads (4) is not a multiple of num_key_value_heads (3)"),
+    ("qwen3", dict(head_dim=2.5), "head_dim must be an integer or null, got 2.5"),
+    ("qwen3", dict(max_window_layers=-1), "max_window_layers must be at least 0, got -1"),
+    ("qwen3", dict(use_sliding_window="false"), 'use_sliding_window must be true or false, got "false"'),
+    ("mistral", dict(sliding_window="4096"), 'sliding_window must be an integer or null, got "4096"'),
+    ("gemma3", dict(query_pre_attn_scalar=-1), "query_pre_attn_scalar must be a number above 0, got -1"),
+    ("gemma3", dict(layer_types=[0, 1, 0]), "layer_types must be a list of strings or null"),
+    ("gemma3", dict(rope_parameters={"full_attention": {"rope_type": "dynamic", "factor": 2.0}}),
+     'rope_parameters.full_attention: unsupported rope_type "dynamic"'),
+    ("opt", dict(do_layer_norm_before=1), "do_layer_norm_before must be true or false, got 1"),
+    ("opt", dict(ffn_dim=None), "ffn_dim must be an integer, got null"),
+]
+
+
+@pytest.mark.parametrize("kind,overrides,message", BAD_CONFIGS, ids=[f"{k}-{next(iter(o))}" for k, o, _ in BAD_CONFIGS])
+def test_bad_config_field_is_one_line(kind, overrides, message):
+    """Refused before any weight is looked at (there are none here), in one line naming the field."""
+    with pytest.raises(ValueError) as err:
+        build_model(family_config(kind, **overrides), {})
+    print(err.value)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_unsupported_architecture_named():
+    config = family_config("llama", model_type="mamba", architectures=["MambaForCausalLM"])
+    with pytest.raises(UnsupportedModel, match=r"model_type 'mamba', architectures \['MambaForCausalLM'\]"):
+        build_model(config, {})
+
+
+def test_cli_bad_config_is_one_line(tiny_model_dir, tmp_path):
+    """`coreinfer generate --model folder` with "hidden_size": "big": exit 2, one line, no traceback."""
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "bad")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "hidden_size": "big"}))
+    run = subprocess.run([sys.executable, "-m", "coreinfer.cli.main", "generate", "hi", "--model", str(folder)],
+                         capture_output=True, text=True, timeout=300)
+    print(run.stderr)
+    assert run.returncode == 2
+    expected = 'coreinfer: error: model config: hidden_size must be an integer, got "big"'
+    assert run.stderr.strip().splitlines() == [expected]

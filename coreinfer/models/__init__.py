@@ -2,8 +2,9 @@
 
 import torch
 
-from . import gemma3, llama, opt
+from . import gemma3, llama, opt, validate
 from .common import CausalLM, fuse_qkv
+from .validate import UnsupportedModel
 
 # config.json `model_type` -> (config class, model class, sanitize)
 FAMILIES = {
@@ -16,15 +17,9 @@ FAMILIES = {
 }
 
 
-class UnsupportedModel(ValueError):
-    pass
-
-
 def build_model(config: dict, weights: dict, device="cpu", dtype=torch.float32) -> CausalLM:
     """Instantiate on the meta device, then adopt the checkpoint tensors (cast to `dtype` on `device`)."""
-    model_type = config.get("model_type")
-    if model_type not in FAMILIES:
-        raise UnsupportedModel(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")
+    model_type = validate.check(config, FAMILIES)  # one line naming the field or the architecture
     config_cls, model_cls, sanitize = FAMILIES[model_type]
     cfg = config_cls.from_dict(config)
     with torch.device("meta"):

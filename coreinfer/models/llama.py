@@ -48,7 +48,7 @@ class LlamaConfig:
     mlp_bias: bool = False
     sliding_window: int | None = None
     use_sliding_window: bool = False
-    max_window_layers: int = 28  # transformers' Qwen default; only Qwen reads it
+    max_window_layers: int = field(default=28, metadata={"min": 0})  # transformers' Qwen default
     layer_types: list[str] | None = None
     bos_token_id: int | list | None = None
     eos_token_id: int | list | None = None
