@@ -1,15 +1,17 @@
 """Similarity-guided selection: clustering recovers planted groups (hand-made core sets, and a tiny
 random model fed disjoint vocabularies), a new member of any length is assigned to its group, cluster
 files round-trip and refuse other models, and clusters equal to the prompts' own core sets decode
-exactly as stability mode."""
+exactly as stability mode. Cluster files and profiles missing a key are refused in one line naming it."""
 
 import argparse
+import json
 import shutil
 
 import pytest
 import torch
 import transformers
 from safetensors import safe_open
+from safetensors.torch import save_file
 from sklearn.metrics import adjusted_rand_score
 
 from coreinfer.analysis.clustering import build_clusters, choose_k, kmeans, rank_by_members, sentence_sets
@@ -18,6 +20,7 @@ from coreinfer.cli.args import add_core_args, core_config, core_grid
 from coreinfer.cli.main import main
 from coreinfer.engine.clusters import ClusterSet, SimilarityPolicy, model_fingerprint, same_model
 from coreinfer.engine.policy import CoreConfig
+from coreinfer.engine.profile import LayerBudget, Profile
 from coreinfer.engine.selection import core_neurons, overlap
 from coreinfer.engine.session import Session, make_policy, stability_policy
 from coreinfer.eval.scoring import continuation_logprobs
@@ -211,6 +214,59 @@ def test_cluster_command_then_similarity_generate_and_refusal(tiny_model_dir, tm
     capsys.readouterr()
     assert main([*gen[:-len(common)], "--model", str(other), "--threads", "1", "--layers", "1-2"]) == 2
     assert "another model" in capsys.readouterr().err
+    # the right format tag but a key missing: one line naming it
+    damaged = tmp_path / "damaged.clusters.safetensors"
+    rewrite_without(out, damaged, meta_key="fingerprint")
+    capsys.readouterr()
+    assert main([*gen[:-len(common) - 1], str(damaged), *common]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == [f"coreinfer: error: {damaged}: damaged cluster file: its metadata lacks "
+                                        "'fingerprint'; rebuild it with `coreinfer cluster`"]
+
+
+def rewrite_without(src, dst, meta_key=None, build_key=None, tensor=None) -> None:
+    """A copy of the cluster file `src` at `dst` with one metadata key, build setting or tensor
+    (prefix: "ranks." drops every ranks tensor) removed; the format tag stays."""
+    with safe_open(str(src), framework="pt") as f:
+        meta = json.loads(f.metadata()["coreinfer"])
+        tensors = {k: f.get_tensor(k) for k in f.keys() if not (tensor and k.startswith(tensor))}
+    meta.pop(meta_key, None)
+    meta.get("build", {}).pop(build_key, None)
+    save_file(tensors, str(dst), metadata={"coreinfer": json.dumps(meta)})
+
+
+@pytest.mark.parametrize("removed,named", [
+    (dict(meta_key="fingerprint"), "its metadata lacks 'fingerprint'"),
+    (dict(meta_key="layer"), "its metadata lacks 'layer'"),
+    (dict(meta_key="build"), "its metadata lacks 'build'"),
+    (dict(meta_key="sizes"), "its metadata lacks 'sizes'"),
+    (dict(build_key="statistic"), "its build settings lack 'statistic'"),
+    (dict(build_key="beta"), "its build settings lack 'beta'"),
+    (dict(tensor="probe"), "it lacks the tensor 'probe'"),
+    (dict(tensor="centroids"), "it lacks the tensor 'centroids'"),
+    (dict(tensor="ranks."), "it has no ranks.<layer> tensors"),
+], ids=lambda v: next(iter(v.values())) if isinstance(v, dict) else None)
+def test_cluster_file_missing_key_is_one_line(tmp_path, removed, named):
+    model = tiny_model()
+    path, damaged = tmp_path / "ok.safetensors", tmp_path / "damaged.safetensors"
+    build_clusters(model, group_prompts(2, (6, 10), seed=0)[0], CORE, layer=1, k=2).save(path)
+    ClusterSet.load(path, model)
+    rewrite_without(path, damaged, **removed)
+    with pytest.raises(ValueError) as err:
+        ClusterSet.load(damaged, model)
+    print(err.value)
+    assert named in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cluster_file_wrong_shapes_named(tmp_path):
+    model = tiny_model()
+    path = tmp_path / "ok.safetensors"
+    build_clusters(model, group_prompts(2, (6, 10), seed=0)[0], CORE, layer=1, k=2).save(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file({**tensors, "ranks.2": tensors["ranks.2"][:, :5].contiguous()}, str(path), metadata=meta)
+    with pytest.raises(ValueError, match=r"'ranks.2' has shape \(2, 5\), not \[clusters, FFN width\] \[2, 192\]"):
+        ClusterSet.load(path, model)
 
 
 def test_analysis_separation_numbers_on_planted_sets():
@@ -245,3 +301,18 @@ def test_prefix_stability_against_sets_computed_by_hand():
                 by_hand.append(overlap(prompt, follow))
             assert same[pi, layer].item() == pytest.approx(sum(by_hand) / 2)
     assert same.min() < 1.0  # keep 0.5 sets do differ between a prompt and its continuation
+
+
+@pytest.mark.parametrize("field", ["probe", "model", "layers"])
+def test_profile_missing_field_is_named(tmp_path, field):
+    """A profile (engine/profile.py: it carries the cluster file's fingerprint) of the right format
+    without one of its fields: one line naming that field, not the KeyError's bare name."""
+    path = tmp_path / "tiny.json"
+    Profile.for_model(tiny_model(), {1: LayerBudget(keep=0.5)}, {"meets_target": True}).save(path)
+    doc = json.loads(path.read_text())
+    del doc[field]
+    path.write_text(json.dumps(doc))
+    with pytest.raises(ValueError) as err:
+        Profile.load(path)
+    print(err.value)
+    assert str(err.value) == f"--profile {path}: the profile lacks its {field!r} field; run `coreinfer calibrate`"

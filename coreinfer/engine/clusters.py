@@ -30,6 +30,8 @@ from .selection import keep_count, rank_neurons
 
 FORMAT = "coreinfer.clusters/1"
 PROBE_TENSORS, PROBE_VALUES = 4, 128  # enough to tell models apart, cheap enough to check per request
+META_KEYS = {"fingerprint": dict, "layer": int, "build": dict, "sizes": list}  # what a file's metadata needs
+BUILD_KEYS = ("alpha", "beta", "statistic", "ranking")  # of its build settings, read by SimilarityPolicy
 
 
 def model_fingerprint(model) -> tuple[dict, torch.Tensor]:
@@ -85,7 +87,7 @@ class ClusterSet:
     info: dict = field(default_factory=dict)
 
     def __repr__(self) -> str:
-        return f"ClusterSet({len(self.sizes)} clusters, layer {self.layer}, {self.fingerprint[0]['model_type']})"
+        return f"ClusterSet({len(self.sizes)} clusters, layer {self.layer}, {self.fingerprint[0].get('model_type')})"
 
     def check(self, model) -> None:
         """Refuse a model other than the one the clusters were built for."""
@@ -123,12 +125,39 @@ class ClusterSet:
             raise ValueError(f"{path}: not a cluster file ({e})") from None
         if meta.get("format") != FORMAT:
             raise ValueError(f"{path}: not a coreinfer cluster file (format {meta.get('format')!r})")
+        check_contents(path, meta, tensors)
         ranks = {int(k.split(".", 1)[1]): v.long() for k, v in tensors.items() if k.startswith("ranks.")}
         out = cls((meta["fingerprint"], tensors["probe"]), meta["layer"], meta["build"], tensors["centroids"],
-                  ranks, meta["sizes"], meta["info"])
+                  ranks, meta["sizes"], meta.get("info", {}))
         if model is not None:
             out.check(model)
         return out
+
+
+def check_contents(path, meta: dict, tensors: dict) -> None:
+    """One line naming the first key a cluster file of the right format lacks, or the first that is
+    malformed (what `ClusterSet` and `SimilarityPolicy` read, so none fails later mid-request)."""
+    def bad(what: str):
+        return ValueError(f"{path}: damaged cluster file: {what}; rebuild it with `coreinfer cluster`")
+
+    for key, kind in META_KEYS.items():
+        if key not in meta:
+            raise bad(f"its metadata lacks {key!r}")
+        if not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            raise bad(f"its metadata's {key!r} is not {kind.__name__}")
+    missing = [k for k in BUILD_KEYS if k not in meta["build"]]
+    if missing:
+        raise bad(f"its build settings lack {missing[0]!r}")
+    for key in ("probe", "centroids"):
+        if key not in tensors:
+            raise bad(f"it lacks the tensor {key!r}")
+    ranks = [k for k in tensors if k.startswith("ranks.")]
+    if not ranks or not all(k.split(".", 1)[1].isdigit() for k in ranks):
+        raise bad("it has no ranks.<layer> tensors" if not ranks else f"bad tensor name {ranks[0]!r}")
+    shape = (len(meta["sizes"]), meta["fingerprint"].get("ffn_width"))  # [C, F]
+    for key in ("centroids", *ranks):
+        if tuple(tensors[key].shape) != shape:
+            raise bad(f"{key!r} has shape {tuple(tensors[key].shape)}, not [clusters, FFN width] {list(shape)}")
 
 
 @dataclass

@@ -125,6 +125,9 @@ class Profile:
             raise ValueError(f"--profile {path}: not a coreinfer profile ({e})") from None
         if not isinstance(doc, dict) or doc.get("format") != FORMAT:
             raise ValueError(f"--profile {path}: not a coreinfer profile (expected format {FORMAT})")
+        missing = [key for key in ("model", "probe", "layers") if key not in doc]
+        if missing:
+            raise ValueError(f"--profile {path}: the profile lacks its {missing[0]!r} field; run `coreinfer calibrate`")
         try:
             layers = {int(l): LayerBudget(**b) for l, b in doc["layers"].items()}
             fingerprint = (doc["model"], torch.tensor(doc["probe"], dtype=torch.float32))

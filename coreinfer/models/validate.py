@@ -5,7 +5,7 @@ Each family declares its fields and their types once, as the annotations of its 
 value is one line naming the field and the type, not a TypeError deep inside torch. Integers (counts,
 sizes) must be at least 1 unless the field's metadata says otherwise (`metadata={"min": 0}`), floats
 (eps, RoPE bases, scales) above 0. The RoPE dicts are checked for the keys their rope type reads,
-and attention heads for dividing evenly. Refused before any weight is read or tensor allocated.
+and attention heads for dividing evenly. Refused before any tensor is allocated.
 """
 
 import json
