@@ -1,14 +1,18 @@
-"""Logit parity of the Gemma 3 and OPT families with transformers, on tiny random configs.
+"""Logit parity of the Gemma 3 and OPT families with transformers, on tiny random configs, and the
+newer llama-family members (Qwen3, Mistral) through the core engine.
 
 Same contract as test_models.py: prefill and cached decode steps, alone and in a left-padded batch
 of prompts of different lengths, match an uncached transformers forward to 1e-4 (fp32, max abs).
+Compacted core-neuron decoding equals the masked dense model to 1e-5, as in test_core.py.
 """
 
 import pytest
 import transformers
 
+from coreinfer.engine.policy import CoreConfig
+from coreinfer.engine.session import stability_policy
 from coreinfer.models import gemma3
-from oracle import assert_parity
+from oracle import assert_parity, compacted_vs_masked, hf_pair
 
 TOL = 1e-4
 GEMMA = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
@@ -60,3 +64,23 @@ def test_gemma3_checkpoint_config_form():
 def test_gemma3_attn_softcapping_rejected():
     with pytest.raises(NotImplementedError, match="attn_logit_softcapping"):
         gemma3.Gemma3Config.from_dict(dict(model_type="gemma3_text", attn_logit_softcapping=50.0))
+
+
+LLAMA_LIKE = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)
+NEWER = {  # sliding windows (4) shorter than the prompts, on some layers (Qwen3) or all (Mistral)
+    "qwen3": lambda: transformers.Qwen3Config(**LLAMA_LIKE, head_dim=24, use_sliding_window=True, sliding_window=4,
+                                              max_window_layers=2),
+    "mistral": lambda: transformers.MistralConfig(**LLAMA_LIKE, sliding_window=4),
+}
+
+
+@pytest.mark.parametrize("family", NEWER)
+def test_core_neurons_on_newer_families(family):
+    """(int8 weights are the same FFN code in every family: test_quant.py.)"""
+    model = hf_pair(NEWER[family]())[1]
+    policy = stability_policy(CoreConfig(alpha=0.4, beta=0.5, layers="1-2"), model)
+    errs, changes, _ = compacted_vs_masked(model, [PROMPTS[0] + [12, 70], PROMPTS[1]], CONTS, policy)
+    print(f"{family}: max|compact-masked| {errs}; max|compact-dense| {changes}")
+    assert max(errs) < 1e-5
+    assert min(changes) > 1e-3  # the core set really changed the decode

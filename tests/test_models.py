@@ -42,6 +42,7 @@ CONFIGS = {
     "mistral-head-dim": transformers.MistralConfig(**TINY, sliding_window=5, head_dim=24),  # as Mistral Nemo
     # Qwen3: per-head q/k RMSNorm (plain w), no q/k/v bias, head_dim (24) not hidden_size / heads (16)
     "qwen3": transformers.Qwen3Config(**TINY, head_dim=24),
+    "qwen3-attention-bias": transformers.Qwen3Config(**TINY, head_dim=24, attention_bias=True),  # q/k/v and o
     "qwen3-tied-sliding": transformers.Qwen3Config(**TINY, head_dim=24, tie_word_embeddings=True,
                                                    use_sliding_window=True, sliding_window=4, max_window_layers=2),
 }

@@ -119,15 +119,15 @@ class Model(CausalLM):
         self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.lm_head = nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.rotary = Rotary(c.head_dim, c.rope_theta, c.rope_scaling)
+        # the window of each layer type present: one mask per type per forward
+        self.windows = {kind: c.sliding_window if kind == SLIDING else None for kind in dict.fromkeys(c.layer_types)}
 
     def forward(self, tokens, positions, slots, key_valid, caches, ffn=None, last_only=False) -> torch.Tensor:
         """tokens/positions/slots [B, T], key_valid [B, S'] -> logits [B, T, V] ([B, 1, V] if last_only)."""
         x = self.embed_tokens(tokens)  # [B, T, d]
-        c = self.config
-        masks = {kind: attention_mask(slots, key_valid, c.sliding_window if kind == SLIDING else None)
-                 for kind in set(c.layer_types)}
+        masks = {kind: attention_mask(slots, key_valid, window) for kind, window in self.windows.items()}
         rope = self.rotary(positions, x.dtype)
-        for layer, kind, cache in zip(self.layers, c.layer_types, caches):
+        for layer, kind, cache in zip(self.layers, self.config.layer_types, caches):
             x = layer(x, rope, slots, masks[kind], ffn, cache)
         if last_only:
             x = x[:, -1:]  # [B, 1, d]
