@@ -12,9 +12,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import transformers
 
-from coreinfer.models import UnsupportedModel, build_model
+from coreinfer.models import FAMILIES, UnsupportedModel, build_model, validate
+from coreinfer.models.common import fuse_qkv
 from oracle import assert_parity
 
 TOL = 1e-4
@@ -115,3 +117,45 @@ def test_cli_bad_config_is_one_line(tiny_model_dir, tmp_path):
     assert run.returncode == 2
     expected = 'coreinfer: error: model config: hidden_size must be an integer, got "big"'
     assert run.stderr.strip().splitlines() == [expected]
+
+
+# config.json as the hub ships it (keys that matter here), and the parameter count the model card states
+HUB = {
+    "Llama-3.2-1B": (dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=128256, hidden_size=2048,
+                          intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+                          head_dim=64, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+                          rope_scaling=dict(factor=32.0, high_freq_factor=4.0, low_freq_factor=1.0,
+                                            original_max_position_embeddings=8192, rope_type="llama3"),
+                          tie_word_embeddings=True, bos_token_id=128000, eos_token_id=[128001, 128008, 128009],
+                          hidden_act="silu", attention_bias=False, mlp_bias=False, torch_dtype="bfloat16"),
+                     1_235_814_400),
+    "Qwen3-0.6B": (dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"], vocab_size=151936, hidden_size=1024,
+                        intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+                        head_dim=128, max_position_embeddings=40960, max_window_layers=28, rms_norm_eps=1e-6,
+                        rope_theta=1000000.0, rope_scaling=None, sliding_window=None, use_sliding_window=False,
+                        tie_word_embeddings=True, attention_bias=False, hidden_act="silu", bos_token_id=151643,
+                        eos_token_id=151645, torch_dtype="bfloat16"),
+                   596_049_920),
+    "Mistral-7B-v0.1": (dict(model_type="mistral", architectures=["MistralForCausalLM"], vocab_size=32000,
+                             hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                             num_key_value_heads=8, max_position_embeddings=32768, rms_norm_eps=1e-5,
+                             rope_theta=10000.0, sliding_window=4096, tie_word_embeddings=False, hidden_act="silu",
+                             bos_token_id=1, eos_token_id=2, torch_dtype="bfloat16"),
+                        7_241_732_096),
+}
+
+
+@pytest.mark.parametrize("name", HUB)
+def test_hub_config_builds_the_published_model(name):
+    """A hub config.json passes validation and builds (on the meta device) the model its card counts,
+    with every parameter the shape transformers gives it."""
+    config, count = HUB[name]
+    config_cls, model_cls, sanitize = FAMILIES[validate.check(config, FAMILIES)]
+    cfg = config_cls.from_dict(config)
+    with torch.device("meta"):
+        ours = model_cls(cfg)
+        hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config))
+    tied = ours.embed_tokens.weight.numel() if cfg.tie_word_embeddings else 0
+    assert sum(p.numel() for p in ours.parameters()) - tied == count
+    theirs = fuse_qkv(sanitize(hf.state_dict(), cfg))
+    assert {k: v.shape for k, v in theirs.items()} == {k: v.shape for k, v in ours.state_dict().items()}
