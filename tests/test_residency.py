@@ -142,3 +142,21 @@ def test_runtime_config_rejects_bad_memory_limits(kw, message):
 
     with pytest.raises(ValueError, match=message):
         RuntimeConfig(**kw)
+
+
+def test_llm_max_memory_decodes_what_the_unlimited_llm_decodes_at_the_same_keep(tiny_model_dir):
+    from coreinfer import LLM, GenerationConfig
+
+    gen, core = GenerationConfig(max_new_tokens=8, ignore_eos=True), CoreConfig(beta=0.25)
+    [limited] = LLM(str(tiny_model_dir), progress=False, max_memory="64MiB").generate("The press", gen, core)
+    [unlimited] = LLM(str(tiny_model_dir), progress=False).generate("The press", gen, core)
+    assert limited.token_ids == unlimited.token_ids and len(limited.token_ids) == 8
+
+
+def test_cli_too_small_budget_is_one_line(tiny_model_dir, capsys):
+    from coreinfer.cli.main import main
+
+    assert main(["generate", "The press", "--model", str(tiny_model_dir), "--max-memory", "200KB"]) == 2
+    err = capsys.readouterr().err.strip()
+    print(err)
+    assert err.count("\n") == 0 and err.startswith("coreinfer: error: --max-memory 0.19 MiB is too small")

@@ -21,6 +21,11 @@ GiB = 2**30
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
+class BudgetError(ValueError, MemoryError):
+    """The budget cannot hold the plan: a MemoryError, and bad input (a ValueError) that the CLI
+    reports in its one line."""
+
+
 def parse_bytes(text: str | int) -> int:
     """'2GiB', '1.5 GB', '800MiB' or a plain number of bytes -> bytes."""
     if isinstance(text, int):
@@ -85,7 +90,7 @@ class Plan:
             hint = f"keep <= {math.floor((usable - fixed) / self.core_row_bytes * 100) / 100:.2f} would fit"
         else:
             hint = f"nothing fits below {size(fixed / HEADROOM)}"
-        raise MemoryError(f"{self.flag} {size(budget)} is too small: this request needs "
+        raise BudgetError(f"{self.flag} {size(budget)} is too small: this request needs "
                           f"{size(self.total / HEADROOM)} ({parts}; {HEADROOM:.0%} of the budget usable); {hint}")
 
 
