@@ -34,11 +34,31 @@ def read_bytes() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("read_bytes"))
 
 
-def worker_llama(args) -> dict:
-    from llama_cpp import Llama
+def llama(args, repack: bool):
+    """llama_cpp.Llama on the GGUF. repack False is llama-cli's --no-repack: by default llama.cpp copies
+    Q4_0/Q4_K weights into interleaved anonymous buffers at load, so the whole model sits in RAM
+    beside the mapped file, and a group smaller than the model kills it. llama-cpp-python 0.3.36 has
+    no argument for it: the default model params it asks for are swapped for the load only."""
+    import llama_cpp
 
+    default = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = repack
+        return p
+
+    llama_cpp.llama_cpp.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(args.gguf, n_ctx=args.prompt_tokens + args.tokens + 16, n_threads=args.threads,
+                               verbose=False)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = default
+
+
+def worker_llama(args, repack: bool = True) -> dict:
     t0, r0 = time.perf_counter(), read_bytes()
-    llm = Llama(args.gguf, n_ctx=args.prompt_tokens + args.tokens + 16, n_threads=args.threads, verbose=False)
+    llm = llama(args, repack)
     ids = (llm.tokenize(TEXT.encode(), add_bos=False) * 50)[:args.prompt_tokens]
     t1, r1 = time.perf_counter(), read_bytes()
     llm.eval(ids)
@@ -94,7 +114,10 @@ def run_in_group(engine: str, limit: int | None, argv: list[str], timeout: float
         # the shell joins the group before exec'ing the worker, so every page it faults in is charged
         cmd = ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh", sys.executable, __file__,
                "--worker", engine, *argv]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:  # run() has killed and reaped the worker
+            return dict(error=f"over {timeout:.0f} s", peak=int((group / "memory.max_usage_in_bytes").read_text()))
         peak = int((group / "memory.max_usage_in_bytes").read_text())
         failcnt = int((group / "memory.failcnt").read_text())
     finally:
@@ -135,16 +158,19 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds of every engine and limit")
     p.add_argument("--no-unconstrained", action="store_true", help="skip the rows without a memory limit")
     p.add_argument("--timeout", type=float, default=900, help="seconds a run may take")
-    p.add_argument("--worker", choices=["llama", "coreinfer"], help=argparse.SUPPRESS)
+    p.add_argument("--llama-repack", choices=["on", "off", "both"], default="both",
+                   help="llama.cpp's weight repacking (its default: on; off: --no-repack, weights stay in the file)")
+    p.add_argument("--worker", choices=["llama", "llama-norepack", "coreinfer"], help=argparse.SUPPRESS)
     args, _ = p.parse_known_args()
     if args.worker:
-        result = (worker_llama if args.worker == "llama" else worker_coreinfer)(args)
+        result = worker_coreinfer(args) if args.worker == "coreinfer" else worker_llama(args, args.worker == "llama")
         print(json.dumps(result))
         return
     if not (CGROUP / "memory.limit_in_bytes").is_file():
         p.error(f"no cgroup-v1 memory controller at {CGROUP}")
     argv = sys.argv[1:]
-    engines = [e for e, model in (("llama", args.gguf), ("coreinfer", args.coreinfer_model)) if model != "none"]
+    llamas = {"on": ["llama"], "off": ["llama-norepack"], "both": ["llama", "llama-norepack"]}[args.llama_repack]
+    engines = (llamas if args.gguf != "none" else []) + (["coreinfer"] if args.coreinfer_model != "none" else [])
     files = [Path(args.gguf)] if args.gguf != "none" else []
     if args.coreinfer_model != "none":  # the files coreinfer maps: its checkpoint's (a GGUF's converted cache)
         from coreinfer.io.loading import load_checkpoint
@@ -163,7 +189,8 @@ def main() -> None:
                 evict(files)
                 run_argv = argv + (["--limit", limit] if engine == "coreinfer" else [])  # the last --limit wins
                 r = run_in_group(engine, parse_size(limit), run_argv, args.timeout)
-                name = "llama.cpp (mmap)" if engine == "llama" else f"coreinfer keep {args.keep}"
+                name = {"llama": "llama.cpp (mmap)", "llama-norepack": "llama.cpp (mmap, --no-repack)",
+                        "coreinfer": f"coreinfer keep {args.keep}"}[engine]
                 print(row(name, limit, r, file_bytes), flush=True)
 
 
