@@ -20,7 +20,9 @@ from .engine.compact import CoreWeights
 from .engine.compiled import CompiledStep, batch_bucket, decode_forward, use_cache_dir
 from .engine.cuda_graphs import GraphedStep
 from .engine.generate import GenerationConfig, decode
+from .engine import residency
 from .engine.offload import OffloadSession, Streamer, parse_bytes, plan, place
+from .engine.residency import ResidentSession
 from .engine.policy import CoreConfig, SelectionPolicy
 from .engine.profile import AUTO, find_profile
 from .engine.quant import WEIGHT_FORMATS, quantize_model
@@ -55,12 +57,13 @@ class RuntimeConfig:
     threads: int | None = None
     weights: str = "dense"
     max_gpu_memory: str | int | None = None  # e.g. "2GiB": the memory-limited mode (engine/offload.py)
+    max_memory: str | int | None = None  # e.g. "3GiB": the CPU memory-limited mode (engine/residency.py)
     compile: bool | None = None
 
     def compiles(self) -> bool:
         """Whether decode steps run compiled (engine/compiled.py). The memory-limited mode streams FFN
         weights between steps and stays eager."""
-        if self.max_gpu_memory is not None:
+        if self.max_gpu_memory is not None or self.max_memory is not None:
             return False
         if self.compile is not None:
             return self.compile
@@ -88,6 +91,11 @@ class RuntimeConfig:
             if torch.device(self.device).type != "cuda" or self.weights != "dense":
                 raise ValueError("--max-gpu-memory needs --device cuda and --weights dense: it keeps FFN weights "
                                  "in CPU memory and only their core rows on the GPU")
+        if self.max_memory is not None:
+            parse_bytes(self.max_memory)
+            if torch.device(self.device).type != "cpu" or self.weights != "dense" or self.max_gpu_memory is not None:
+                raise ValueError("--max-memory needs --device cpu and --weights dense: it keeps the checkpoint's FFN "
+                                 "weights in the file and only their core rows in RAM")
 
     def torch_dtype(self) -> torch.dtype:
         name = self.dtype or ("fp32" if torch.device(self.device).type == "cpu" else "bf16")
@@ -193,21 +201,26 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
 class LLM:
     def __init__(self, model: str | None = None, device: str = "cpu", dtype: str | None = None,
                  threads: int | None = None, weights: str = "dense", progress: bool = True,
-                 max_gpu_memory: str | int | None = None, compile: bool | None = None):
+                 max_gpu_memory: str | int | None = None, compile: bool | None = None,
+                 max_memory: str | int | None = None):
         self.runtime = RuntimeConfig(model, device, dtype, threads, weights, max_gpu_memory=max_gpu_memory,
-                                     compile=compile)
+                                     max_memory=max_memory, compile=compile)
         torch.set_num_threads(threads or default_threads())
         ckpt = load_checkpoint(model, progress=progress)
         self.name = ckpt.source
         self.config = ckpt.config
         limited = max_gpu_memory is not None
-        self.model = build_model(ckpt.config, ckpt.weights, "cpu" if limited else device, self.runtime.torch_dtype())
+        self.model = build_model(ckpt.config, ckpt.weights, "cpu" if limited else device, self.runtime.torch_dtype(),
+                                 contiguous=max_memory is None)
         # memory-limited: FFN weights stay in pinned CPU memory, the rest moves to the GPU
         self.budget = parse_bytes(max_gpu_memory) if limited else None
         if limited:
             plan(self.model, 1, 1, None, 0).check(self.budget)  # the resident weights and staging must fit
             place(self.model, device)
         self.streamer = Streamer(self.model, device) if limited else None
+        if max_memory is not None:  # the CPU memory-limited mode: FFN weights stay in the mapped file
+            self.budget = parse_bytes(max_memory)
+            self.streamer = residency.open_streamer(self.model, self.budget)
         if weights != "dense":
             quantize_model(self.model, weights)
         self.tokenizer = Tokenizer(ckpt.tokenizer_dir, ckpt.config)
@@ -276,8 +289,9 @@ class LLM:
         if self.compiled is not None and self.budget is None:
             ids = ids + [ids[-1]] * (batch_bucket(len(ids)) - len(ids))
         if self.budget is not None:
-            session = OffloadSession(self.model, ids, max_new_tokens, self.tokenizer.pad_id, policy, self.cores,
-                                     self.caches, budget=self.budget, streamer=self.streamer, compiled=self.compiled)
+            kind = ResidentSession if self.runtime.max_memory is not None else OffloadSession
+            session = kind(self.model, ids, max_new_tokens, self.tokenizer.pad_id, policy, self.cores,
+                           self.caches, budget=self.budget, streamer=self.streamer, compiled=self.compiled)
         else:
             session = Session(self.model, ids, max_new_tokens, self.tokenizer.pad_id, policy, self.cores, self.caches,
                               compiled=self.compiled)

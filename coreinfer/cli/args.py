@@ -53,6 +53,8 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                         "down stays int8)")
     g.add_argument("--max-gpu-memory", default=None, metavar="SIZE",
                    help="memory-limited mode, e.g. 2GiB: FFN weights stay in CPU memory, only core rows on the GPU")
+    g.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="memory-limited mode on the CPU, e.g. 3GiB: FFN weights stay in the file, only core rows in RAM")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compiled decode step: ~1.7x faster int8/int4 decoding on the CPU, ~1.4x on CUDA; the "
                         "first compile of a shape takes about two minutes on the CPU (~20 s on CUDA), later starts "
@@ -127,7 +129,7 @@ def adaptive_kwargs(args, refine: float | None, input_keep: float) -> dict:
 
 def runtime_kwargs(args) -> dict:
     return dict(model=args.model, device=args.device, dtype=args.dtype, threads=args.threads, weights=args.weights,
-                max_gpu_memory=args.max_gpu_memory, compile=args.compile)
+                max_gpu_memory=args.max_gpu_memory, max_memory=args.max_memory, compile=args.compile)
 
 
 def generation_config(args) -> GenerationConfig:

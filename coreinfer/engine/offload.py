@@ -17,12 +17,10 @@ any other. A dense session (no policy) keeps as many leading layers' FFNs reside
 holds and streams the others on every step, as accelerate's `device_map="auto"` does: the offload a
 user would otherwise get, for comparison.
 
-Budget accounting (`plan`) is exact for weights, KV caches, staging and core rows; activations and
-the allocator's slack are not counted (`HEADROOM` leaves room for them).
+Budget accounting (`budget.plan`, shared with the CPU mode of engine/residency.py) is exact for
+weights, KV caches, staging and core rows; activations and the allocator's slack are not counted.
 """
 
-import math
-import re
 import time
 from dataclasses import dataclass
 
@@ -30,35 +28,13 @@ import torch
 import torch.nn as nn
 
 from ..models.common import FFN
+from .budget import GiB, Plan, parse_bytes, plan, streamed_tensors  # noqa: F401 (GiB, parse_bytes: callers import them here)
 from .compact import CompactFFN
 from .observe import Observer
 from .policy import Selection, StabilityPolicy
-from .selection import keep_count
 from .session import CoreStats, Session, cache_length
 
 STAGING_BUFFERS = 2  # one FFN computing, the next one copying in
-HEADROOM = 0.9  # share of the budget plans may fill; the rest is for activations and allocator slack
-GiB = 2**30
-UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_bytes(text: str | int) -> int:
-    """'2GiB', '1.5 GB', '800MiB' or a plain number of bytes -> bytes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).upper() not in UNITS or float(m.group(1)) <= 0:
-        raise ValueError(f"memory size {text!r}: give a positive number with a unit, e.g. 2GiB, 1500MB")
-    return int(float(m.group(1)) * UNITS[m.group(2).upper()])
-
-
-def size(n: float) -> str:
-    return f"{n / GiB:.2f} GiB" if n >= GiB / 10 else f"{n / 2**20:.2f} MiB"
-
-
-def streamed_tensors(ffn: FFN) -> dict[str, torch.Tensor]:
-    """The FFN tensors that stay in CPU memory: one slice per neuron (down's bias is resident)."""
-    return {name: t for name, (t, _) in ffn.neuron_tensors().items()}
 
 
 @torch.no_grad()
@@ -80,76 +56,6 @@ def place(model, device) -> None:
     for module in model.modules():
         for name, t in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
             setattr(module, name, placed(t))
-
-
-def resident_bytes(model) -> int:
-    """Bytes `place` leaves on the device: every weight (the embedding table too) but the FFN neurons."""
-    streamed = {id(t) for f in model.ffns() for t in streamed_tensors(f).values()}
-    unique = {id(t): t for t in list(model.parameters()) + list(model.buffers())}  # tied weights once
-    return sum(t.nbytes for key, t in unique.items() if key not in streamed)
-
-
-def kv_bytes(model, batch: int, length: int) -> int:
-    ref = model.embed_tokens.weight
-    return sum(2 * batch * layer.self_attn.kv_heads * length * layer.self_attn.head_dim * ref.element_size()
-               for layer in model.layers)
-
-
-@dataclass
-class Plan:
-    """Device bytes a session needs: resident weights, KV caches, FFN staging buffers, the resident
-    FFNs of `dense_layers` and every sequence's core rows (both per sequence, as CoreWeights holds
-    them); the FFNs of `streamed` layers are copied in on every decode step."""
-
-    resident: int
-    kv_cache: int
-    staging: int
-    dense_ffns: int
-    cores: int
-    core_row_bytes: int  # the core rows' bytes at keep 1.0 (sparse layers, all sequences)
-    dense_layers: list[int]
-    streamed: list[int]
-
-    @property
-    def total(self) -> int:
-        return self.resident + self.kv_cache + self.staging + self.dense_ffns + self.cores
-
-    def check(self, budget: int) -> None:
-        """One clear line when the plan does not fit `budget` (of which HEADROOM is usable)."""
-        usable = int(budget * HEADROOM)
-        if self.total <= usable:
-            return
-        parts = (f"resident weights {size(self.resident)}, KV cache {size(self.kv_cache)}, FFN staging "
-                 f"{size(self.staging)}, dense layers' FFNs {size(self.dense_ffns)}, core rows {size(self.cores)}")
-        fixed = self.total - self.cores
-        if self.core_row_bytes and fixed < usable:
-            hint = f"keep <= {math.floor((usable - fixed) / self.core_row_bytes * 100) / 100:.2f} would fit"
-        else:
-            hint = f"nothing fits below {size(fixed / HEADROOM)}"
-        raise MemoryError(f"--max-gpu-memory {size(budget)} is too small: this request needs "
-                          f"{size(self.total / HEADROOM)} ({parts}; {HEADROOM:.0%} of the budget usable); {hint}")
-
-
-def plan(model, batch: int, cache_len: int, keep: dict[int, float] | None, budget: int) -> Plan:
-    """The device bytes of a session of `batch` sequences and `cache_len` cache slots. `keep` maps
-    sparse layers to keep ratios, and every other layer's FFN is resident; None (dense): the leading
-    layers' FFNs that fit in `budget` are resident, the rest streamed every step."""
-    ffns = model.ffns()
-    staging = STAGING_BUFFERS * max(f.neuron_bytes() for f in ffns)
-    fixed = resident_bytes(model) + kv_bytes(model, batch, cache_len) + staging
-    if keep is None:
-        fits = max(0, (int(budget * HEADROOM) - fixed) // (batch * max(f.neuron_bytes() for f in ffns)))
-        dense_layers, keep = list(range(min(len(ffns), fits))), {}
-    else:
-        dense_layers = [f.layer_id for f in ffns if f.layer_id not in keep]
-    cores = per_neuron = 0
-    for layer, beta in keep.items():
-        row = ffns[layer].neuron_bytes() // ffns[layer].width
-        cores += batch * keep_count(beta, ffns[layer].width) * row
-        per_neuron += batch * ffns[layer].width * row
-    return Plan(resident_bytes(model), kv_bytes(model, batch, cache_len), staging,
-                batch * sum(ffns[l].neuron_bytes() for l in dense_layers), cores, per_neuron, dense_layers,
-                [f.layer_id for f in ffns if f.layer_id not in keep and f.layer_id not in dense_layers])
 
 
 class Streamer:
@@ -229,6 +135,8 @@ class OffloadSession(Session):
     across sessions of one model (its staging buffers are allocated once). A dense session runs as a
     policy with no sparse layers, so its decode steps too go through `run_ffn`."""
 
+    staging_layers, flag = STAGING_BUFFERS, "--max-gpu-memory"  # what the budget plans for, and its name
+
     def __init__(self, model, prompts, max_new_tokens, pad_id=0, policy=None, cores=None, caches=None,
                  prefill_chunk=None, *, budget: int, streamer: Streamer, compiled=None):
         if not prompts:
@@ -238,7 +146,8 @@ class OffloadSession(Session):
                              "it takes --mode stability")
         total = max(len(p) for p in prompts) + max_new_tokens
         cache_len = max(cache_length(total, model.max_context), total)
-        self.plan = plan(model, len(prompts), cache_len, None if policy is None else policy.keep, budget)
+        self.plan = plan(model, len(prompts), cache_len, None if policy is None else policy.keep, budget,
+                         staging_layers=self.staging_layers, flag=self.flag)
         self.plan.check(budget)
         policy = policy or StabilityPolicy({}, model.ffns()[0].width)
         # prefill in one chunk by default: every chunk streams every FFN again

@@ -17,8 +17,10 @@ FAMILIES = {
 }
 
 
-def build_model(config: dict, weights: dict, device="cpu", dtype=torch.float32) -> CausalLM:
-    """Instantiate on the meta device, then adopt the checkpoint tensors (cast to `dtype` on `device`)."""
+def build_model(config: dict, weights: dict, device="cpu", dtype=torch.float32, contiguous=True) -> CausalLM:
+    """Instantiate on the meta device, then adopt the checkpoint tensors (cast to `dtype` on `device`).
+    contiguous False adopts views as they are (the transposed FFN down too), so tensors of a
+    memory-mapped checkpoint stay in its file: the CPU memory-limited mode (engine/residency.py)."""
     model_type = validate.check(config, FAMILIES)  # one line naming the field or the architecture
     config_cls, model_cls, sanitize = FAMILIES[model_type]
     cfg = config_cls.from_dict(config)
@@ -33,7 +35,8 @@ def build_model(config: dict, weights: dict, device="cpu", dtype=torch.float32) 
     for name, param in model.state_dict().items():
         if state[name].shape != param.shape:
             raise ValueError(f"{name}: checkpoint shape {tuple(state[name].shape)} != model {tuple(param.shape)}")
-    model.load_state_dict({k: v.to(device=device, dtype=dtype).contiguous() for k, v in state.items()},
+    model.load_state_dict({k: v.to(device=device, dtype=dtype).contiguous() if contiguous else v.to(device=device, dtype=dtype)
+                           for k, v in state.items()},
                           assign=True, strict=True)
     if cfg.tie_word_embeddings:  # the copy above untied them; share one tensor again
         model.lm_head.weight = model.embed_tokens.weight

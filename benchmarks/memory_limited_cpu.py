@@ -1,0 +1,198 @@
+"""llama.cpp (mmap) and coreinfer (`--max-memory`) decoding a model bigger than the memory they get.
+
+    sudo python benchmarks/memory_limited_cpu.py --gguf MODEL.gguf --coreinfer-model MODEL --limit 3GiB
+    python benchmarks/memory_limited_cpu.py --gguf ~/.cache/coreinfer/synthetic/qwen2.5-7b-q4_k_m.gguf \\
+        --coreinfer-model none --limit 3GiB              # llama.cpp alone
+
+Each run is a fresh process inside its own child of the cgroup-v1 memory controller
+(/sys/fs/cgroup/memory), with memory.limit_in_bytes set (or no limit: the unconstrained row). Page
+cache is charged to the group, so a file larger than the limit cannot stay in RAM. Before each run
+the model files are evicted from the page cache (a cold start); the group is removed afterwards.
+Runs alternate between the engines, `--rounds` times.
+
+Per run: load time, time to first token (the prompt's prefill and one token), decode tok/s (greedy,
+`--tokens` tokens), the group's peak memory (memory.max_usage_in_bytes: RSS and page cache) and the
+bytes read from disk (the worker's /proc/self/io read_bytes) during the prefill and per decoded token.
+coreinfer keeps `--keep` of each FFN layer's neurons (the paper's prompt-fixed core sets, `--beta`).
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CGROUP = Path("/sys/fs/cgroup/memory")
+TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+        "combined movable metal type, oil-based inks and a wooden screw press. ")
+
+
+def read_bytes() -> int:
+    with open("/proc/self/io") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("read_bytes"))
+
+
+def llama(args, repack: bool):
+    """llama_cpp.Llama on the GGUF. repack False is llama-cli's --no-repack: by default llama.cpp copies
+    Q4_0/Q4_K weights into interleaved anonymous buffers at load, so the whole model sits in RAM
+    beside the mapped file, and a group smaller than the model kills it. llama-cpp-python 0.3.36 has
+    no argument for it: the default model params it asks for are swapped for the load only."""
+    import llama_cpp
+
+    default = llama_cpp.llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = repack
+        return p
+
+    llama_cpp.llama_cpp.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(args.gguf, n_ctx=args.prompt_tokens + args.tokens + 16, n_threads=args.threads,
+                               verbose=False)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = default
+
+
+def worker_llama(args, repack: bool = True) -> dict:
+    t0, r0 = time.perf_counter(), read_bytes()
+    llm = llama(args, repack)
+    ids = (llm.tokenize(TEXT.encode(), add_bos=False) * 50)[:args.prompt_tokens]
+    t1, r1 = time.perf_counter(), read_bytes()
+    llm.eval(ids)
+    token = llm.sample(temp=0.0)
+    t2, r2 = time.perf_counter(), read_bytes()
+    for _ in range(args.tokens - 1):
+        llm.eval([token])
+        token = llm.sample(temp=0.0)
+    t3, r3 = time.perf_counter(), read_bytes()
+    return dict(load_s=t1 - t0, ttft_s=t2 - t1, decode_tps=(args.tokens - 1) / (t3 - t2),
+                load_read=r1 - r0, prefill_read=r2 - r1, read_per_token=(r3 - r2) / (args.tokens - 1))
+
+
+def worker_coreinfer(args) -> dict:
+    import torch
+
+    from coreinfer import LLM, CoreConfig
+
+    t0, r0 = time.perf_counter(), read_bytes()
+    llm = LLM(args.coreinfer_model, threads=args.threads, progress=False,
+              max_memory=args.limit if args.limit != "none" else None)
+    ids = (llm.tokenizer.encode(TEXT) * 50)[:args.prompt_tokens]
+    core = CoreConfig(beta=args.keep) if args.keep < 1 else None
+    t1, r1 = time.perf_counter(), read_bytes()
+    with torch.inference_mode():
+        session = llm.session([ids], args.tokens, core)
+        token = session.prefill().argmax(-1)  # [1]
+        t2, r2 = time.perf_counter(), read_bytes()
+        for _ in range(args.tokens - 1):
+            token = session.step(token).argmax(-1)
+    t3, r3 = time.perf_counter(), read_bytes()
+    return dict(load_s=t1 - t0, ttft_s=t2 - t1, decode_tps=(args.tokens - 1) / (t3 - t2),
+                load_read=r1 - r0, prefill_read=r2 - r1, read_per_token=(r3 - r2) / (args.tokens - 1))
+
+
+def evict(paths: list[Path]) -> None:
+    """Drop the files' pages from the page cache, so every run starts cold."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def run_in_group(engine: str, limit: int | None, argv: list[str], timeout: float) -> dict:
+    """Run this script's worker for `engine` in a fresh memory cgroup; its figures and the group's peak."""
+    group = CGROUP / f"coreinfer-bench-{os.getpid()}-{engine}"
+    group.mkdir()
+    try:
+        if limit is not None:
+            (group / "memory.limit_in_bytes").write_text(str(limit))
+        # the shell joins the group before exec'ing the worker, so every page it faults in is charged
+        cmd = ["sh", "-c", f'echo $$ > {group}/cgroup.procs && exec "$@"', "sh", sys.executable, __file__,
+               "--worker", engine, *argv]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:  # run() has killed and reaped the worker
+            return dict(error=f"over {timeout:.0f} s", peak=int((group / "memory.max_usage_in_bytes").read_text()))
+        peak = int((group / "memory.max_usage_in_bytes").read_text())
+        failcnt = int((group / "memory.failcnt").read_text())
+    finally:
+        group.rmdir()  # empty once the worker has exited; its page cache is reparented
+    if proc.returncode != 0:
+        tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        return dict(error=f"exit {proc.returncode}: {tail}", peak=peak)
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    return dict(result, peak=peak, failcnt=failcnt)
+
+
+def row(engine: str, limit: str, r: dict, file_bytes: int) -> str:
+    if "error" in r:
+        return f"| {engine} | {limit} | {r['error'][:90]} | | | | | | |"
+    return (f"| {engine} | {limit} | {r['load_s']:.1f} | {r['ttft_s']:.2f} | {r['decode_tps']:.2f} | "
+            f"{r['peak'] / 2**30:.2f} | {r['load_read'] / 1e9:.2f} | {r['prefill_read'] / 1e9:.2f} | {r['read_per_token'] / 1e6:.1f} "
+            f"({r['read_per_token'] / file_bytes:.1%}) |")
+
+
+def parse_size(text: str) -> int | None:
+    if text == "none":
+        return None
+    from coreinfer.engine.budget import parse_bytes
+
+    return parse_bytes(text)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--gguf", required=True, help="the GGUF llama.cpp runs ('none': skip llama.cpp)")
+    p.add_argument("--coreinfer-model", required=True,
+                   help="what coreinfer loads (a GGUF or HF folder of the same model; 'none': skip coreinfer)")
+    p.add_argument("--limit", default="3GiB", help="the memory cgroup's limit, and coreinfer's --max-memory")
+    p.add_argument("--keep", type=float, default=0.2, help="coreinfer's share of FFN neurons kept (1: dense)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--tokens", type=int, default=16, help="tokens decoded per run")
+    p.add_argument("--rounds", type=int, default=1, help="alternating rounds of every engine and limit")
+    p.add_argument("--no-unconstrained", action="store_true", help="skip the rows without a memory limit")
+    p.add_argument("--timeout", type=float, default=900, help="seconds a run may take")
+    p.add_argument("--llama-repack", choices=["on", "off", "both"], default="both",
+                   help="llama.cpp's weight repacking (its default: on; off: --no-repack, weights stay in the file)")
+    p.add_argument("--worker", choices=["llama", "llama-norepack", "coreinfer"], help=argparse.SUPPRESS)
+    args, _ = p.parse_known_args()
+    if args.worker:
+        result = worker_coreinfer(args) if args.worker == "coreinfer" else worker_llama(args, args.worker == "llama")
+        print(json.dumps(result))
+        return
+    if not (CGROUP / "memory.limit_in_bytes").is_file():
+        p.error(f"no cgroup-v1 memory controller at {CGROUP}")
+    argv = sys.argv[1:]
+    llamas = {"on": ["llama"], "off": ["llama-norepack"], "both": ["llama", "llama-norepack"]}[args.llama_repack]
+    engines = (llamas if args.gguf != "none" else []) + (["coreinfer"] if args.coreinfer_model != "none" else [])
+    files = [Path(args.gguf)] if args.gguf != "none" else []
+    if args.coreinfer_model != "none":  # the files coreinfer maps: its checkpoint's (a GGUF's converted cache)
+        from coreinfer.io.loading import load_checkpoint
+
+        files += sorted(load_checkpoint(args.coreinfer_model, progress=False).tokenizer_dir.glob("*.safetensors"))
+    file_bytes = Path(args.gguf if args.gguf != "none" else files[0]).stat().st_size
+    limits = [args.limit] + ([] if args.no_unconstrained else ["none"])
+    print(f"model file {file_bytes / 1e9:.2f} GB; {args.threads} threads, prompt {args.prompt_tokens} tokens, "
+          f"{args.tokens} decoded; coreinfer keep {args.keep}")
+    print("| engine | memory limit | load s | TTFT s | decode tok/s | peak group GiB | load read GB | "
+          "prefill read GB | read per token MB (of file) |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    for _ in range(args.rounds):
+        for limit in limits:
+            for engine in engines:
+                evict(files)
+                run_argv = argv + (["--limit", limit] if engine == "coreinfer" else [])  # the last --limit wins
+                r = run_in_group(engine, parse_size(limit), run_argv, args.timeout)
+                name = {"llama": "llama.cpp (mmap)", "llama-norepack": "llama.cpp (mmap, --no-repack)",
+                        "coreinfer": f"coreinfer keep {args.keep}"}[engine]
+                print(row(name, limit, r, file_bytes), flush=True)
+
+
+if __name__ == "__main__":
+    main()

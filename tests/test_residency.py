@@ -1,0 +1,162 @@
+"""The CPU memory-limited mode (`--max-memory`, engine/residency.py) on a tiny random model saved as
+safetensors and memory-mapped back: its FFN tensors stay in the file, the plan counts what is
+resident, prefill evicts each layer's file pages once its core rows are gathered (mincore says so),
+decoding touches none of them, a budget too small says in one line which keep fits, and the output
+equals the ordinary session's at the same keep."""
+
+import os
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from coreinfer.engine.budget import plan, resident_bytes
+from coreinfer.engine.policy import CoreConfig
+from coreinfer.engine.residency import FileStreamer, ResidentSession, cached_bytes, mapped_from_file, open_streamer
+from coreinfer.engine.selection import keep_count
+from coreinfer.engine.session import cache_length, stability_policy
+from coreinfer.models import build_model
+from oracle import hf_pair, our_logits
+
+# FFN tensors of 64 KiB (16 pages each), so dropping whole pages leaves at most 2 boundary pages
+TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128)
+PROMPTS = [[5, 17, 3, 88, 42, 9, 61, 2, 33, 12, 70], [7, 21, 64]]
+CONTS = [[11, 4, 90, 23, 6], [50, 8, 19, 70, 2]]
+CORE = CoreConfig(alpha=0.4, beta=0.25, layers="1-2")  # layers 0 and 3 stay dense
+CACHE = cache_length(len(PROMPTS[0]) + 5, TINY["max_position_embeddings"])
+BIG = 1 << 40
+
+
+@pytest.fixture
+def mapped(tmp_path):
+    """(the model built from tensors memory-mapped from a safetensors file, the same model in RAM, the file)."""
+    hf, in_ram = hf_pair(transformers.Qwen2Config(**TINY))
+    path = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(path))
+    with open(path, "rb") as f:  # on disk and out of memory, as a model file is before it loads: pages
+        os.fsync(f.fileno())      # that writing left in the page cache do not all leave it on request
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return build_model(hf.config.to_dict(), load_file(str(path)), contiguous=False), in_ram, path
+
+
+def resident_logits(m, policy, budget=BIG):
+    session = ResidentSession(m, PROMPTS, 5, policy=policy, budget=budget, streamer=FileStreamer(m))
+    pre = session.prefill(all_logits=True)
+    T0 = session.batch.prompt_len
+    rows = [[pre[b, T0 - len(p):]] for b, p in enumerate(PROMPTS)]
+    after_prefill = session.streamer.cached_bytes()
+    for step in range(5):
+        logits = session.step(torch.tensor([c[step] for c in CONTS]))
+        for b in range(len(PROMPTS)):
+            rows[b].append(logits[b:b + 1])
+    return [torch.cat(r) for r in rows], session, after_prefill
+
+
+def boundary_bytes(m) -> int:
+    """What dropping whole pages may leave of the FFN tensors: a partial page at each end of each."""
+    return sum(2 * 4096 for f in m.ffns() for _ in f.neuron_tensors())
+
+
+def test_ffn_tensors_stay_in_the_file(mapped):
+    m, in_ram, _ = mapped
+    assert all(mapped_from_file(f) for f in m.ffns())
+    assert not any(mapped_from_file(f) for f in in_ram.ffns())
+    assert m.ffns()[0].down.shape == (256, 64) and not m.ffns()[0].down.is_contiguous()  # the file's [d, F]
+
+
+def test_plan_counts_resident_weights_one_staged_layer_and_core_rows(mapped):
+    m, _, path = mapped
+    policy = stability_policy(CORE, m)
+    p = plan(m, 2, CACHE, policy.keep, BIG, staging_layers=ResidentSession.staging_layers, flag=ResidentSession.flag)
+    ffn = m.ffns()[0]
+    row = ffn.neuron_bytes() // ffn.width  # up, gate and down rows of one neuron, fp32
+    assert row == 3 * 64 * 4
+    in_file = sum(t.nbytes for name, t in load_file(str(path)).items() if ".mlp." not in name)
+    assert p.resident == resident_bytes(m) == in_file + sum(b.nbytes for b in m.buffers())  # + RoPE tables
+    assert p.staging == ffn.neuron_bytes()
+    assert p.cores == 2 * 2 * keep_count(0.25, 256) * row  # 2 sparse layers, 2 sequences
+    assert p.dense_ffns == 2 * 2 * ffn.neuron_bytes()  # layers 0 and 3, a copy per sequence
+    assert p.kv_cache == 4 * 2 * 2 * 2 * CACHE * 16 * 4  # layers, k+v, batch, kv heads, slots, head dim, fp32
+
+
+def test_prefill_evicts_the_file_pages_and_decoding_reads_none(mapped):
+    m, _, _ = mapped
+    streamer = FileStreamer(m)
+    total = sum(f.neuron_bytes() for f in m.ffns())
+    for f in m.ffns():  # read every FFN page once, as a dense forward would
+        for t in f.neuron_tensors().values():
+            t[0].sum()
+    assert streamer.cached_bytes() >= total  # pages counted whole: a little more than the bytes
+    policy = stability_policy(CORE, m)
+    _, session, after_prefill = resident_logits(m, policy)
+    after_decode = session.streamer.cached_bytes()
+    print(f"FFN bytes {total}, in memory after prefill {after_prefill}, after 5 decode steps {after_decode}")
+    assert after_prefill <= boundary_bytes(m)
+    assert after_decode == after_prefill
+    assert session.offload.prefill_bytes_moved == total and session.offload.step_bytes_moved == 0
+    assert sum(cached_bytes(t) for t in session.cores.get(1).weights.values()) > 0  # the rows are in RAM
+
+
+def test_memory_limited_output_equals_unlimited_at_the_same_keep(mapped):
+    m, in_ram, _ = mapped
+    policy = stability_policy(CORE, m)
+    ref, ref_session = our_logits(in_ram, PROMPTS, CONTS, policy=policy)
+    got, session, _ = resident_logits(m, policy)
+    for layer, ids in ref_session.selection.index.items():
+        assert torch.equal(session.selection.index[layer], ids)
+    err = max((a - b).abs().max().item() for a, b in zip(got, ref))
+    print(f"--max-memory session vs the ordinary one at keep 0.25: max|diff| {err:.2e}")
+    assert err < 1e-5
+
+
+def test_budget_too_small_says_in_one_line_which_keep_fits(mapped):
+    m, _, _ = mapped
+    policy = stability_policy(CORE, m)
+    need = plan(m, 2, CACHE, policy.keep, BIG, staging_layers=1, flag="--max-memory")
+    budget = int((need.total - need.cores // 2) / 0.9)  # room for about half the core rows
+    with pytest.raises(MemoryError) as e:
+        ResidentSession(m, PROMPTS, 5, policy=policy, budget=budget, streamer=FileStreamer(m))
+    line = str(e.value)
+    print(line)
+    assert "\n" not in line and line.startswith("--max-memory") and "keep <= 0.1" in line
+    fits = float(line.split("keep <= ")[1].split()[0])
+    plan(m, 2, CACHE, {l: fits for l in policy.keep}, budget, staging_layers=1).check(budget)
+    with pytest.raises(MemoryError, match="--max-memory .* nothing fits below"):
+        open_streamer(m, need.resident)
+
+
+def test_in_ram_weights_are_refused_in_one_line(mapped):
+    _, in_ram, _ = mapped
+    with pytest.raises(ValueError, match="memory-mapped checkpoint"):
+        open_streamer(in_ram, BIG)
+
+
+@pytest.mark.parametrize("kw,message", [
+    (dict(max_memory="3 gigs"), "give a positive number with a unit"),
+    (dict(max_memory="3GiB", weights="int8"), "needs --device cpu and --weights dense"),
+])
+def test_runtime_config_rejects_bad_memory_limits(kw, message):
+    from coreinfer.api import RuntimeConfig
+
+    with pytest.raises(ValueError, match=message):
+        RuntimeConfig(**kw)
+
+
+def test_llm_max_memory_decodes_what_the_unlimited_llm_decodes_at_the_same_keep(tiny_model_dir):
+    from coreinfer import LLM, GenerationConfig
+
+    gen, core = GenerationConfig(max_new_tokens=8, ignore_eos=True), CoreConfig(beta=0.25)
+    [limited] = LLM(str(tiny_model_dir), progress=False, max_memory="64MiB").generate("The press", gen, core)
+    [unlimited] = LLM(str(tiny_model_dir), progress=False).generate("The press", gen, core)
+    assert limited.token_ids == unlimited.token_ids and len(limited.token_ids) == 8
+
+
+def test_cli_too_small_budget_is_one_line(tiny_model_dir, capsys):
+    from coreinfer.cli.main import main
+
+    assert main(["generate", "The press", "--model", str(tiny_model_dir), "--max-memory", "200KB"]) == 2
+    err = capsys.readouterr().err.strip()
+    print(err)
+    assert err.count("\n") == 0 and err.startswith("coreinfer: error: --max-memory 0.19 MiB is too small")
