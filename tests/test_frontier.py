@@ -1,0 +1,158 @@
+"""Predicted per-token sparsity (engine/predictor.py) and rotated input sparsity (engine/rotation.py)
+against masked dense math from the plain FFN, bytes counted as read, the rotation's fold at keep 1."""
+
+import pytest
+import torch
+
+from coreinfer.api import LLM
+from coreinfer.engine.adaptive import AdaptivePolicy
+from coreinfer.engine.policy import StabilityPolicy
+from coreinfer.engine.predictor import PredictedFFN, PredictPlan, fit_lowrank, predictor_quality
+from coreinfer.engine.rotation import RotatedFFN, RotatePlan, fit_rotation
+from coreinfer.engine.selection import keep_count
+from coreinfer.engine.session import Session
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return LLM(str(tiny_model_dir), progress=False)
+
+
+def top(score: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.zeros_like(score).scatter_(-1, score.topk(k, dim=-1).indices, 1.0)
+
+
+def inputs(ffn, n: int = 200, seed: int = 0) -> torch.Tensor:
+    """Correlated inputs [n, d], so a rotation and a low-rank fit have structure to find."""
+    g = torch.Generator().manual_seed(seed)
+    d = ffn.up.shape[1]
+    return torch.randn(n, d // 4, generator=g) @ torch.randn(d // 4, d, generator=g) + 0.1 * torch.randn(n, d, generator=g)
+
+
+def predicted_oracle(ffn, x, plan: PredictPlan) -> torch.Tensor:
+    """Masked dense math from the plain FFN: x [T, d] -> [T, d] (whole FFN as the superset)."""
+    F, dn = ffn.width, ffn.down.norm(dim=1)
+    a = ffn.activations(x[None])[0]  # [T, F]
+    if plan.scorer == "gate":
+        score = torch.nn.functional.silu(x @ ffn.gate.T).abs() * dn
+    elif plan.scorer == "lowrank":
+        f = plan.factors
+        score = (torch.nn.functional.silu(x @ f["gate_a"] @ f["gate_b"]) * (x @ f["up_a"] @ f["up_b"])).abs() * dn
+    else:
+        score = a.abs() * dn
+    a = a * top(score, keep_count(plan.keep, F))
+    a = a * top(a.abs() * dn, keep_count(plan.down, F))
+    return ffn.project(a[None])[0]
+
+
+@pytest.mark.parametrize("scorer", ["oracle", "gate", "lowrank"])
+def test_predicted_decode_equals_reference_and_masked_dense(tiny, scorer):
+    ffn = tiny.model.ffns()[1]
+    factors = fit_lowrank(ffn, inputs(ffn), 8) if scorer == "lowrank" else {}
+    plan = PredictPlan(scorer, 0.5, 0.3, factors)
+    core = plan.build()
+    core.load(ffn, torch.arange(ffn.width)[None].expand(2, -1))
+    x = inputs(ffn, 2, seed=1)[:, None]  # [B=2, T=1, d]
+    with torch.inference_mode():
+        fast, ref = core(x), core.reference(x)
+        oracle = torch.stack([predicted_oracle(ffn, x[b], plan) for b in range(2)])
+    print(f"{scorer}: max|fast-ref| {(fast - ref).abs().max():.2e}, max|ref-oracle| {(ref - oracle).abs().max():.2e}")
+    assert torch.allclose(fast, ref, atol=1e-5) and torch.allclose(ref, oracle, atol=1e-5)
+    assert not torch.allclose(ref, ffn(x), atol=1e-3)  # the sparsity is real
+
+
+def test_predicted_bytes_count_what_a_token_reads(tiny):
+    ffn = tiny.model.ffns()[1]
+    F, d = ffn.up.shape
+    row = d * 4
+    for scorer, expected in (("oracle", (2 * 64 + 32) * row), ("gate", F * row + 64 * row + 32 * row)):
+        core = PredictPlan(scorer, 0.5, 0.25).build()
+        core.load(ffn, torch.arange(F)[None])
+        assert core.nbytes() == expected, scorer
+    factors = fit_lowrank(ffn, inputs(ffn), 8)
+    core = PredictPlan("lowrank", 0.5, 0.25, factors).build()
+    core.load(ffn, torch.arange(F)[None])
+    assert core.nbytes() == 2 * 8 * (d + F) * 4 + (2 * 64 + 32) * row
+
+
+def test_full_rank_predictor_finds_the_oracle_set(tiny):
+    ffn = tiny.model.ffns()[2]
+    x = inputs(ffn, 400)
+    full = predictor_quality(ffn, x, PredictPlan("lowrank", 0.5, 0.5, fit_lowrank(ffn, x, ffn.width)))
+    low = predictor_quality(ffn, x, PredictPlan("lowrank", 0.5, 0.5, fit_lowrank(ffn, x, 2)))
+    print(full, low)
+    assert full["recall"] > 0.999 and abs(full["mass"] - full["oracle_mass"]) < 1e-4
+    assert low["recall"] < full["recall"] and low["mass"] < low["oracle_mass"]
+
+
+def test_rotation_is_orthogonal_and_orders_variance(tiny):
+    x = inputs(tiny.model.ffns()[0])
+    q = fit_rotation(x)
+    assert torch.allclose(q.T @ q, torch.eye(q.shape[0]), atol=1e-5)
+    var = (x @ q).square().mean(0)
+    assert bool((var[:-1] >= var[1:] - 1e-4).all())
+
+
+def rotated_oracle(ffn, x, q, input_keep, down) -> torch.Tensor:
+    """Masked dense math in the model's own basis: drop the rotated entries, rotate back, plain FFN."""
+    z = x @ q
+    col = torch.cat([ffn.up @ q, ffn.gate @ q]).norm(dim=0)
+    x_kept = (z * top(z.abs() * col, keep_count(input_keep, z.shape[-1]))) @ q.T
+    a = ffn.activations(x_kept[None])[0]
+    a = a * top(a.abs() * ffn.down.norm(dim=1), keep_count(down, ffn.width))
+    return ffn.project(a[None])[0]
+
+
+def test_rotated_decode_equals_reference_and_masked_dense(tiny):
+    ffn = tiny.model.ffns()[1]
+    q = fit_rotation(inputs(ffn))
+    core = RotatePlan(q, 0.5, 0.4).build()
+    core.load(ffn, torch.arange(ffn.width)[None].expand(2, -1))
+    x = inputs(ffn, 2, seed=3)[:, None]
+    with torch.inference_mode():
+        fast, ref = core(x), core.reference(x)
+        oracle = torch.stack([rotated_oracle(ffn, x[b], q, 0.5, 0.4) for b in range(2)])
+    print(f"max|fast-ref| {(fast - ref).abs().max():.2e}, max|ref-oracle| {(ref - oracle).abs().max():.2e}")
+    assert torch.allclose(fast, ref, atol=1e-5) and torch.allclose(ref, oracle, atol=1e-4)
+    d, F = q.shape[0], ffn.width
+    assert core.nbytes() == 2 * (d * d * 4 + 2 * F * (d // 2) * 4 + keep_count(0.4, F) * d * 4)
+
+
+def test_rotation_fold_at_keep_one_gives_the_dense_logits(tiny):
+    model = tiny.model
+    layers = list(range(len(model.ffns())))
+    rot = {l: fit_rotation(inputs(model.ffns()[l], seed=l)) for l in layers}
+    policy = AdaptivePolicy(StabilityPolicy({l: 1.0 for l in layers}, model.ffns()[0].width),
+                            {l: RotatePlan(rot[l]) for l in layers})
+    prompt, cont = [5, 9, 17, 33, 2, 64], [7, 80, 11, 3, 41]
+    dense = Session(model, [prompt], len(cont)).score([cont])
+    session = Session(model, [prompt], len(cont), policy=policy)
+    folded = session.score([cont])
+    assert all(isinstance(session.cores.get(l), RotatedFFN) for l in layers)
+    print(f"max|folded - dense| {(folded - dense).abs().max():.2e}")
+    assert torch.allclose(folded, dense, atol=1e-4)
+
+
+def test_predicted_policy_decodes_as_it_scores(tiny):
+    """Step-by-step decoding through the gathered rows equals the one-forward teacher-forced score."""
+    model = tiny.model
+    layers = [1, 2]
+    policy = AdaptivePolicy(StabilityPolicy({l: 1.0 for l in layers}, model.ffns()[0].width),
+                            {l: PredictPlan("gate", 0.5, 0.4) for l in layers})
+    prompt, cont = [5, 9, 17, 33, 2, 64], [7, 80, 11, 3]
+    scored = Session(model, [prompt], len(cont), policy=policy).score([cont])[0]
+    session = Session(model, [prompt], len(cont), policy=policy)
+    steps = [session.prefill()[0]] + [session.step(torch.tensor([t]))[0] for t in cont[:-1]]
+    assert isinstance(session.cores.get(1), PredictedFFN)
+    assert torch.allclose(torch.stack(steps), scored, atol=1e-4)
+    dense = Session(model, [prompt], len(cont)).score([cont])[0]
+    assert not torch.allclose(dense, scored, atol=1e-3)
+
+
+def test_bad_plans_fail_in_one_line():
+    with pytest.raises(ValueError, match="scorer"):
+        PredictPlan("magic", 0.5)
+    with pytest.raises(ValueError, match="factors"):
+        PredictPlan("lowrank", 0.5)
+    with pytest.raises(ValueError, match="shares"):
+        RotatePlan(torch.eye(4), 1.5)
