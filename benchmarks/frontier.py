@@ -22,7 +22,7 @@ from tqdm import tqdm
 from coreinfer import LLM, CoreConfig
 from coreinfer.engine.adaptive import AdaptivePolicy, Plan
 from coreinfer.engine.policy import StabilityPolicy
-from coreinfer.engine.predictor import PredictPlan, fit_lowrank, predictor_quality
+from coreinfer.engine.predictor import PredictPlan, fit_lowrank, fit_quantized, predictor_quality
 from coreinfer.engine.rotation import RotatePlan, fit_rotation
 from coreinfer.engine.selection import keep_count
 from coreinfer.eval import calibrate, data, runner
@@ -44,7 +44,7 @@ def policy(model, layers: list[int], plans: dict, superset: float = 1.0) -> Adap
     return AdaptivePolicy(StabilityPolicy({l: superset for l in layers}, model.ffns()[0].width, spec), plans)
 
 
-def settings(model, layers, factors, rotations, width):
+def settings(model, layers, factors, quantized, rotations, width):
     """(policy family, setting, SelectionPolicy) for every point of the frontier."""
     out = []
     for k in (0.5, 0.6, 0.7, 0.8):
@@ -56,17 +56,22 @@ def settings(model, layers, factors, rotations, width):
     for i in (0.7,):
         out.append(("input sparsity (TEAL/WINA)", f"input {i}",
                     policy(model, layers, {l: Plan(None, i) for l in layers})))
-    for k, m in ((0.8, 0.7), (0.7, 0.6), (0.6, 0.5)):
+    for k, m in ((0.8, 0.7), (0.7, 0.6)):
         out.append(("gate as predictor", f"keep {k}, down {m}",
                     policy(model, layers, {l: PredictPlan("gate", k, m) for l in layers})))
-    for k, m in ((0.9, 0.7), (0.8, 0.7), (0.7, 0.6)):
+    for k, m in ((0.9, 0.7), (0.8, 0.7)):
         out.append(("low-rank predictor", f"keep {k}, down {m}",
                     policy(model, layers, {l: PredictPlan("lowrank", k, m, factors[l]) for l in layers})))
+    for bits in (4, 2):
+        for k, m in ((0.8, 0.7), (0.7, 0.6), (0.6, 0.5)):
+            out.append((f"{bits}-bit predictor", f"keep {k}, down {m}",
+                        policy(model, layers, {l: PredictPlan("quant", k, m, quantized[bits][l], bits) for l in layers})))
     for i, m in ((0.9, None), (0.7, None), (0.5, None), (0.9, 0.7), (0.7, 0.5)):
         out.append(("rotated input (LaRoSA)", f"input {i}" + (f", down {m}" if m else ""),
                     policy(model, layers, {l: RotatePlan(rotations[l], i, m) for l in layers})))
-    out.append(("paper superset + gate predictor", "keep 0.85, gate keep 0.7, down 0.6",
-                policy(model, layers, {l: PredictPlan("gate", 0.7, 0.6) for l in layers}, superset=0.85)))
+    out.append(("paper superset + 4-bit predictor", "superset 0.85, keep 0.7, down 0.6",
+                policy(model, layers, {l: PredictPlan("quant", 0.7, 0.6, quantized[4][l], 4) for l in layers},
+                       superset=0.85)))
     return out
 
 
@@ -128,19 +133,34 @@ def main():
         inputs[l], held[l] = inputs[l][:n], inputs[l][n:]
     factors = {l: fit_lowrank(ffns[l], inputs[l], args.rank) for l in tqdm(layers, desc="low-rank fits", leave=False)}
     rotations = {l: fit_rotation(inputs.pop(l)) for l in layers}
+    quantized = {bits: {l: fit_quantized(ffns[l], bits) for l in layers} for bits in (2, 4)}
     print(f"fitted on {args.docs} calibration paragraphs ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
 
     print("\nper layer, held-out calibration tokens, keep 0.7 of the FFN width:")
-    print("| layer | low-rank recall | low-rank mass | gate recall | gate mass | oracle mass | low-rank bytes/token |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    scorers = {"gate": lambda l: PredictPlan("gate", 0.7, 0.7),
+               f"low-rank r{args.rank}": lambda l: PredictPlan("lowrank", 0.7, 0.7, factors[l]),
+               "2-bit": lambda l: PredictPlan("quant", 0.7, 0.7, quantized[2][l], 2),
+               "4-bit": lambda l: PredictPlan("quant", 0.7, 0.7, quantized[4][l], 4)}
+    print("recall of the oracle top set / share of sum |a_i| ||down_i|| covered (oracle's beside it); "
+          "the scorer's own bytes per token as a share of the layer's dense FFN bytes")
+    print("| layer | " + " | ".join(scorers) + " | oracle mass |")
+    print("|---:|" + "---:|" * (len(scorers) + 1))
     report = []
     for l in layers:
-        lr = predictor_quality(ffns[l], held[l], PredictPlan("lowrank", 0.7, 0.7, factors[l]))
-        gate = predictor_quality(ffns[l], held[l], PredictPlan("gate", 0.7, 0.7))
-        nbytes = sum(t.nbytes for t in factors[l].values())
-        report.append({"layer": l, "lowrank": lr, "gate": gate, "lowrank_bytes": nbytes})
-        print(f"| {l} | {lr['recall']:.3f} | {lr['mass']:.3f} | {gate['recall']:.3f} | {gate['mass']:.3f} | "
-              f"{lr['oracle_mass']:.3f} | {nbytes / 1e3:.0f} kB ({nbytes / ffns[l].neuron_bytes():.1%} of the layer) |")
+        cells, entry = [], {"layer": l}
+        for name, make in scorers.items():
+            plan = make(l)
+            q = predictor_quality(ffns[l], held[l], plan)
+            core = plan.build()
+            core.load(ffns[l], torch.arange(ffns[l].width)[None])
+            rows, m = core.sizes()
+            own = core.nbytes() - (rows * (1 if plan.scorer == "gate" else 2) + m) * core.weights["down"].shape[2] * 4
+            core.clear()
+            q["scorer_share"] = own / ffns[l].neuron_bytes()
+            entry[name] = q
+            cells.append(f"{q['recall']:.3f} / {q['mass']:.3f} ({q['scorer_share']:.1%})")
+        report.append(entry)
+        print(f"| {l} | " + " | ".join(cells) + f" | {q['oracle_mass']:.3f} |", flush=True)
 
     rows = runner.document_rows(llm.tokenizer.encode, data.squad_documents(args.limit, 0), 0.5, args.max_tokens)
     pad = llm.tokenizer.pad_id
@@ -150,7 +170,7 @@ def main():
           f"tokens; {len(layers)} of {len(ffns)} layers sparse; dense perplexity {dense_ppl:.2f}\n")
     print("| policy | setting | FFN read | perplexity (x dense) | top-1 agreement |")
     print("|---|---|---:|---:|---:|")
-    for family, name, pol in tqdm(settings(model, layers, factors, rotations, ffns[0].width), desc="settings",
+    for family, name, pol in tqdm(settings(model, layers, factors, quantized, rotations, ffns[0].width), desc="settings",
                                   leave=False):
         _, ffn_read = runner.read_shares(model, pol)
         ppl, agree = score(model, rows, pol, pad, dense)

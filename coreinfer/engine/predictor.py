@@ -3,6 +3,8 @@ gate and up run, so gate, up and down all read only the predicted rows (Deja Vu 
 
 Per decoded token and sparse layer:
 1. a scorer ranks the superset's neurons (`Scorer`):
+   - "quant": a `bits`-bit copy of gate and up (1-4 bits a weight, one scale per row;
+     `fit_quantized`), score |act(g~) * u~| * ||down_i||; it reads 2 F d bits / 8 bytes and the scales;
    - "lowrank": a data-aware low-rank copy of gate and up (`fit_lowrank`: the top-r right singular
      vectors of the calibration tokens' gate and up outputs), score |act(g~) * u~| * ||down_i||;
      it reads its own factors, 2 r (d + F) values;
@@ -26,7 +28,25 @@ from .adaptive import top_mask
 from .compact import CompactFFN
 from .selection import keep_count
 
-SCORERS = ("lowrank", "gate", "oracle")
+SCORERS = ("quant", "lowrank", "gate", "oracle")
+# Uniform midrise quantizer steps for a unit Gaussian at 1-4 bits (Max, 1960): w ~ (floor(w / s) + 1/2) s
+GAUSS_STEP = {1: 1.596, 2: 0.996, 3: 0.586, 4: 0.335}
+
+
+@torch.inference_mode()
+def fit_quantized(ffn, bits: int) -> dict[str, torch.Tensor]:
+    """`bits`-bit copies of gate and up, each row on its own Gaussian step (std * GAUSS_STEP[bits]),
+    stored dequantized -> {"gate_q"/"up_q": [F, d]}. A token's cost is the packed size (`scorer_bytes`)."""
+    if bits not in GAUSS_STEP:
+        raise ValueError(f"a quantized scorer takes 1-4 bits a weight, got {bits}")
+    out, top = {}, 2 ** (bits - 1)
+    for name, w in (("gate", ffn.gate), ("up", ffn.up)):
+        if w is None:
+            continue
+        step = w.float().std(dim=1, keepdim=True) * GAUSS_STEP[bits]  # [F, 1]
+        q = (w.float() / step).floor().clamp(-top, top - 1)
+        out[f"{name}_q"] = ((q + 0.5) * step).to(w.dtype)
+    return out
 
 
 @torch.inference_mode()
@@ -53,14 +73,17 @@ class PredictPlan:
     keep: float
     down: float | None = None
     factors: dict[str, torch.Tensor] = field(default_factory=dict)
+    bits: int = 0  # of the quant scorer's weights
 
     def __post_init__(self):
         if self.scorer not in SCORERS:
             raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
         if not 0 < self.keep <= 1 or (self.down is not None and not 0 < self.down <= 1):
             raise ValueError(f"keep and down are shares of the FFN width in (0, 1], got {self.keep}, {self.down}")
-        if self.scorer == "lowrank" and not self.factors:
-            raise ValueError("a lowrank scorer needs its factors (fit_lowrank)")
+        if self.scorer in ("lowrank", "quant") and not self.factors:
+            raise ValueError(f"a {self.scorer} scorer needs its factors (fit_{self.scorer.replace('quant', 'quantized')})")
+        if self.scorer == "quant" and self.bits not in GAUSS_STEP:
+            raise ValueError(f"a quant scorer takes 1-4 bits a weight, got {self.bits}")
 
     def build(self) -> "PredictedFFN":
         return PredictedFFN(self)
@@ -83,7 +106,9 @@ class PredictedFFN(CompactFFN):
         super().load(ffn, index)
         self.width = ffn.width
         self.down_norm = self.weights["down"].norm(dim=-1)
-        self.scorer = {name: (t if name.endswith("_a") else torch.stack([t[:, ids] for ids in index]))
+        # per sequence, the superset's part: lowrank *_b columns [B, r, k], quant rows [B, k, d]
+        self.scorer = {name: (t if name.endswith("_a") else
+                              torch.stack([t[ids] if name.endswith("_q") else t[:, ids] for ids in index]))
                        for name, t in self.plan.factors.items()}
 
     def sizes(self) -> tuple[int, int]:
@@ -99,6 +124,8 @@ class PredictedFFN(CompactFFN):
         row = d * w["down"].element_size()
         scorer = sum(t.nbytes for name, t in self.scorer.items() if name.endswith("_b"))
         scorer += B * sum(t.nbytes for name, t in self.scorer.items() if name.endswith("_a"))
+        # quant: the packed bits and one fp32 scale per row
+        scorer += sum(t.numel() * self.plan.bits // 8 + t.shape[1] * 4 for n, t in self.scorer.items() if n.endswith("_q"))
         gated = "gate" in w
         if self.plan.scorer == "gate":
             scorer, inputs = B * k * row, B * rows * row
@@ -110,14 +137,16 @@ class PredictedFFN(CompactFFN):
     def _score(self, x: torch.Tensor, b: int | None = None) -> torch.Tensor:
         """Per-token neuron scores [B, T, k] from x [B, T, d]; with `b`, x [1, T, d] is sequence b's."""
         seq = slice(None) if b is None else slice(b, b + 1)
-        w, s = self.weights, self.scorer
-        if self.plan.scorer == "lowrank":
-            up = torch.bmm(x @ s["up_a"], s["up_b"][seq])
-            a = self.act(up) if "gate_a" not in s else self.act(torch.bmm(x @ s["gate_a"], s["gate_b"][seq])) * up
-        elif self.plan.scorer == "gate" and "gate" in w:
-            a = self.act(torch.bmm(x, w["gate"][seq].transpose(1, 2)))
-        else:
-            a = self._activations(x, seq)
+        w, s, kind = self.weights, self.scorer, self.plan.scorer
+        if kind == "oracle" or (kind == "gate" and "gate" not in w):
+            return self._activations(x, seq).abs() * self.down_norm[seq, None, :]
+        if kind == "gate":
+            return self.act(torch.bmm(x, w["gate"][seq].transpose(1, 2))).abs() * self.down_norm[seq, None, :]
+        approx = {name: torch.bmm(x, s[f"{name}_q"][seq].transpose(1, 2)) if kind == "quant"
+                  else torch.bmm(x @ s[f"{name}_a"], s[f"{name}_b"][seq])
+                  for name in ("up", "gate") if f"{name}_q" in s or f"{name}_a" in s}  # [B, T, k] each
+        up = approx["up"] + w["up_bias"][seq, None, :] if "up_bias" in w else approx["up"]
+        a = self.act(up) if "gate" not in approx else self.act(approx["gate"]) * up
         return a.abs() * self.down_norm[seq, None, :]
 
     def _activations(self, x: torch.Tensor, seq: slice = slice(None)) -> torch.Tensor:
