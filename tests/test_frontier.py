@@ -183,3 +183,61 @@ def test_quantized_scorer_against_its_own_copy(tiny, bits):
     recall = predictor_quality(ffn, inputs(ffn, 300), plan)["recall"]
     print(f"{bits} bits: recall {recall:.3f}")
     assert recall > {1: 0.6, 2: 0.7, 4: 0.85}[bits]
+
+
+def test_a_predicted_profile_round_trips_decodes_and_refuses_another_model(tiny, tmp_path):
+    import transformers
+
+    from coreinfer.engine.policy import CoreConfig
+    from coreinfer.engine.profile import LayerBudget, Profile
+    from coreinfer.engine.session import make_policy
+    from oracle import hf_pair
+
+    model = tiny.model
+    layers = {1: LayerBudget(1.0, 0.25, 1.0, 0.5, 4), 2: LayerBudget(1.0, 0.5)}
+    path = tmp_path / "p.json"
+    Profile.for_model(model, layers, {"meets_target": True}).save(path)
+    loaded = Profile.load(path)
+    assert loaded.layers == layers and loaded.per_token
+    # layer 1: gate/up over half the rows, a quarter of down, a 4-bit copy of gate and up (4/32 each)
+    assert loaded.ffn_share(model) == pytest.approx((2 + (2 * 0.5 + 0.25 + 2 * 4 / 32) / 3 + (2 + 0.5) / 3) / 4)
+    session = Session(model, [tiny.tokenizer.encode("The capital of France is")], 1,
+                      policy=make_policy(CoreConfig(profile=str(path)), model))
+    session.prefill()
+    core = session.cores.get(1)
+    assert isinstance(core, PredictedFFN) and core.sizes() == (64, 32) and core.plan.bits == 4
+    F, d = model.ffns()[1].up.shape
+    assert core.nbytes() == 2 * (F * d // 2 + F * 4) + (2 * 64 + 32) * d * 4  # what the profile's share estimates
+    config = transformers.LlamaConfig(vocab_size=model.embed_tokens.weight.shape[0], hidden_size=64,
+                                      intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=256)
+    _, other = hf_pair(config, seed=3)
+    with pytest.raises(ValueError, match="calibrated on another model"):
+        make_policy(CoreConfig(profile=str(path)), other)
+    with pytest.raises(ValueError, match="predicted layer"):
+        LayerBudget(1.0, None, 0.5, 0.5, 4)
+
+
+def test_calibrate_can_choose_predicted_layers(tiny_model_dir, tmp_path, capsys):
+    from coreinfer.cli import main as cli
+    from coreinfer.engine.profile import Profile
+    from coreinfer.eval.calibrate import layer_errors
+
+    out = tmp_path / "tiny.profile.json"
+    flags = ["--model", str(tiny_model_dir), "--docs", "2", "--eval-docs", "2", "--max-tokens", "48", "--layers", "all"]
+    assert cli.main(["calibrate", *flags, "--budgets", "0.5", "--target-agree", "0.01", "--predictor-bits", "4",
+                     "--output", str(out)]) == 0
+    profile = Profile.load(out)
+    assert profile.info["tried"][0]["ffn_read"] <= 0.5 + 1e-9
+    assert any(b.predict is not None for b in profile.layers.values())  # at half the bytes prediction is cheaper
+    assert cli.main(["calibrate", *flags, "--predictor-bits", "9", "--output", str(out)]) == 2
+    assert "--predictor-bits" in capsys.readouterr().err
+    llm = LLM(str(tiny_model_dir), progress=False)
+    ffn = llm.model.ffns()[1]
+    errors = layer_errors(ffn, inputs(ffn, 64), 4)
+    predicted = {b: e for b, e in errors.items() if b.predict is not None}
+    assert predicted and errors[next(b for b in errors if b.predict is None and b.refine is None
+                                     and b.input_keep == 1)] < 1e-10
+    # reading fewer predicted rows never lowers the error (same down share, nested sets)
+    assert predicted[next(b for b in predicted if b.predict == 0.9 and b.refine is None)] <= \
+        predicted[next(b for b in predicted if b.predict == 0.4 and b.refine is None)]
