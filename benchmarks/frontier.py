@@ -25,6 +25,7 @@ from coreinfer.engine.policy import StabilityPolicy
 from coreinfer.engine.predictor import PredictPlan, fit_lowrank, fit_quantized, predictor_quality
 from coreinfer.engine.rotation import RotatePlan, fit_rotation
 from coreinfer.engine.selection import keep_count
+from coreinfer.engine.session import make_policy
 from coreinfer.eval import calibrate, data, runner
 
 
@@ -75,11 +76,6 @@ def settings(model, layers, factors, quantized, rotations, width):
     return out
 
 
-def score(model, rows, pol, pad_id, dense) -> tuple[float, float]:
-    ppl, agree, _ = calibrate.score(model, rows, pol, pad_id, dense)
-    return ppl, agree
-
-
 def plot(points: list[dict], dense_ppl: float, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -89,7 +85,7 @@ def plot(points: list[dict], dense_ppl: float, path: str) -> None:
     for family in dict.fromkeys(p["policy"] for p in points):
         pts = sorted((p for p in points if p["policy"] == family), key=lambda p: p["ffn_read"])
         xs = [100 * p["ffn_read"] for p in pts]
-        style = "k--" if "oracle" in family else "o-"
+        style = "k--" if "oracle" in family else "-"
         ax1.plot(xs, [p["ppl"] / dense_ppl for p in pts], style, label=family, marker="o", ms=4)
         ax2.plot(xs, [100 * p["agree"] for p in pts], style, label=family, marker="o", ms=4)
     ax1.axhline(1.03, color="grey", lw=0.6)
@@ -109,23 +105,10 @@ def plot(points: list[dict], dense_ppl: float, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="HF folder or .gguf (default: the embedded SmolLM2-135M)")
-    p.add_argument("--limit", type=int, default=10, help="evaluation paragraphs (seed 0, as `coreinfer eval ppl`)")
-    p.add_argument("--docs", type=int, default=24, help="calibration paragraphs the predictors are fitted on")
-    p.add_argument("--rank", type=int, default=64, help="rank of the low-rank predictor")
-    p.add_argument("--max-tokens", type=int, default=256, help="cut each paragraph to this many tokens")
-    p.add_argument("--layers", default=None, help="sparse layers (default: the layer policy)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--png", default=None, help="write the frontier plot here")
-    p.add_argument("--json", default=None, help="write the points here")
-    args = p.parse_args()
-    t0 = time.perf_counter()
-    llm = LLM(args.model, threads=args.threads)
-    model = llm.model
-    ffns = model.ffns()
-    layers = CoreConfig(layers=args.layers).sparse_layers(len(ffns))
+def grid_settings(llm, layers: list[int], args, report: list) -> list:
+    """Fit the predictors and rotations on calibration text, print (and fill `report` with) the
+    per-layer predictor report, and return the grid of settings."""
+    t0, ffns = time.perf_counter(), llm.model.ffns()
     inputs = capture(llm, args.docs + 4, layers, args.max_tokens)
     held = {}
     for l in layers:  # the last ~4 paragraphs' tokens only measure the predictors
@@ -145,7 +128,6 @@ def main():
           "the scorer's own bytes per token as a share of the layer's dense FFN bytes")
     print("| layer | " + " | ".join(scorers) + " | oracle mass |")
     print("|---:|" + "---:|" * (len(scorers) + 1))
-    report = []
     for l in layers:
         cells, entry = [], {"layer": l}
         for name, make in scorers.items():
@@ -161,19 +143,43 @@ def main():
             cells.append(f"{q['recall']:.3f} / {q['mass']:.3f} ({q['scorer_share']:.1%})")
         report.append(entry)
         print(f"| {l} | " + " | ".join(cells) + f" | {q['oracle_mass']:.3f} |", flush=True)
+    return settings(llm.model, layers, factors, quantized, rotations, ffns[0].width)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="HF folder or .gguf (default: the embedded SmolLM2-135M)")
+    p.add_argument("--limit", type=int, default=10, help="evaluation paragraphs (seed 0, as `coreinfer eval ppl`)")
+    p.add_argument("--docs", type=int, default=24, help="calibration paragraphs the predictors are fitted on")
+    p.add_argument("--rank", type=int, default=64, help="rank of the low-rank predictor")
+    p.add_argument("--max-tokens", type=int, default=256, help="cut each paragraph to this many tokens")
+    p.add_argument("--layers", default=None, help="sparse layers (default: the layer policy)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--profiles", default="", help="comma-separated profiles (`coreinfer calibrate`) to score too")
+    p.add_argument("--no-grid", action="store_true", help="score only --profiles: no fits, no per-layer report")
+    p.add_argument("--png", default=None, help="write the frontier plot here")
+    p.add_argument("--json", default=None, help="write the points here")
+    args = p.parse_args()
+    t0 = time.perf_counter()
+    llm = LLM(args.model, threads=args.threads)
+    model, report = llm.model, []
+    ffns = model.ffns()
+    layers = CoreConfig(layers=args.layers).sparse_layers(len(ffns))
+    grid = [] if args.no_grid else grid_settings(llm, layers, args, report)
+    grid += [("calibrated profile", path, make_policy(CoreConfig(profile=path), model))
+             for path in filter(None, args.profiles.split(","))]
 
     rows = runner.document_rows(llm.tokenizer.encode, data.squad_documents(args.limit, 0), 0.5, args.max_tokens)
     pad = llm.tokenizer.pad_id
     dense_ppl, _, dense = calibrate.score(model, rows, None, pad)
     points = []
     print(f"\n{len(rows)} SQuAD paragraphs (seed 0), first half prompt, {sum(len(c) for _, c in rows)} scored "
-          f"tokens; {len(layers)} of {len(ffns)} layers sparse; dense perplexity {dense_ppl:.2f}\n")
+          f"tokens; {len(layers)} of {len(ffns)} layers sparse in the grid; dense perplexity {dense_ppl:.2f}\n")
     print("| policy | setting | FFN read | perplexity (x dense) | top-1 agreement |")
     print("|---|---|---:|---:|---:|")
-    for family, name, pol in tqdm(settings(model, layers, factors, quantized, rotations, ffns[0].width), desc="settings",
-                                  leave=False):
+    for family, name, pol in tqdm(grid, desc="settings", leave=False):
         _, ffn_read = runner.read_shares(model, pol)
-        ppl, agree = score(model, rows, pol, pad, dense)
+        ppl, agree, _ = calibrate.score(model, rows, pol, pad, dense)
         points.append({"policy": family, "setting": name, "ffn_read": ffn_read, "ppl": ppl, "agree": agree})
         print(f"| {family} | {name} | {ffn_read:.1%} | {ppl:.2f} (x{ppl / dense_ppl:.3f}) | {agree:.1%} |",
               flush=True)

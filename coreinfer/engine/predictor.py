@@ -1,8 +1,11 @@
 """Predicted per-token sparsity of the whole FFN: a cheap scorer picks each token's neurons *before*
 gate and up run, so gate, up and down all read only the predicted rows (Deja Vu / ShadowLLM style).
 
+Fidelity note: the quant scorer's copy is held dequantized (float) and its *packed* size is what the
+bytes count; a kernel that reads packed bits is the fast-path's to write.
+
 Per decoded token and sparse layer:
-1. a scorer ranks the superset's neurons (`Scorer`):
+1. a scorer (`PredictPlan.scorer`) ranks the superset's neurons:
    - "quant": a `bits`-bit copy of gate and up (1-4 bits a weight, one scale per row;
      `fit_quantized`), score |act(g~) * u~| * ||down_i||; it reads 2 F d bits / 8 bytes and the scales;
    - "lowrank": a data-aware low-rank copy of gate and up (`fit_lowrank`: the top-r right singular
@@ -36,7 +39,7 @@ GAUSS_STEP = {1: 1.596, 2: 0.996, 3: 0.586, 4: 0.335}
 @torch.inference_mode()
 def fit_quantized(ffn, bits: int) -> dict[str, torch.Tensor]:
     """`bits`-bit copies of gate and up, each row on its own Gaussian step (std * GAUSS_STEP[bits]),
-    stored dequantized -> {"gate_q"/"up_q": [F, d]}. A token's cost is the packed size (`scorer_bytes`)."""
+    stored dequantized -> {"gate_q"/"up_q": [F, d]}. A token's cost is the packed size (`PredictedFFN.nbytes`)."""
     if bits not in GAUSS_STEP:
         raise ValueError(f"a quantized scorer takes 1-4 bits a weight, got {bits}")
     out, top = {}, 2 ** (bits - 1)
