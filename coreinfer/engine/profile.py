@@ -23,6 +23,7 @@ import torch
 
 from .adaptive import AdaptivePolicy, Plan
 from .clusters import model_fingerprint, same_model
+from .predictor import PredictPlan, fit_quantized
 from .observe import RunningStats
 from .policy import Selection, StabilityPolicy
 from .selection import keep_count, rank_neurons
@@ -33,11 +34,15 @@ AUTO = "auto"  # CoreConfig.profile: the model's calibrated profile (find_profil
 
 @dataclass(frozen=True)
 class LayerBudget:
-    """One sparse layer's budget: superset keep ratio, down rows per token, input share of gate/up."""
+    """One sparse layer's budget: superset keep ratio, down rows per token, input share of gate/up;
+    or, with `predict`, the share of the FFN width whose gate/up rows a token reads, chosen before
+    gate and up run by a `bits`-bit copy of them (engine/predictor.py)."""
 
     keep: float = 1.0
     refine: float | None = None
     input_keep: float = 1.0
+    predict: float | None = None
+    bits: int = 0
 
     def __post_init__(self):
         if not 0 < self.keep <= 1:
@@ -46,12 +51,26 @@ class LayerBudget:
             raise ValueError(f"a layer's refine share must be in (0, 1], got {self.refine}")
         if not 0 < self.input_keep <= 1:
             raise ValueError(f"a layer's input keep must be in (0, 1], got {self.input_keep}")
+        if self.predict is not None and (not 0 < self.predict <= 1 or self.bits not in (1, 2, 3, 4)
+                                         or self.input_keep < 1):
+            raise ValueError(f"a predicted layer reads a share in (0, 1] of its rows, scored by a 1-4 bit copy, "
+                             f"with all input entries; got predict {self.predict}, bits {self.bits}, "
+                             f"input keep {self.input_keep}")
 
     def ffn_share(self, gated: bool) -> float:
-        """Share of the layer's dense FFN bytes one token reads (gate, up and down equal in size)."""
-        down = min(self.keep, self.refine) if self.refine is not None else self.keep
-        inputs = (2 if gated else 1) * self.keep * self.input_keep
-        return (inputs + down) / (3 if gated else 2)
+        """Share of the layer's dense FFN bytes one token reads (gate, up and down equal in size; a
+        predictor's copy counted at `bits` of fp32's 32 a weight, its row scales left out)."""
+        rows = self.keep if self.predict is None else min(self.keep, self.predict)
+        down = min(rows, self.refine) if self.refine is not None else rows
+        inputs = (2 if gated else 1) * rows * self.input_keep
+        scorer = 0.0 if self.predict is None else (2 if gated else 1) * self.keep * self.bits / 32
+        return (inputs + down + scorer) / (3 if gated else 2)
+
+    def plan(self, ffn) -> Plan | PredictPlan:
+        """How the layer `ffn` decodes under this budget."""
+        if self.predict is not None:
+            return PredictPlan("quant", self.predict, self.refine, fit_quantized(ffn, self.bits), self.bits)
+        return Plan(keep_count(self.refine, ffn.width) if self.refine is not None else None, self.input_keep)
 
 
 @dataclass
@@ -87,15 +106,13 @@ class Profile:
             return None
         width = model.ffns()[0].width
         base = StabilityPolicy({l: b.keep for l, b in self.layers.items()}, width, spec)
-        plans = {l: Plan(keep_count(b.refine, width) if b.refine is not None else None, b.input_keep)
-                 for l, b in self.layers.items()}
-        return AdaptivePolicy(base, plans)
+        return AdaptivePolicy(base, {l: b.plan(model.ffns()[l]) for l, b in self.layers.items()})
 
     @property
     def per_token(self) -> bool:
         """Whether a layer picks rows per decoded token (refine or input sparsity), which only the
         eager float path runs (engine/adaptive.py)."""
-        return any(b.refine is not None or b.input_keep < 1 for b in self.layers.values())
+        return any(b.refine is not None or b.input_keep < 1 or b.predict is not None for b in self.layers.values())
 
     @property
     def measured(self) -> dict | None:

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 
 from ..cli.args import add_runtime_args, runtime_kwargs
 from ..engine.policy import CoreConfig
+from ..engine.predictor import fit_quantized
 from ..engine.profile import LayerBudget, Profile
 from ..engine.selection import keep_count
 from ..engine.session import Session
@@ -40,6 +41,7 @@ from .metrics import ratio_and_stderr
 
 REFINES = (None, 0.8, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2)
 INPUT_KEEPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
+PREDICTS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)  # gate/up rows per token a predictor picks (--predictor-bits)
 EVAL_OFFSET = 400  # calibration paragraphs start here in the seed-0 shuffle (see the module docstring)
 
 
@@ -58,23 +60,37 @@ class Capture(Session):
         return run
 
 
-def layer_errors(ffn, x: torch.Tensor) -> dict[tuple[float, float | None], float]:
-    """(input keep, refine) -> relative error the candidate adds to this FFN's output on x [N, d]."""
+def layer_errors(ffn, x: torch.Tensor, bits: int = 0) -> dict[LayerBudget, float]:
+    """Candidate budget -> relative error it adds to this FFN's output on x [N, d]: every (input keep,
+    refine) pair, and with `bits` every (predict, refine) pair of a `bits`-bit predictor."""
     with torch.inference_mode():
         y = ffn(x)
         energy = y.square().sum()
         w_in = ffn.up if ffn.gate is None else torch.cat([ffn.up, ffn.gate])
         col_norm, down_norm = w_in.norm(dim=0), ffn.down.norm(dim=1)  # [d], [F]
         out = {}
-        for i in INPUT_KEEPS:
-            d_in = keep_count(i, x.shape[1])
-            keep = torch.zeros_like(x).scatter_(1, (x.abs() * col_norm).topk(d_in, dim=1).indices, 1.0)
-            a = ffn.activations(x * keep)  # [N, F]
+
+        def refined(a: torch.Tensor, budget) -> None:
+            """Errors of keeping each REFINES share of a's largest |a_i| * ||down_i|| (a [N, F], masked)."""
             ranked = (a.abs() * down_norm).sort(dim=1, descending=True).values
             for r in REFINES:
                 m = a.shape[1] if r is None else keep_count(r, a.shape[1])
                 kept = a * (a.abs() * down_norm >= ranked[:, m - 1:m])
-                out[(i, r)] = float((ffn.project(kept) - y).square().sum() / energy)
+                out[budget(r)] = float((ffn.project(kept) - y).square().sum() / energy)
+
+        for i in INPUT_KEEPS:
+            d_in = keep_count(i, x.shape[1])
+            keep = torch.zeros_like(x).scatter_(1, (x.abs() * col_norm).topk(d_in, dim=1).indices, 1.0)
+            refined(ffn.activations(x * keep), lambda r: LayerBudget(1.0, r, i))  # noqa: B023
+        if bits:
+            copy = fit_quantized(ffn, bits)
+            up = x @ copy["up_q"].T if ffn.up_bias is None else x @ copy["up_q"].T + ffn.up_bias
+            guess = ffn.act(up) if "gate_q" not in copy else ffn.act(x @ copy["gate_q"].T) * up  # [N, F]
+            a, score = ffn.activations(x), guess.abs() * down_norm
+            for p in PREDICTS:
+                rows = keep_count(p, a.shape[1])
+                picked = torch.zeros_like(a).scatter_(1, score.topk(rows, dim=1).indices, 1.0)
+                refined(a * picked, lambda r: LayerBudget(1.0, r if r is None or r < p else None, 1.0, p, bits))  # noqa: B023
     return out
 
 
@@ -87,10 +103,9 @@ def global_prior(ffn, x: torch.Tensor) -> torch.Tensor:
         return score / score.sum()
 
 
-def pareto(errors: dict, gated: bool) -> list[tuple[float, float, LayerBudget]]:
+def pareto(errors: dict[LayerBudget, float], gated: bool) -> list[tuple[float, float, LayerBudget]]:
     """A layer's candidates that no cheaper one beats: (FFN share, error, budget), share descending."""
-    points = sorted(((LayerBudget(1.0, r, i).ffn_share(gated), e, LayerBudget(1.0, r, i))
-                     for (i, r), e in errors.items()), key=lambda p: (-p[0], p[1]))
+    points = sorted(((b.ffn_share(gated), e, b) for b, e in errors.items()), key=lambda p: (-p[0], p[1]))
     front, best = [], math.inf
     for share, err, budget in reversed(points):  # cheapest first: keep those with lower error than all cheaper
         if err < best:
@@ -125,7 +140,7 @@ def score(model, rows, policy, pad_id: int, dense=None) -> tuple[float, float, l
 
 
 def calibrate(llm, budgets: list[float], target: float, docs: int, eval_docs: int, max_tokens: int,
-              layers: str | None) -> Profile:
+              layers: str | None, predictor_bits: int = 0) -> Profile:
     model, encode = llm.model, llm.tokenizer.encode
     pool = data.squad_documents()
     order = data.sample(list(range(len(pool))), len(pool), 0)[EVAL_OFFSET:]  # the shuffle eval ppl samples
@@ -138,7 +153,7 @@ def calibrate(llm, budgets: list[float], target: float, docs: int, eval_docs: in
     gated, ffns = model.ffns()[0].gated, model.ffns()
     inputs = {l: torch.cat(x) for l, x in inputs.items()}  # [N, d] per sparse layer
     prior = {l: global_prior(ffns[l], x) for l, x in inputs.items()}
-    fronts = {l: pareto(layer_errors(ffns[l], inputs.pop(l)), gated)
+    fronts = {l: pareto(layer_errors(ffns[l], inputs.pop(l), predictor_bits), gated)
               for l in tqdm(sparse, desc="layer candidates", leave=False)}
     rows = runner.document_rows(encode, [pool[i] for i in order[docs:docs + eval_docs]], 0.5, max_tokens)
     spec = CoreConfig().statistic_for(gated)
@@ -176,7 +191,10 @@ def cmd_calibrate(args) -> None:
         raise ValueError("--docs and --eval-docs must be >= 1")
     t0 = time.perf_counter()
     llm = LLM(**runtime_kwargs(args))
-    profile = calibrate(llm, budgets, args.target_agree, args.docs, args.eval_docs, args.max_tokens, args.layers)
+    if args.predictor_bits not in (0, 1, 2, 3, 4):
+        raise ValueError(f"--predictor-bits takes 0 (no predictor) or 1-4, got {args.predictor_bits}")
+    profile = calibrate(llm, budgets, args.target_agree, args.docs, args.eval_docs, args.max_tokens, args.layers,
+                        args.predictor_bits)
     name = re.sub(r"[^\w.-]+", "-", Path(llm.name).stem)  # the checkpoint's name, safe as a file name
     output = Path(args.output) if args.output else profile_folders()[0] / f"{name}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -196,6 +214,9 @@ def add_parser(sub) -> None:
     p.add_argument("--eval-docs", type=int, default=8, help="held-out calibration paragraphs scored end to end")
     p.add_argument("--max-tokens", type=int, default=256, help="cut each paragraph to this many tokens")
     p.add_argument("--layers", default=None, help="sparse layers: 'all', '3-27' (default: the layer policy)")
+    p.add_argument("--predictor-bits", type=int, default=0,
+                   help="also try, per layer, predicted sparsity of gate/up/down scored by a copy of gate and up "
+                        "at this many bits a weight (engine/predictor.py); 0: refine and input keep only")
     p.add_argument("--output", default=None, help="the profile file to write (default: the cache folder's "
                    "profiles/, where the default core setting of generate, chat and serve finds it)")
     add_runtime_args(p)
