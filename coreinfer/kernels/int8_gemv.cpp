@@ -1,9 +1,9 @@
 /* out [M, N] = x [M, K] @ (q [N, K] * scale[:, None]).T, for decode's few rows of x (AVX512-VNNI).
    Each row of x is quantized to int8 per block of 32 (scale = max |x| / 127, as llama.cpp's Q8_0),
-   then dotted with the int8 weight rows by vpdpbusd (u8 x s8 -> s32, four products a lane).
-   vpdpbusd wants one operand unsigned: x goes in as |x| and its signs move onto the weights (a masked
-   negate), so no offset correction is needed. A 64-byte chunk holds two blocks (lanes 0-7 and 8-15):
-   each chunk's s32 lanes are converted and scaled into a float accumulator per weight row. */
+   then dotted with the int8 weight rows by vpdpbusd (u8 x s8 -> s32, four products a lane), x as |x|
+   and its signs on the weights (x_quant.h), so no offset correction is needed. A 64-byte chunk holds
+   two blocks (lanes 0-7 and 8-15): each chunk's s32 lanes are converted and scaled into a float
+   accumulator per weight row. */
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -12,30 +12,9 @@
 #include <cstdint>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
-    defined(__AVX512VNNI__)
-#include <immintrin.h>
+#include "x_quant.h"
 
-/* x [K] -> u [Kp] = |round(x / s_b)| (zero past K), neg [Kp / 64] (a bit per negative entry), xs [Kp / 32]
-   = s_b (zero past K) for each block b of 32; Kp = K rounded up to 64. K % 16 == 0. */
-static void quantize_blocks(const float *x, int64_t K, uint8_t *u, __mmask64 *neg, float *xs) {
-    int64_t Kp = (K + 63) / 64 * 64;
-    for (int64_t b = 0; b < Kp / 32; b++) {
-        __m512 v0 = _mm512_setzero_ps(), v1 = v0;  // past K: zeros
-        int64_t j = b * 32;
-        if (j + 16 <= K) v0 = _mm512_loadu_ps(x + j);
-        if (j + 32 <= K) v1 = _mm512_loadu_ps(x + j + 16);
-        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-        __m512 inv = _mm512_set1_ps(amax > 0 ? 127.f / amax : 0.f);
-        xs[b] = amax / 127.f;
-        __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
-        _mm_storeu_si128((__m128i *)(u + j), _mm512_cvtepi32_epi8(_mm512_abs_epi32(q0)));
-        _mm_storeu_si128((__m128i *)(u + j + 16), _mm512_cvtepi32_epi8(_mm512_abs_epi32(q1)));
-        uint64_t bits = (uint64_t)_mm512_movepi32_mask(q0) | (uint64_t)_mm512_movepi32_mask(q1) << 16;
-        if (b % 2 == 0) neg[b / 2] = bits; else neg[b / 2] |= bits << 32;
-    }
-}
-
+#ifdef COREINFER_VNNI
 /* One 64-byte chunk of four weight rows into their float accumulators: the signs of x onto w, the u8 x s8
    dots, each lane times its block's scale. The same chunk of the next four rows is prefetched: a decode
    step's weights come from DRAM (SmolLM2's 134 MB do not stay in this L3 between tokens), and the
