@@ -7,7 +7,7 @@ N not a multiple of 16 (nor of 4), M = 1..16."""
 import pytest
 import torch
 
-from coreinfer.kernels import activations, q8_0
+from coreinfer.kernels import activations, q4, q8_0
 
 SHAPES = [(1, 37, 32), (3, 5, 96), (16, 100, 576), (7, 44, 1312), (2, 1, 160)]  # (M, N, K)
 
@@ -76,3 +76,52 @@ def test_q8_0_gemv_falls_back_to_the_reference(monkeypatch):
     qs, d = random_q8_0(12, 64, g)
     x = torch.randn(2, 64, generator=g)
     assert torch.equal(q8_0.gemv(x, qs, d), x @ (qs.float() * d.float().repeat_interleave(32, 1)).t())
+
+
+def random_q4(N: int, K: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q in 0..15 packed, d > 0 and m = -8 d plus noise (a Q4_0-like centre, but any m is allowed)."""
+    qs = q4.pack(torch.randint(0, 16, (N, K), generator=g))
+    d = torch.rand(N, K // 32, generator=g) * 0.01 + 1e-4
+    m = -8 * d + torch.randn(N, K // 32, generator=g) * 0.01
+    return qs, d.half(), m.half()
+
+
+def test_q4_pack_is_the_contract_layout():
+    """Byte 16 b + i: q[32 b + i] low, q[32 b + 16 + i] high, as ggml's Q4_0 (independent of unpack)."""
+    q = torch.randint(0, 16, (3, 64), generator=torch.Generator().manual_seed(2))
+    qs = q4.pack(q)
+    assert torch.equal(qs[:, 16 + 5], (q[:, 32 + 5] | q[:, 48 + 5] << 4).to(torch.uint8))
+    assert torch.equal(q4.unpack(qs), q.to(torch.uint8))
+
+
+@needs(q4)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("M,N,K", SHAPES)
+def test_q4_gemv_matches_its_arithmetic(M, N, K, threads):
+    g = torch.Generator().manual_seed(N * K + 1)
+    qs, d, m = random_q4(N, K, g)
+    x = activation_rows(M, K, g)
+    out = with_threads(threads, lambda: torch.ops.coreinfer.q4_gemv(x, qs, d, m))
+    ref = activations.dequantized(x) @ q4.dequantize(qs, d, m).double().t()
+    err = relative_max(out, ref)
+    print(f"q4_gemv M={M} N={N} K={K} threads={threads}: max |kernel - its arithmetic| / max|ref| {err:.2e}")
+    assert out.shape == (M, N) and out.dtype == torch.float32
+    assert err < 1e-5  # float32 accumulation order only
+
+
+@needs(q4)
+def test_q4_gemv_close_to_float_product():
+    g = torch.Generator().manual_seed(3)
+    qs, d, m = random_q4(1536, 576, g)
+    x = torch.randn(2, 576, generator=g)
+    err = relative_norm(q4.gemv(x, qs, d, m), q4.reference(x, qs, d, m))
+    print(f"q4_gemv vs the float product: {err:.4f}")
+    assert err < 0.01
+
+
+def test_q4_gemv_falls_back_to_the_reference(monkeypatch):
+    monkeypatch.setattr(q4, "load", lambda: False)
+    g = torch.Generator().manual_seed(4)
+    qs, d, m = random_q4(12, 64, g)
+    x = torch.randn(2, 64, generator=g)
+    assert torch.equal(q4.gemv(x, qs, d, m), x @ q4.dequantize(qs, d, m).t())
