@@ -7,7 +7,7 @@ N not a multiple of 16 (nor of 4), M = 1..16."""
 import pytest
 import torch
 
-from coreinfer.kernels import activations, q4, q8_0
+from coreinfer.kernels import activations, q4, q8_0, rows
 
 SHAPES = [(1, 37, 32), (3, 5, 96), (16, 100, 576), (7, 44, 1312), (2, 1, 160)]  # (M, N, K)
 
@@ -125,3 +125,49 @@ def test_q4_gemv_falls_back_to_the_reference(monkeypatch):
     qs, d, m = random_q4(12, 64, g)
     x = torch.randn(2, 64, generator=g)
     assert torch.equal(q4.gemv(x, qs, d, m), x @ q4.dequantize(qs, d, m).t())
+
+
+ROW_SHAPES = [(1, 96, 64, None), (1, 1536, 576, 700), (3, 40, 32, 5), (16, 300, 160, 299), (5, 64, 96, None)]
+
+
+@needs(rows)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("M,F,dm,R", ROW_SHAPES)  # R None: all rows in order
+@pytest.mark.parametrize("fmt", ["int8", "q8_0"])
+def test_neuron_rows_match_the_reference(fmt, M, F, dm, R, threads):
+    """Float arithmetic on both sides (no activation quantization): float32 summation order only. Rows
+    are chosen at random, with repeats, out of order; R % 4 != 0 exercises the short last group."""
+    g = torch.Generator().manual_seed(F * dm + M)
+    qs, d = random_q8_0(F, dm, g)
+    scale = (torch.rand(dm, generator=g) * 0.02).bfloat16()
+    index = None if R is None else torch.randint(0, F, (R,), generator=g)
+    coef = torch.randn(M, F if R is None else R, generator=g)
+    if fmt == "int8":
+        out = with_threads(threads, lambda: torch.ops.coreinfer.int8_rows(coef, qs, scale, index))
+        ref = rows.int8_rows_reference(coef.double(), qs, scale.double(), index)
+    else:
+        out = with_threads(threads, lambda: torch.ops.coreinfer.q8_0_rows(coef, qs, d, index))
+        ref = coef.double() @ q8_0.dequantize(qs, d).double()[slice(None) if index is None else index]
+    err = relative_max(out, ref)
+    print(f"{fmt}_rows M={M} F={F} dm={dm} R={R} threads={threads}: max |kernel - reference| / max|ref| {err:.2e}")
+    assert out.shape == (M, dm) and out.dtype == torch.float32
+    assert err < 1e-5
+
+
+@needs(rows)
+def test_neuron_rows_refuse_a_row_out_of_range():
+    qs, d = random_q8_0(8, 32, torch.Generator().manual_seed(5))
+    with pytest.raises(RuntimeError, match="row 8 outside 0..7"):
+        torch.ops.coreinfer.q8_0_rows(torch.ones(1, 2), qs, d, torch.tensor([0, 8]))
+
+
+def test_neuron_rows_fall_back_to_the_reference(monkeypatch):
+    monkeypatch.setattr(rows, "load", lambda: False)
+    g = torch.Generator().manual_seed(6)
+    qs, d = random_q8_0(10, 64, g)
+    coef, index = torch.randn(2, 3, generator=g), torch.tensor([7, 0, 7])
+    w = qs.float() * d.float().repeat_interleave(32, 1)  # [F, dm]
+    assert torch.allclose(rows.q8_0_rows(coef, qs, d, index), coef @ w[index], rtol=1e-6, atol=1e-6)
+    scale = torch.rand(64, generator=g)
+    assert torch.allclose(rows.int8_rows(coef, qs, scale, index), coef @ (qs.float() * scale)[index],
+                          rtol=1e-6, atol=1e-6)
