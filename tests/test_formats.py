@@ -19,7 +19,7 @@ def random_blocks(code: int, seed: int = 0) -> np.ndarray:
     else random bytes with their fp16 scale fields set to finite values."""
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((N, K)).astype(np.float32) * 0.05
-    if code in (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1):
+    if code in (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1):
         return gguf_quantize(w, code).reshape(N, -1)
     kind = TYPES[code]
     raw = rng.integers(0, 256, (N * K // kind.block, kind.nbytes), dtype=np.uint8)
@@ -82,7 +82,7 @@ def test_q4_takes_q4_k_per_sub_block():
     assert torch.equal(codes[scaled], expect[scaled])
 
 
-@pytest.mark.parametrize("code", [Q.Q5_K, Q.Q6_K, Q.F16, Q.BF16, Q.F32, Q.Q4_K])
+@pytest.mark.parametrize("code", [Q.Q5_0, Q.Q5_1, Q.Q5_K, Q.Q6_K, Q.F16, Q.BF16, Q.F32, Q.Q4_K])
 def test_q8_0_requantizes_other_types_like_ggml(code):
     """Other types become q8_0 as ggml's quantize_row_q8_0 would quantize their float values
     (gguf-py's Q8_0 quantize is bit-exact with it)."""
@@ -114,3 +114,179 @@ def test_runtime_format_interface(name):
     torch.testing.assert_close(fmt.rows_matmul(coef, t, index), coef @ back[index], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(fmt.rows_matmul(torch.randn(2, 64), t, None).shape, torch.Size([2, 96]))
     assert fmt.nbytes(t) == sum(v.nbytes for v in t.values())
+
+
+# --- a tiny GGUF of several types, loaded tensor by tensor into runtime formats ---
+
+TINY_GGUF = dict(hidden=256, ffn=512, heads=4, kv_heads=2, layers=2, vocab=258)
+# per tensor: the GGML type it is written in (layer 0 mixes q/k/v types: they fuse as q8_0)
+GGUF_TYPES = {
+    "token_embd": Q.Q4_K, "output": Q.Q5_K,
+    "blk.0.attn_q": Q.Q4_0, "blk.0.attn_k": Q.Q4_1, "blk.0.attn_v": Q.Q8_0, "blk.0.attn_output": Q.F16,
+    "blk.0.ffn_gate": Q.Q4_K, "blk.0.ffn_up": Q.Q4_K, "blk.0.ffn_down": Q.Q6_K,
+    "blk.1.attn_q": Q.Q4_K, "blk.1.attn_k": Q.Q4_K, "blk.1.attn_v": Q.Q4_K, "blk.1.attn_output": Q.BF16,
+    "blk.1.ffn_gate": Q.Q4_0, "blk.1.ffn_up": Q.Q4_0, "blk.1.ffn_down": Q.Q8_0,
+}
+
+
+def k_quant_blocks(code: int, rows: int, cols: int, rng) -> np.ndarray:
+    """Random valid K-quant blocks [rows, row bytes] whose weights are ~0.02 (scales 2e-5..1e-4)."""
+    kind = TYPES[code]
+    raw = rng.integers(0, 256, (rows * cols // kind.block, kind.nbytes), dtype=np.uint8)
+    scales = rng.uniform(2e-5, 1e-4, (raw.shape[0], 2)).astype(np.float16).view(np.uint8)
+    for i, offset in enumerate((208,) if code == Q.Q6_K else (0, 2)):
+        raw[:, offset:offset + 2] = scales[:, 2 * i:2 * i + 2]
+    return raw.reshape(rows, -1)
+
+
+def write_gguf(path):
+    """A qwen2 GGUF (no q/k permutation; q/k/v biases) of TINY_GGUF's shapes, types from GGUF_TYPES."""
+    import gguf
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    c, rng = TINY_GGUF, np.random.default_rng(0)
+    writer = gguf.GGUFWriter(str(path), "qwen2")
+    for add, value in [("block_count", c["layers"]), ("embedding_length", c["hidden"]),
+                       ("feed_forward_length", c["ffn"]), ("head_count", c["heads"]), ("head_count_kv", c["kv_heads"]),
+                       ("layer_norm_rms_eps", 1e-6), ("rope_freq_base", 10000.0), ("context_length", 64),
+                       ("tokenizer_model", "gpt2"), ("tokenizer_pre", "gpt2"),
+                       ("token_list", list(bytes_to_unicode().values()) + ["Ġt", "<|endoftext|>"]),
+                       ("token_merges", ["Ġ t"]), ("token_types", [1] * 257 + [3]), ("bos_token_id", 257),
+                       ("eos_token_id", 257)]:
+        getattr(writer, f"add_{add}")(value)
+    hd, d, f = c["hidden"] // c["heads"], c["hidden"], c["ffn"]
+    shapes = {"token_embd": (c["vocab"], d), "output": (c["vocab"], d), "attn_q": (d, d),
+              "attn_k": (c["kv_heads"] * hd, d), "attn_v": (c["kv_heads"] * hd, d), "attn_output": (d, d),
+              "ffn_gate": (f, d), "ffn_up": (f, d), "ffn_down": (d, f)}
+    for name, code in GGUF_TYPES.items():
+        rows, cols = shapes[name.split(".")[-1]]
+        if code in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+            data = k_quant_blocks(code, rows, cols, rng)
+        else:
+            data = gguf_quantize((rng.standard_normal((rows, cols)) * 0.03).astype(np.float32), code)
+        writer.add_tensor(f"{name}.weight", data.view(np.uint8).reshape(rows, -1), raw_dtype=code)
+    for i in range(c["layers"]):
+        for name, size in (("attn_norm", d), ("ffn_norm", d), ("attn_q.bias", d), ("attn_k.bias", c["kv_heads"] * hd),
+                           ("attn_v.bias", c["kv_heads"] * hd)):
+            full = f"blk.{i}.{name}" + ("" if name.endswith("bias") else ".weight")
+            writer.add_tensor(full, (1 + 0.1 * rng.standard_normal(size)).astype(np.float32) if "norm" in name
+                              else (0.1 * rng.standard_normal(size)).astype(np.float32))
+    writer.add_tensor("output_norm.weight", (1 + 0.1 * rng.standard_normal(d)).astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    path = tmp_path_factory.mktemp("gguf") / "tiny-qwen2.gguf"
+    write_gguf(path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("COREINFER_CACHE", str(path.parent / "cache"))
+        from coreinfer.io.loading import load_checkpoint
+
+        yield load_checkpoint(path, progress=False)
+
+
+def held_weights(model) -> dict[str, torch.Tensor]:
+    """The float values our formats hold, under transformers' names: what our model computes with."""
+    from coreinfer.models.common import QLinear
+
+    out = {}
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and t.dim() == 1 and "bias" not in name:
+            out[f"model.{name}"] = t
+    deq = lambda m: FORMATS[m.fmt].dequantize(m.tensors())  # noqa: E731
+    out["model.embed_tokens.weight"] = deq(model.embed_tokens)
+    out["lm_head.weight"] = deq(model.lm_head)
+    for i, layer in enumerate(model.layers):
+        p, attn, ffn = f"model.layers.{i}.", layer.self_attn, layer.mlp
+        assert isinstance(attn.qkv_proj, QLinear)
+        sizes = [attn.heads * attn.head_dim, attn.kv_heads * attn.head_dim, attn.kv_heads * attn.head_dim]
+        for part, w, b in zip("qkv", deq(attn.qkv_proj).split(sizes), attn.qkv_proj.bias.split(sizes)):
+            out[f"{p}self_attn.{part}_proj.weight"], out[f"{p}self_attn.{part}_proj.bias"] = w, b
+        out[f"{p}self_attn.o_proj.weight"] = deq(attn.o_proj)
+        out[f"{p}mlp.gate_proj.weight"] = FORMATS[ffn.format].dequantize(ffn.role("gate"))
+        out[f"{p}mlp.up_proj.weight"] = FORMATS[ffn.format].dequantize(ffn.role("up"))
+        out[f"{p}mlp.down_proj.weight"] = FORMATS["q8_0"].dequantize(ffn.role("down")).t()
+    return out
+
+
+def transformers_model(config: dict, state: dict):
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**config),
+                                                       attn_implementation="eager").eval()
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"} and not missing, (missing, unexpected)
+    return hf
+
+
+def file_values(checkpoint) -> dict[str, torch.Tensor]:
+    """The file's tensors dequantized to fp32 by transformers' own GGUF loader (gguf-py underneath)."""
+    import transformers
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    with torch.device("meta"):
+        skeleton = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**checkpoint.config))
+    return load_gguf_checkpoint(str(checkpoint.source), return_tensors=True, model_to_load=skeleton)["tensors"]
+
+
+GGUF_IDS = [5, 17, 3, 88, 42, 9, 61, 2, 33, 200, 101]
+
+
+def test_gguf_loads_into_file_formats_and_matches_transformers(tiny_gguf):
+    """Each tensor in the format the file implies; logits equal transformers' on the values those
+    formats hold (1e-4: float rounding only), and close to transformers' on the file's own fp32
+    values (the q8_0 requantizations: down, layer 0's mixed q/k/v, Q5_K/F16/BF16)."""
+    from coreinfer.models import build_model
+    from oracle import hf_logits, our_logits
+
+    model = build_model(tiny_gguf.config, tiny_gguf.weights, formats="auto")
+    l0, l1 = model.layers
+    assert (model.embed_tokens.fmt, model.lm_head.fmt) == ("q4", "q8_0")
+    assert (l0.self_attn.qkv_proj.fmt, l1.self_attn.qkv_proj.fmt, l0.self_attn.o_proj.fmt) == ("q8_0", "q4", "q8_0")
+    assert (l0.mlp.format, l1.mlp.format) == ("q4", "q4")
+    assert not any(t.dtype == torch.float32 and t.dim() == 2 for t in model.state_dict().values())
+    ours, _ = our_logits(model, [GGUF_IDS[:7]], [GGUF_IDS[7:]])
+    held = hf_logits(transformers_model(tiny_gguf.config, held_weights(model)), GGUF_IDS)
+    err = (ours[0] - held).abs().max().item()
+    exact = hf_logits(transformers_model(tiny_gguf.config, file_values(tiny_gguf)), GGUF_IDS)
+    drift = (ours[0] - exact).abs().max().item()
+    scale = exact.abs().max().item()
+    print(f"tiny GGUF: max |ours - hf on held values| {err:.2e}; vs hf on the file's fp32 values {drift:.2e} "
+          f"(logits up to {scale:.2f}); top-1 agreement {(ours[0].argmax(-1) == exact.argmax(-1)).float().mean():.2f}")
+    assert err < 1e-4 * max(1.0, scale)
+    assert drift < 0.05 * scale
+
+
+def test_dense_gguf_equals_file_values(tiny_gguf):
+    """--weights dense dequantizes each tensor as it is adopted: the file's values exactly."""
+    from coreinfer.models import build_model
+
+    model = build_model(tiny_gguf.config, tiny_gguf.weights)
+    ref = file_values(tiny_gguf)
+    ours = model.state_dict()
+    assert torch.equal(ours["layers.1.mlp.down"], ref["model.layers.1.mlp.down_proj.weight"].t())
+    assert torch.equal(ours["embed_tokens.weight"], ref["model.embed_tokens.weight"])
+    q = ref["model.layers.0.self_attn.q_proj.weight"]
+    assert torch.equal(ours["layers.0.self_attn.qkv_proj.weight"][:q.shape[0]], q)
+
+
+@pytest.mark.parametrize("formats", ["auto", "q8_0"])
+def test_compacted_equals_masked_on_block_formats(tiny_gguf, formats):
+    """Core neurons on q4 / q8_0 up and gate and neuron-major q8_0 down: compaction gathers rows, and
+    the compacted decode equals the masked dense one (same kernels on the same rows: float rounding)."""
+    from coreinfer.engine.policy import CoreConfig
+    from coreinfer.engine.session import stability_policy
+    from coreinfer.models import build_model
+    from oracle import compacted_vs_masked
+
+    model = build_model(tiny_gguf.config, tiny_gguf.weights, formats=formats)
+    policy = stability_policy(CoreConfig(beta=0.45), model)
+    errs, changes, session = compacted_vs_masked(model, [GGUF_IDS[:7], GGUF_IDS[:4]], [GGUF_IDS[7:], GGUF_IDS[4:8]],
+                                                 policy)
+    print(f"{formats}: compacted vs masked {errs}, vs dense {changes}")
+    assert min(changes) > 1e-3
+    assert max(errs) < 1e-4

@@ -1,4 +1,5 @@
-"""GGML block types as they lie in a GGUF file: one row of a traits table each, and their dequantization.
+"""GGML block types as they lie in a GGUF file, one row of a traits table each, and their dequantization:
+F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1 (Gemma's Q4_K_M holds some), Q4_K, Q5_K, Q6_K.
 
 A GGUF tensor row of K weights is K / block blocks of `nbytes` bytes. `to_float` takes blocks as
 uint8 [n, nbytes] and returns float32 [n, block]; it mirrors ggml's `dequantize_row_*` (and gguf-py's
@@ -66,6 +67,24 @@ def _q4_1(b):
     return f16(b[:, :2])[:, None] * torch.cat([lo, hi], 1).float() + f16(b[:, 2:4])[:, None]
 
 
+def _fifth_bits(qh: torch.Tensor) -> torch.Tensor:
+    """4 bytes [n, 4] (a little-endian uint32) -> bit j of it [n, 32], the fifth bit of weight j."""
+    word = sum(qh[:, i].long() << (8 * i) for i in range(4))  # [n]
+    return ((word[:, None] >> torch.arange(32)) & 1).to(torch.uint8)
+
+
+def _q5_0(b):
+    lo, hi = nibbles(b[:, 6:])
+    q = torch.cat([lo, hi], 1) | (_fifth_bits(b[:, 2:6]) << 4)
+    return f16(b[:, :2])[:, None] * (q.float() - 16)
+
+
+def _q5_1(b):
+    lo, hi = nibbles(b[:, 8:])
+    q = torch.cat([lo, hi], 1) | (_fifth_bits(b[:, 4:8]) << 4)
+    return f16(b[:, :2])[:, None] * q.float() + f16(b[:, 2:4])[:, None]
+
+
 def k_scale_min(scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The 12 packed bytes of a Q4_K/Q5_K super-block -> 6-bit scales and mins [n, 8] (ggml's
     get_scale_min_k4): bytes 0-3 and 4-7 hold sub-blocks 0-3's scale and min in their low 6 bits
@@ -122,6 +141,8 @@ TYPES: dict[int, GGMLType] = {
     Q.Q8_0: GGMLType("Q8_0", 32, 34, _q8_0),
     Q.Q4_0: GGMLType("Q4_0", 32, 18, _q4_0),
     Q.Q4_1: GGMLType("Q4_1", 32, 20, _q4_1),
+    Q.Q5_0: GGMLType("Q5_0", 32, 22, _q5_0),
+    Q.Q5_1: GGMLType("Q5_1", 32, 24, _q5_1),
     Q.Q4_K: GGMLType("Q4_K", QK_K, 144, _q4_k),
     Q.Q5_K: GGMLType("Q5_K", QK_K, 176, _q5_k),
     Q.Q6_K: GGMLType("Q6_K", QK_K, 210, _q6_k),

@@ -1,27 +1,35 @@
 """The native ops of the weight-format contract, looked up by name, or None where they are not built.
 
-The kernels live in `coreinfer/kernels/` and register themselves as `torch.ops.coreinfer.<name>` when
-that package loads; every caller here keeps a PyTorch reference for when an op is missing.
+The kernels live in `coreinfer/kernels/` (one module per format, each with a `load()` that builds and
+registers its ops as `torch.ops.coreinfer.<name>` and says whether they run on this CPU); every caller
+here keeps a PyTorch reference for when an op is missing.
 """
 
-import importlib.util
+import importlib
 from functools import cache
 
 import torch
 
+KERNEL_MODULES = ("q8_0", "q4", "rows")  # coreinfer.kernels.<module>, where present
+
 
 @cache
 def op(name: str):
-    """torch.ops.coreinfer.<name> if the kernels package provides it on this machine, else None."""
-    if importlib.util.find_spec("coreinfer.kernels") is not None:
-        kernels = importlib.import_module("coreinfer.kernels")
-        available = getattr(kernels, "available", None)
-        if callable(available) and not available(name):
-            return None
+    """torch.ops.coreinfer.<name> if a kernels module builds and registers it on this machine, else None."""
+    for module in KERNEL_MODULES:
+        try:
+            kernels = importlib.import_module(f"coreinfer.kernels.{module}")
+        except ImportError:
+            continue
+        load = getattr(kernels, "load", None)
+        if callable(load):
+            load()
     try:
-        return getattr(torch.ops.coreinfer, name)
+        found = getattr(torch.ops.coreinfer, name)
     except (AttributeError, RuntimeError):
         return None
+    supported = getattr(torch.ops.coreinfer, f"{name}_supported", None) if hasattr(torch.ops, "coreinfer") else None
+    return found if supported is None or supported() else None
 
 
 def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:

@@ -2,7 +2,7 @@
 
 import torch
 
-from . import gemma3, llama, opt
+from . import adopt, gemma3, llama, opt
 from .common import CausalLM, fuse_qkv
 
 # config.json `model_type` -> (config class, model class, sanitize)
@@ -19,8 +19,11 @@ class UnsupportedModel(ValueError):
     pass
 
 
-def build_model(config: dict, weights: dict, device="cpu", dtype=torch.float32) -> CausalLM:
-    """Instantiate on the meta device, then adopt the checkpoint tensors (cast to `dtype` on `device`)."""
+def build_model(config: dict, weights: dict, device="cpu", dtype=torch.float32, formats: str = "dense",
+                progress: bool = False) -> CausalLM:
+    """Instantiate on the meta device, then adopt the checkpoint tensors on `device`: `formats` "dense"
+    casts them to `dtype`; "auto" or "q8_0" converts each into a weight format (models/adopt.py), the
+    compute dtype `dtype`. Weights may be tensors or a GGUF's FileTensors (io/gguf.py)."""
     model_type = config.get("model_type")
     if model_type not in FAMILIES:
         raise UnsupportedModel(f"unsupported model_type {model_type!r}; supported: {', '.join(sorted(FAMILIES))}")
@@ -28,6 +31,14 @@ def build_model(config: dict, weights: dict, device="cpu", dtype=torch.float32) 
     cfg = config_cls.from_dict(config)
     with torch.device("meta"):
         model = model_cls(cfg)
+    if formats != "dense":
+        if model_type == "opt":
+            raise UnsupportedModel(f"--weights {formats} takes llama, mistral, qwen2 and gemma3 models; "
+                                   "OPT runs dense, int8 or int4")
+        adopt.adopt(model, sanitize(weights, cfg), formats, device, dtype, progress)
+        return model.eval()
+    # one tensor at a time: a GGUF's FileTensors are dequantized as they are adopted
+    weights = {name: w.dequantize(dtype) if adopt._is_file_tensor(w) else w for name, w in weights.items()}
     state = fuse_qkv(sanitize(weights, cfg))
     expected = set(model.state_dict())
     missing, unexpected = expected - set(state), set(state) - expected
