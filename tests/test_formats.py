@@ -107,8 +107,8 @@ def test_runtime_format_interface(name):
     assert torch.equal(fmt.dequantize(fmt.rows(t, index)), back[index])
     x = torch.randn(3, 96)
     ref = x @ back.t()
-    # int8's native GEMV quantizes x per block of 32 too (engine/gemv.py): ~0.5% of the output's scale
-    tol = 1e-2 * ref.abs().max().item() if name == "int8" else 1e-3
+    # the native GEMVs (engine/gemv.py, kernels/) quantize x per block of 32: ~0.5% of the output's scale
+    tol = 1e-2 * ref.abs().max().item() if name != "dense" else 1e-3
     torch.testing.assert_close(fmt.matmul(x, t), ref, rtol=0, atol=tol)
     coef = torch.randn(2, 4)
     torch.testing.assert_close(fmt.rows_matmul(coef, t, index), coef @ back[index], rtol=1e-4, atol=1e-4)
@@ -236,10 +236,18 @@ def file_values(checkpoint) -> dict[str, torch.Tensor]:
 GGUF_IDS = [5, 17, 3, 88, 42, 9, 61, 2, 33, 200, 101]
 
 
-def test_gguf_loads_into_file_formats_and_matches_transformers(tiny_gguf):
+@pytest.mark.parametrize("kernels", [False, True], ids=["pytorch", "native"])
+def test_gguf_loads_into_file_formats_and_matches_transformers(tiny_gguf, kernels, monkeypatch):
     """Each tensor in the format the file implies; logits equal transformers' on the values those
-    formats hold (1e-4: float rounding only), and close to transformers' on the file's own fp32
-    values (the q8_0 requantizations: down, layer 0's mixed q/k/v, Q5_K/F16/BF16)."""
+    formats hold (1e-4 with the PyTorch matmuls: float rounding only; 2% of the logits' scale with the
+    native GEMVs, which quantize activations per block of 32), and close to transformers' on the file's
+    own fp32 values (the q8_0 requantizations: down, layer 0's mixed q/k/v, Q5_K/F16/BF16)."""
+    from coreinfer.formats import native
+
+    if not kernels:
+        monkeypatch.setattr(native, "op", lambda name: None)
+    elif native.op("q8_0_gemv") is None or native.op("q4_gemv") is None:
+        pytest.skip("optional: no AVX512-VNNI CPU or no C++ compiler for the q8_0/q4 kernels")
     from coreinfer.models import build_model
     from oracle import hf_logits, our_logits
 
@@ -257,7 +265,7 @@ def test_gguf_loads_into_file_formats_and_matches_transformers(tiny_gguf):
     scale = exact.abs().max().item()
     print(f"tiny GGUF: max |ours - hf on held values| {err:.2e}; vs hf on the file's fp32 values {drift:.2e} "
           f"(logits up to {scale:.2f}); top-1 agreement {(ours[0].argmax(-1) == exact.argmax(-1)).float().mean():.2f}")
-    assert err < 1e-4 * max(1.0, scale)
+    assert err < (2e-2 if kernels else 1e-4) * max(1.0, scale)
     assert drift < 0.05 * scale
 
 

@@ -10,26 +10,19 @@ from functools import cache
 
 import torch
 
-KERNEL_MODULES = ("q8_0", "q4", "rows")  # coreinfer.kernels.<module>, where present
+KERNEL_MODULES = {"q8_0_gemv": "q8_0", "q4_gemv": "q4", "q8_0_rows": "rows", "int8_rows": "rows"}
 
 
 @cache
 def op(name: str):
-    """torch.ops.coreinfer.<name> if a kernels module builds and registers it on this machine, else None."""
-    for module in KERNEL_MODULES:
-        try:
-            kernels = importlib.import_module(f"coreinfer.kernels.{module}")
-        except ImportError:
-            continue
-        load = getattr(kernels, "load", None)
-        if callable(load):
-            load()
+    """torch.ops.coreinfer.<name> if its kernels module (coreinfer.kernels.<module>) builds it and says it
+    runs on this CPU, else None. Imported here, when first asked, not at import time: the kernels'
+    builder reads the cache folder from io.loading, which imports the formats."""
     try:
-        found = getattr(torch.ops.coreinfer, name)
-    except (AttributeError, RuntimeError):
+        kernels = importlib.import_module(f"coreinfer.kernels.{KERNEL_MODULES[name]}")
+    except ImportError:
         return None
-    supported = getattr(torch.ops.coreinfer, f"{name}_supported", None) if hasattr(torch.ops, "coreinfer") else None
-    return found if supported is None or supported() else None
+    return getattr(torch.ops.coreinfer, name) if kernels.load() else None
 
 
 def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
