@@ -204,8 +204,10 @@ def held_weights(model) -> dict[str, torch.Tensor]:
         p, attn, ffn = f"model.layers.{i}.", layer.self_attn, layer.mlp
         assert isinstance(attn.qkv_proj, QLinear)
         sizes = [attn.heads * attn.head_dim, attn.kv_heads * attn.head_dim, attn.kv_heads * attn.head_dim]
-        for part, w, b in zip("qkv", deq(attn.qkv_proj).split(sizes), attn.qkv_proj.bias.split(sizes)):
-            out[f"{p}self_attn.{part}_proj.weight"], out[f"{p}self_attn.{part}_proj.bias"] = w, b
+        for j, (part, w) in enumerate(zip("qkv", deq(attn.qkv_proj).split(sizes))):
+            out[f"{p}self_attn.{part}_proj.weight"] = w
+            if attn.qkv_proj.bias is not None:
+                out[f"{p}self_attn.{part}_proj.bias"] = attn.qkv_proj.bias.split(sizes)[j]
         out[f"{p}self_attn.o_proj.weight"] = deq(attn.o_proj)
         out[f"{p}mlp.gate_proj.weight"] = FORMATS[ffn.format].dequantize(ffn.role("gate"))
         out[f"{p}mlp.up_proj.weight"] = FORMATS[ffn.format].dequantize(ffn.role("up"))
@@ -298,3 +300,33 @@ def test_compacted_equals_masked_on_block_formats(tiny_gguf, formats):
     print(f"{formats}: compacted vs masked {errs}, vs dense {changes}")
     assert min(changes) > 1e-3
     assert max(errs) < 1e-4
+
+
+def test_hf_bf16_weights_quantize_per_tensor_to_q8_0(monkeypatch):
+    """An HF checkpoint's bf16 tensors go to q8_0 one by one (--weights auto); its logits equal
+    transformers' on the values q8_0 holds (PyTorch matmuls: float rounding only)."""
+    import transformers
+
+    from coreinfer.formats import native
+    from coreinfer.models import build_model
+    from oracle import hf_logits, our_logits
+
+    monkeypatch.setattr(native, "op", lambda name: None)
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config).eval()
+    state = {name: t.to(torch.bfloat16) for name, t in hf.state_dict().items()}
+    model = build_model(config.to_dict(), state, formats="auto")
+    assert model.embed_tokens.fmt == model.lm_head.fmt == model.ffns()[0].format == "q8_0"
+    assert model.lm_head.qs.data_ptr() == model.embed_tokens.qs.data_ptr()  # tied: one table
+    held = held_weights(model)
+    held.pop("lm_head.weight")
+    ref = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    missing, unexpected = ref.load_state_dict(held, strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected, (missing, unexpected)
+    ref.tie_weights()
+    ours, _ = our_logits(model, [GGUF_IDS[:6]], [GGUF_IDS[6:9]])
+    err = (ours[0] - hf_logits(ref, GGUF_IDS[:9])).abs().max().item()
+    print(f"HF bf16 -> q8_0: max |ours - hf on held values| {err:.2e}")
+    assert err < 1e-4
