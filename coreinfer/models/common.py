@@ -218,7 +218,7 @@ class FFN(nn.Module):
         """Every tensor with one slice per neuron, and the axis that indexes the neurons: up, gate and
         their int8 scales by row; down by row in float ([F, d]) but by column in int8 ([d, F]). int4 up
         and gate: by column of their `_src` copies and of their scales and zeros [d/G, F, 2] (as many
-        bytes as the packed rows a dense step reads)."""
+        bytes as the packed rows a dense step reads). Block formats (`adopt_`): every tensor by row."""
         if self.blocked:
             out = {name: (t, 0) for name, t in self.named_buffers(recurse=False) if t is not None}
             return {**out, **({"up_bias": (self.up_bias, 0)} if self.up_bias is not None else {})}
