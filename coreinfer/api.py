@@ -25,7 +25,7 @@ from .engine.offload import OffloadSession, Streamer, parse_bytes, plan, place
 from .engine.residency import ResidentSession
 from .engine.policy import CoreConfig, SelectionPolicy
 from .engine.profile import AUTO, find_profile
-from .engine.quant import WEIGHT_FORMATS, quantize_model
+from .engine.quant import LOAD_FORMATS, WEIGHT_FORMATS, quantize_model
 from .engine.session import CoreStats, Session, make_policy
 from .io.loading import cache_dir, load_checkpoint
 from .io.text import TextStream, Tokenizer
@@ -86,6 +86,9 @@ class RuntimeConfig:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         check_device(self.device)  # before the model loads, which takes a while
+        if self.weights in LOAD_FORMATS and torch.device(self.device).type != "cpu":
+            raise ValueError(f"--weights {self.weights} runs on the CPU only for now (its block formats have no "
+                             "GPU kernels): use dense or int8 on CUDA")
         if self.max_gpu_memory is not None:
             parse_bytes(self.max_gpu_memory)
             if torch.device(self.device).type != "cuda" or self.weights != "dense":
@@ -210,8 +213,9 @@ class LLM:
         self.name = ckpt.source
         self.config = ckpt.config
         limited = max_gpu_memory is not None
+        formats = weights if weights in LOAD_FORMATS else "dense"  # block formats are adopted while loading
         self.model = build_model(ckpt.config, ckpt.weights, "cpu" if limited else device, self.runtime.torch_dtype(),
-                                 contiguous=max_memory is None)
+                                 formats, progress, contiguous=max_memory is None)
         # memory-limited: FFN weights stay in pinned CPU memory, the rest moves to the GPU
         self.budget = parse_bytes(max_gpu_memory) if limited else None
         if limited:
@@ -221,7 +225,7 @@ class LLM:
         if max_memory is not None:  # the CPU memory-limited mode: FFN weights stay in the mapped file
             self.budget = parse_bytes(max_memory)
             self.streamer = residency.open_streamer(self.model, self.budget)
-        if weights != "dense":
+        if weights in ("int8", "int4"):
             quantize_model(self.model, weights)
         self.tokenizer = Tokenizer(ckpt.tokenizer_dir, ckpt.config)
         self.cores = CoreWeights()  # compacted weights, reused by every session

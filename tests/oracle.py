@@ -64,13 +64,14 @@ def assert_parity(name, hf_config, prompts, continuations, tol: float) -> None:
 def masked_dense_logits(model, prompt: list[int], cont: list[int], index: dict[int, torch.Tensor]) -> torch.Tensor:
     """The reference for compacted decoding: a dense prefill, then dense decode steps with every
     non-core neuron of each layer in `index` (ids [k]) switched off by zeroing its slice of `down`
-    (a row in float, a column in int8). Logits [len(prompt) + len(cont), V]; weights restored after."""
+    (a row in float and in the block formats' neuron-major q8_0, a column in int8). Logits [len(prompt) + len(cont), V]; weights restored after."""
     session = Session(model, [prompt], len(cont))
     rows = [session.prefill(all_logits=True)[0]]
     saved = {}
     with torch.inference_mode():
         for layer, ids in index.items():
-            down, axis = model.ffns()[layer].neuron_tensors()["down"]
+            tensors = model.ffns()[layer].neuron_tensors()
+            down, axis = tensors["down" if "down" in tensors else "down_qs"]
             saved[layer] = down.clone()
             keep = torch.zeros(down.shape[axis], dtype=torch.bool)
             keep[ids] = True
@@ -81,7 +82,8 @@ def masked_dense_logits(model, prompt: list[int], cont: list[int], index: dict[i
     finally:
         with torch.inference_mode():
             for layer, w in saved.items():
-                model.ffns()[layer].neuron_tensors()["down"][0].copy_(w)
+                tensors = model.ffns()[layer].neuron_tensors()
+                tensors["down" if "down" in tensors else "down_qs"][0].copy_(w)
     return torch.cat(rows)
 
 

@@ -1,7 +1,9 @@
-"""Tests for coreinfer.io.loading / coreinfer.io.gguf: GGUF conversion checked against transformers' own GGUF
-conversion (and Gemma-3-270M's logits against transformers on the converted weights), the conversion cache, Hugging Face folders, tiny hand-written GGUFs, and every load error.
+"""Tests for coreinfer.io.loading / coreinfer.io.gguf: a GGUF's tensors, dequantized, checked against
+transformers' own GGUF conversion (and Gemma-3-270M's logits against transformers on the same weights),
+the metadata cache (config and tokenizer only), Hugging Face folders, tiny hand-written GGUFs, and every
+load error.
 
-Real models are converted once per run, into a temporary COREINFER_CACHE.
+Real models' metadata is cached once per run, into a temporary COREINFER_CACHE.
 """
 
 import json
@@ -16,14 +18,13 @@ import torch
 import transformers
 
 from coreinfer.io import loading
-from coreinfer.io.loading import CheckpointError, load_checkpoint
+from coreinfer.io.loading import CheckpointError, float_weights, load_checkpoint
 
 
 
 @pytest.fixture(scope="module", autouse=True)
 def cache(tmp_path_factory):
-    """Point COREINFER_CACHE at a temp dir so no test writes to the user's cache; delete it after
-    (it holds ~2 GB of fp32 weights)."""
+    """Point COREINFER_CACHE at a temp dir so no test writes to the user's cache; delete it after."""
     path = tmp_path_factory.mktemp("coreinfer-cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("COREINFER_CACHE", str(path))
@@ -37,10 +38,10 @@ def smollm():
     leftover = loading._gguf_cache_folder(loading.embedded_model_path())
     leftover = leftover.with_name(f".{leftover.name}.partial-999999999-x")  # no such pid
     leftover.mkdir(parents=True)
-    (leftover / "model.safetensors").write_bytes(b"half-written")
+    (leftover / "tokenizer.json").write_bytes(b"half-written")
     start = time.perf_counter()
     checkpoint = load_checkpoint(progress=False)
-    print(f"\nSmolLM2 first load (conversion): {time.perf_counter() - start:.1f} s")
+    print(f"\nSmolLM2 first load (metadata cached): {time.perf_counter() - start:.1f} s")
     assert not leftover.exists()
     return checkpoint
 
@@ -75,7 +76,7 @@ def transformers_reference(gguf_path, config):
 
 def assert_matches_transformers(checkpoint, gguf_path, label):
     reference_config, reference = transformers_reference(gguf_path, checkpoint.config)
-    ours = checkpoint.weights
+    ours = float_weights(checkpoint)
     assert set(ours) == set(reference) - ({"lm_head.weight"} if checkpoint.config["tie_word_embeddings"] else set())
     diffs = {name: (ours[name] - reference[name]).abs().max().item() for name in ours}
     worst = max(diffs, key=diffs.get)
@@ -140,15 +141,16 @@ def test_gemma3_tokenizer_and_chat_template(gemma):
 
 
 def test_cached_load_does_not_reconvert(smollm, monkeypatch):
-    model_file = smollm.tokenizer_dir / "model.safetensors"
+    model_file = smollm.tokenizer_dir / "config.json"
     before = model_file.stat().st_mtime_ns
-    monkeypatch.setattr(loading.gguf_conversion, "convert", lambda *a, **k: pytest.fail("reconverted"))
+    assert sorted(f.suffix for f in smollm.tokenizer_dir.iterdir()) <= [".jinja", ".json", ".json", ".json"]
+    monkeypatch.setattr(loading.gguf_conversion, "write_metadata", lambda *a, **k: pytest.fail("reconverted"))
     start = time.perf_counter()
     again = load_checkpoint()
     print(f"\nSmolLM2 cached load: {time.perf_counter() - start:.3f} s")
     assert model_file.stat().st_mtime_ns == before and again.tokenizer_dir == smollm.tokenizer_dir
     assert again.weights.keys() == smollm.weights.keys() and again.config == smollm.config
-    assert torch.equal(again.weights["model.norm.weight"], smollm.weights["model.norm.weight"])
+    assert torch.equal(again.weights["model.norm.weight"].dequantize(), smollm.weights["model.norm.weight"].dequantize())
 
 
 # --- tiny GGUFs written here, to check the undoing of llama.cpp's changes exactly, and qwen2 ---
@@ -234,12 +236,11 @@ def test_tiny_gguf_round_trip(tmp_path, arch, model_type, tied):
     assert checkpoint.config["model_type"] == model_type and checkpoint.config["tie_word_embeddings"] == tied
     assert set(checkpoint.weights) == set(weights)
     for name, value in weights.items():
-        assert torch.equal(checkpoint.weights[name], torch.from_numpy(value)), name
+        assert torch.equal(checkpoint.weights[name].dequantize(), torch.from_numpy(value)), name
     if arch == "qwen2":
         assert "model.layers.1.self_attn.q_proj.bias" in weights and checkpoint.config["attention_bias"]
-    # the cache folder is a valid HF checkpoint: transformers loads it to the same weights
-    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint.tokenizer_dir)
-    assert all(torch.equal(model.state_dict()[name], checkpoint.weights[name]) for name in weights)
+    # the cache holds no weights: they are read from the file
+    assert not [f for f in checkpoint.tokenizer_dir.iterdir() if f.suffix == ".safetensors"]
 
 
 def test_damaged_cache_entry_is_rebuilt(tmp_path):
@@ -329,7 +330,11 @@ def test_gemma3_270m_logits_match_transformers(gemma, gemma_path):
     from coreinfer.engine.session import Session
 
     llm = LLM(str(gemma_path), progress=False)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(gemma.tokenizer_dir, dtype=torch.float32).eval()
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**gemma.config),
+                                                       dtype=torch.float32).eval()
+    missing, unexpected = hf.load_state_dict(float_weights(gemma), strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected
+    hf.tie_weights()
     for prompt in GEMMA_PROMPTS:
         ids = llm.tokenizer.encode(prompt)
         with torch.inference_mode():

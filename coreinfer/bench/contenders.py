@@ -10,7 +10,7 @@ from ..engine.generate import GenerationConfig, decode
 from ..engine.offload import OffloadSession, Streamer
 from ..engine.policy import CoreConfig
 from ..engine.session import Session, make_policy
-from ..io.loading import cache_dir
+from ..io.loading import cache_dir, float_weights
 
 
 def synchronize(device: torch.device) -> None:
@@ -146,7 +146,7 @@ def transformers_model(ckpt, dtype):
 
     config = transformers.AutoConfig.for_model(**ckpt.config)
     hf = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
-    missing, _ = hf.load_state_dict(ckpt.weights, strict=False)
+    missing, _ = hf.load_state_dict(float_weights(ckpt, dtype), strict=False)
     if set(missing) - {"lm_head.weight"}:
         raise ValueError(f"transformers model lacks weights: {missing[:3]}")
     if "lm_head.weight" in missing:

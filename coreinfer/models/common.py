@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..engine import int4
 from ..engine.quant import int8_matmul, quantize_int8
+from ..formats import BLOCKED, FORMATS, q8_0
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -166,13 +167,18 @@ class FFN(nn.Module):
     then a row of up/gate and a column of down. `quantize_("int4")` packs up/gate group-wise int4 for
     the dense matmul and keeps `{up,gate}_src` [d/2, F], the same values a neuron per column, for
     compaction (see int4.py); down stays int8.
+
+    `adopt_` takes weights in a block format of the contract instead (formats/, as a GGUF holds them):
+    up/gate in q4 or q8_0 ([F, d] rows, blocks along d), down neuron-major [F, d] in q8_0 (blocks along
+    d), buffers `<role>_<tensor>` (up_qs, up_d, ...): a neuron is then a row of every tensor.
     """
 
     def __init__(self, layer_id: int, dim: int, hidden: int, act: str, gated: bool, bias: bool):
         super().__init__()
         self.layer_id = layer_id  # what selection policies and the session key this layer's state by
         self.act_name, self.act, self.gated = act, activation(act), gated
-        self.format = "dense"  # of up/gate: dense, int8 or int4 (`quantize_`)
+        self.format = "dense"  # of up/gate: dense, int8 or int4 (`quantize_`), q8_0 or q4 (`adopt_`)
+        self.hidden = hidden
         self.up = nn.Parameter(torch.empty(hidden, dim))  # [F, d]
         self.gate = nn.Parameter(torch.empty(hidden, dim)) if gated else None  # [F, d]
         self.down = nn.Parameter(torch.empty(hidden, dim))  # [F, d]
@@ -181,17 +187,41 @@ class FFN(nn.Module):
 
     @property
     def width(self) -> int:
-        return self.up.shape[0]
+        return self.hidden
 
     @property
     def quantized(self) -> bool:
         return self.format != "dense"
 
+    @property
+    def blocked(self) -> bool:
+        """Whether the weights are in a block format (`adopt_`): every neuron tensor is gathered by row."""
+        return self.format in BLOCKED
+
+    def role(self, name: str) -> dict[str, torch.Tensor]:
+        """The format tensors of `name` (up, gate or down) of a blocked FFN: {qs, d[, m]}."""
+        prefix = f"{name}_"
+        return {key[len(prefix):]: t for key, t in self.named_buffers(recurse=False) if key.startswith(prefix)}
+
+    @torch.no_grad()
+    def adopt_(self, fmt: str, up: dict, gate: dict | None, down: dict) -> None:
+        """Hold up/gate in block format `fmt` ({qs, d[, m]} of [F, d]) and down neuron-major in q8_0."""
+        if fmt not in BLOCKED:
+            raise ValueError(f"adopt_ takes {BLOCKED}, got {fmt!r}")
+        self.format = fmt
+        for name, tensors in (("up", up), ("gate", gate), ("down", down)):
+            delattr(self, name)
+            for key, t in (tensors or {}).items():
+                self.register_buffer(f"{name}_{key}", t)
+
     def neuron_tensors(self) -> dict[str, tuple[torch.Tensor, int]]:
         """Every tensor with one slice per neuron, and the axis that indexes the neurons: up, gate and
         their int8 scales by row; down by row in float ([F, d]) but by column in int8 ([d, F]). int4 up
         and gate: by column of their `_src` copies and of their scales and zeros [d/G, F, 2] (as many
-        bytes as the packed rows a dense step reads)."""
+        bytes as the packed rows a dense step reads). Block formats (`adopt_`): every tensor by row."""
+        if self.blocked:
+            out = {name: (t, 0) for name, t in self.named_buffers(recurse=False) if t is not None}
+            return {**out, **({"up_bias": (self.up_bias, 0)} if self.up_bias is not None else {})}
         out = {"up": (self.up, 0), "gate": (self.gate, 0), "down": (self.down, 1 if self.quantized else 0),
                "up_bias": (self.up_bias, 0)}
         if self.format == "int4":
@@ -228,6 +258,8 @@ class FFN(nn.Module):
 
     def _rows(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """x [B, T, d] -> x @ W.T [B, T, F] for W the quantized up or gate."""
+        if self.blocked:
+            return FORMATS[self.format].matmul(x, self.role(name))
         if self.format == "int4":
             return int4.int4_matmul(x, getattr(self, name), getattr(self, f"{name}_sz"))
         return int8_matmul(x, getattr(self, name), getattr(self, f"{name}_scale"))
@@ -237,14 +269,16 @@ class FFN(nn.Module):
         if self.quantized:
             up = self._rows(x, "up")
             up = up if self.up_bias is None else up + self.up_bias
-            return self.act(up) if not self.gated else self.act(self._rows(x, "gate")) * up
+            return self.act(self._rows(x, "gate")) * up if self.gated else self.act(up)
         up = F.linear(x, self.up, self.up_bias)
         if self.gate is None:
             return self.act(up)
         return self.act(F.linear(x, self.gate)) * up
 
     def project(self, a: torch.Tensor) -> torch.Tensor:
-        if self.quantized:
+        if self.blocked:
+            out = q8_0.rows_matmul(a, self.role("down"))  # [B, T, F] @ [F, d]
+        elif self.quantized:
             out = int8_matmul(a, self.down, self.down_scale)  # [B, T, F] x [d, F]^T
         else:
             out = a @ self.down  # [B, T, F] @ [F, d]
@@ -252,6 +286,54 @@ class FFN(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.project(self.activations(x))
+
+
+class QLinear(nn.Module):
+    """A projection x @ W.T + b with W [N, K] in a weight format (formats/), its tensors as buffers.
+    Two QLinears (or a QLinear and a QEmbedding) may hold the same tensors: a tied head."""
+
+    def __init__(self, fmt: str, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None = None):
+        super().__init__()
+        self.fmt = fmt
+        self.names = tuple(tensors)
+        for name, t in tensors.items():
+            self.register_buffer(name, t)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.names}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = FORMATS[self.fmt].matmul(x, self.tensors())
+        return out if self.bias is None else out + self.bias
+
+
+class QEmbedding(nn.Module):
+    """A token embedding table [V, d] kept in a weight format: a lookup dequantizes only the rows it reads."""
+
+    def __init__(self, fmt: str, tensors: dict[str, torch.Tensor], dtype: torch.dtype):
+        super().__init__()
+        self.fmt, self.dtype, self.names = fmt, dtype, tuple(tensors)
+        for name, t in tensors.items():
+            self.register_buffer(name, t)
+        self.shape = FORMATS[fmt].dequantize(FORMATS[fmt].rows(tensors, torch.zeros(1, dtype=torch.long,
+                                             device=next(iter(tensors.values())).device))).shape[1:]
+        self.num_embeddings = next(iter(tensors.values())).shape[0]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self.names}
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A stand-in with the table's shape [V, d], compute dtype and device, for code that asks those
+        of `embed_tokens.weight` (KV caches take its dtype); it holds no values (zeros, no storage)."""
+        ref = next(iter(self.tensors().values()))
+        return torch.zeros((), dtype=self.dtype, device=ref.device).expand(self.num_embeddings, *self.shape)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        fmt = FORMATS[self.fmt]
+        rows = fmt.dequantize(fmt.rows(self.tensors(), tokens.reshape(-1)), self.dtype)  # [B T, d]
+        return rows.view(*tokens.shape, rows.shape[-1])
 
 
 class Attention(nn.Module):
@@ -340,6 +422,7 @@ class CausalLM(nn.Module):
             if t.data_ptr() not in seen:
                 seen.add(t.data_ptr())
                 total += t.nbytes
-        if self.lm_head.weight.data_ptr() != self.embed_tokens.weight.data_ptr():
-            total -= self.embed_tokens.weight.nbytes
+        embed = {t.data_ptr(): t.nbytes for t in self.embed_tokens.state_dict().values()}
+        if not embed.keys() & {t.data_ptr() for t in self.lm_head.state_dict().values()}:  # untied
+            total -= sum(embed.values())
         return total

@@ -1,0 +1,31 @@
+"""The native ops of the weight-format contract, looked up by name, or None where they are not built.
+
+The kernels live in `coreinfer/kernels/` (one module per format, each with a `load()` that builds and
+registers its ops as `torch.ops.coreinfer.<name>` and says whether they run on this CPU); every caller
+here keeps a PyTorch reference for when an op is missing.
+"""
+
+import importlib
+from functools import cache
+
+import torch
+
+KERNEL_MODULES = {"q8_0_gemv": "q8_0", "q4_gemv": "q4", "q8_0_rows": "rows", "int8_rows": "rows"}
+
+
+@cache
+def op(name: str):
+    """torch.ops.coreinfer.<name> if its kernels module (coreinfer.kernels.<module>) builds it and says it
+    runs on this CPU, else None. Imported here, when first asked, not at import time: the kernels'
+    builder reads the cache folder from io.loading, which imports the formats."""
+    try:
+        kernels = importlib.import_module(f"coreinfer.kernels.{KERNEL_MODULES[name]}")
+    except ImportError:
+        return None
+    return getattr(torch.ops.coreinfer, name) if kernels.load() else None
+
+
+def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
+    """Whether a native op may take these: CPU tensors, a decode-sized x (M <= 16 rows), contiguous."""
+    return (x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= 16
+            and all(w.device.type == "cpu" and w.is_contiguous() for w in weights))

@@ -1,0 +1,123 @@
+"""Adopt checkpoint tensors into a meta-device model in runtime weight formats, one tensor at a time.
+
+The model is built on the meta device; each weight is then converted from what the checkpoint holds
+(a GGUF FileTensor's blocks, or an HF tensor) straight into its format (formats/) and placed on its
+module, so the largest float tensor ever made is one matrix (down, which is stored transposed and so
+requantized; the file's other blocks mostly pass through), never the model.
+
+How each weight is held, for `formats`:
+- "auto": the file's own format per tensor (formats.file_format: Q4_0/Q4_1/Q4_K -> q4, else q8_0);
+  an HF tensor -> q8_0.
+- "q8_0": q8_0 everywhere.
+q/k/v are fused into one projection in their common format (q8_0 where they differ), up and gate
+likewise; down is q8_0 neuron-major [F, d]; the embedding stays in its format (a lookup dequantizes
+its rows) and a tied head shares its tensors; norms and biases are dense in the compute dtype.
+"""
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..formats import FORMATS, common_format, file_format
+from .common import QEmbedding, QLinear
+
+QUANTIZED_FORMATS = ("auto", "q8_0")
+CHUNK_ROWS = 8192  # rows converted at a time: a vocabulary-sized table's float intermediates stay small
+
+
+def _is_file_tensor(w) -> bool:
+    return hasattr(w, "kind") and hasattr(w, "read")  # io.gguf.FileTensor; models do not import io
+
+
+def choose(w, formats: str) -> str:
+    if formats == "auto" and _is_file_tensor(w):
+        return file_format(w.kind)
+    return "q8_0"
+
+
+def convert(w, fmt: str, device) -> dict[str, torch.Tensor]:
+    """One weight [N, K] (FileTensor or tensor) -> the tensors of format `fmt` on `device`."""
+    module = FORMATS[fmt]
+    if not (_is_file_tensor(w) and not w.transposed and not w.shift):
+        tensors = module.pack(w.dequantize() if _is_file_tensor(w) else w)
+        return {name: t.to(device).contiguous() for name, t in tensors.items()}
+    rows, parts = w.shape[0], []
+    for start in range(0, rows, CHUNK_ROWS):  # verbatim where the format allows, else requantized
+        stop = min(rows, start + CHUNK_ROWS)
+        parts.append(module.from_blocks(w.kind, w.read(start, stop), (stop - start, w.shape[1])))
+    return {name: torch.cat([p[name] for p in parts]).to(device).contiguous() for name in parts[0]}
+
+
+def dense(w, dtype, device) -> torch.Tensor:
+    t = w.dequantize(dtype) if _is_file_tensor(w) else w.to(dtype)
+    return t.to(device).contiguous()
+
+
+def shape(w) -> tuple[int, ...]:
+    return tuple(w.model_shape if _is_file_tensor(w) else w.shape)
+
+
+def check(name: str, parts: list, like: torch.Tensor) -> None:
+    """The checkpoint weights `parts`, stacked by rows, must have the shape of the meta weight `like`."""
+    rows, cols = sum(shape(w)[0] for w in parts), {shape(w)[1] for w in parts}
+    if cols != {like.shape[1]} or rows != like.shape[0]:
+        raise ValueError(f"{name}: checkpoint shapes {[shape(w) for w in parts]} do not make the model's {tuple(like.shape)}")
+
+
+def fused(parts: list, formats: str, device) -> tuple[str, dict[str, torch.Tensor]]:
+    """Weights sharing an input, stacked by rows ([sum N, K]) in their common format."""
+    fmt = common_format([choose(w, formats) for w in parts])
+    converted = [convert(w, fmt, device) for w in parts]
+    return fmt, {name: torch.cat([c[name] for c in converted]) for name in converted[0]}
+
+
+@torch.no_grad()
+def adopt(model: nn.Module, state: dict, formats: str, device, dtype, progress: bool = False) -> None:
+    """Fill `model` (meta device, a llama or gemma3 family) from `state` (its sanitized names; the
+    values FileTensors or tensors) in `formats` (see the module docstring); consumes `state`."""
+    if formats not in QUANTIZED_FORMATS:
+        raise ValueError(f"formats must be one of {QUANTIZED_FORMATS}, got {formats!r}")
+    state = dict(state)
+    embed = state.pop("embed_tokens.weight")
+    head = state.pop("lm_head.weight")
+    check("embed_tokens.weight", [embed], model.embed_tokens.weight)
+    check("lm_head.weight", [head], model.lm_head.weight)
+    fmt = choose(embed, formats)
+    table = convert(embed, fmt, device)
+    model.embed_tokens = QEmbedding(fmt, table, dtype)
+    # tied: the head is the embedding table itself, held once
+    model.lm_head = QLinear(fmt, table) if head is embed else QLinear(choose(head, formats), convert(head, choose(head, formats), device))
+    for i, layer in enumerate(tqdm(model.layers, desc="Loading", unit="layer", disable=not progress)):
+        p = f"layers.{i}."
+        attn = layer.self_attn
+        parts = [state.pop(f"{p}self_attn.{n}_proj.weight") for n in "qkv"]
+        check(f"{p}self_attn.qkv_proj.weight", parts, attn.qkv_proj.weight)
+        qkv_fmt, qkv = fused(parts, formats, device)
+        biases = [state.pop(f"{p}self_attn.{n}_proj.bias", None) for n in "qkv"]
+        bias = torch.cat([dense(b, dtype, device) for b in biases]) if biases[0] is not None else None
+        attn.qkv_proj = QLinear(qkv_fmt, qkv, bias)
+        out = state.pop(f"{p}self_attn.o_proj.weight")
+        check(f"{p}self_attn.o_proj.weight", [out], attn.o_proj.weight)
+        out_bias = state.pop(f"{p}self_attn.o_proj.bias", None)
+        attn.o_proj = QLinear(choose(out, formats), convert(out, choose(out, formats), device),
+                              None if out_bias is None else dense(out_bias, dtype, device))
+        ffn = layer.mlp
+        gate = state.pop(f"{p}mlp.gate", None)
+        up = state.pop(f"{p}mlp.up")
+        ffn_fmt = common_format([choose(w, formats) for w in (up, gate) if w is not None])
+        down = state.pop(f"{p}mlp.down")  # [F, d] after sanitize: neuron-major, so requantized to q8_0
+        for name, w in (("up", up), ("gate", gate), ("down", down)):
+            if w is not None:
+                check(f"{p}mlp.{name}", [w], getattr(ffn, name))
+        ffn.adopt_(ffn_fmt, convert(up, ffn_fmt, device), None if gate is None else convert(gate, ffn_fmt, device),
+                   convert(down, "q8_0", device))
+    rest = {name: dense(w, dtype, device) for name, w in state.items()}  # norms, FFN biases
+    expected = {name: t for name, t in model.state_dict().items() if t.is_meta}
+    missing, unexpected = set(expected) - set(rest), set(rest) - set(model.state_dict())
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not match the model: missing {sorted(missing)[:5]}, "
+                         f"unexpected {sorted(unexpected)[:5]}")
+    for name, t in rest.items():
+        if t.shape != expected[name].shape:
+            raise ValueError(f"{name}: checkpoint shape {tuple(t.shape)} != model {tuple(expected[name].shape)}")
+    model.load_state_dict(rest, strict=False, assign=True)
