@@ -1,10 +1,11 @@
 """`coreinfer serve`: the engine side of the OpenAI-compatible server (the HTTP side is app.py).
 
 Requests become Jobs in a bounded queue. One Worker thread owns the model and batches continuously:
-between two decode steps it takes waiting jobs while the batch has a free row, prefills each alone
-(dense, choosing its core set), and moves it into the running DecodeBatch (engine/batching.py); every
-step then decodes one token of every running job in one forward, and each text piece goes back to
-its request's event loop. A Job's cancel flag (client gone, deadline passed) is checked before every
+between two decode steps it takes the waiting jobs while the batch has free rows, prefills them
+together (one padded forward per core setting, dense, each choosing its core set; at most
+PREFILL_TOKENS at a time, so decoding rows wait for one such prefill), and moves them into the
+running DecodeBatch (engine/batching.py); every step then decodes one token of every running job in
+one forward, and each text piece goes back to its request's event loop. A Job's cancel flag (client gone, deadline passed) is checked before every
 step, and a finished or cancelled job's row is freed for the next one at once.
 This module imports no web framework, so the rest of the CLI works without the `serve` extra.
 """
@@ -18,8 +19,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..api import Completion, StreamEvent
-from ..engine.batching import DecodeBatch, Row, prefill_one
+from ..api import Completion
+from ..engine.batching import DecodeBatch, Row, prefill_group
 from ..engine.generate import GenerationConfig
 from ..engine.policy import CoreConfig
 from ..engine.profile import AUTO, Profile
@@ -31,6 +32,7 @@ log = logging.getLogger("coreinfer.server")
 API_KEY_ENV = "COREINFER_API_KEY"
 GEN_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty")
 CORE_FIELDS = ("alpha", "beta", "statistic", "ranking", "layers", "mode")  # CoreConfig's, settable per request
+PREFILL_TOKENS = 2048  # padded prompt tokens one admission prefills (soft: the last job taken may pass it)
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ class Settings:
     request_timeout: float = 600.0  # seconds from arrival to the last token
     max_body_bytes: int = 1 << 20
     default_max_tokens: int = 256  # chat requests without max_tokens (OpenAI's completions default is 16)
+    drain_timeout: float = 10.0  # on SIGTERM: seconds running requests may take to finish, then they end
 
     def __post_init__(self):
         checks = [
@@ -54,6 +57,7 @@ class Settings:
             (self.request_timeout > 0, f"request timeout must be > 0, got {self.request_timeout}"),
             (self.max_body_bytes >= 1024, f"max body bytes must be >= 1024, got {self.max_body_bytes}"),
             (self.default_max_tokens >= 1, f"default max tokens must be >= 1, got {self.default_max_tokens}"),
+            (self.drain_timeout >= 0, f"drain timeout must be >= 0, got {self.drain_timeout}"),
             (self.api_key is None or self.api_key.strip() != "", "the API key is empty"),
             (self.core is None or (self.core.refine, self.core.input_keep, self.core.drift_period) == (None, 1, 0),
              "the server batches requests continuously, which decodes plain core sets: --refine, --input-keep and "
@@ -79,7 +83,7 @@ class RequestError(Exception):
 
 @dataclass
 class Job:
-    """One request's generation. `events` lives on the request's loop and receives StreamEvents, then
+    """One request's generation. `events` lives on the request's loop and receives Events, then
     ends with an event carrying the Completion, or with a RequestError."""
 
     prompt: str | list[dict]
@@ -88,6 +92,7 @@ class Job:
     core: CoreConfig | None
     loop: asyncio.AbstractEventLoop
     prompt_param: str = "prompt"  # the request field a too-long prompt is blamed on
+    grammar: str | None = None  # structured output (engine/structured.py); None: free text
     fit_max_tokens: bool = False  # max_tokens was not given: shrink it to what the context leaves
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -107,6 +112,35 @@ class Job:
 
 
 @dataclass
+class TokenInfo:
+    """A generated token's text and log-probability, and the likeliest alternatives' (logprobs)."""
+
+    text: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+@dataclass
+class Event:
+    """What a job's request receives: a piece of text, the logprobs of the tokens it completes (when
+    asked), and on the last one the Completion."""
+
+    text: str
+    tokens: list[TokenInfo] = field(default_factory=list)
+    completion: Completion | None = None
+
+
+@dataclass
+class Ready:
+    """A job taken from the queue, tokenized and checked, about to be prefilled."""
+
+    job: Job
+    ids: list[int]
+    gen: GenerationConfig
+    constraint: object | None  # engine/structured.py's Constraint
+
+
+@dataclass
 class Live:
     """A job whose sequence is in the decode batch: its text so far and its clocks."""
 
@@ -116,6 +150,7 @@ class Live:
     stats: CoreStats | None
     t0: float  # prefill start
     t_first: float  # first token
+    tokens: list[TokenInfo] = field(default_factory=list)  # logprobs not yet sent (their text is held back)
 
 
 class Worker:
@@ -127,21 +162,23 @@ class Worker:
         self.jobs: queue.Queue = queue.Queue(maxsize=queue_size)
         self.batch = DecodeBatch(llm.model, max_batch)
         self.live: dict[Row, Live] = {}
-        self.current: Job | None = None  # the job being prefilled
+        self.starting: list[Job] = []  # the jobs being prefilled
         self.prefill_caches = None  # the last prefill's KV caches, reused by the next of the same shape
+        self.grammars = None  # engine/structured.py's Grammars, built on the first request that needs it (~1 s)
         self.completed = self.failed = self.cancelled = 0
         self.started_at = time.time()
         self._stopping = threading.Event()
+        self._drain_until: float | None = None  # monotonic deadline once draining (SIGTERM)
         self._thread = threading.Thread(target=self._loop, name="coreinfer-worker", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopping.is_set()
+        return self._thread.is_alive() and not self._stopping.is_set() and self._drain_until is None
 
     def submit(self, job: Job) -> None:
-        if self._stopping.is_set():
+        if self._stopping.is_set() or self._drain_until is not None:
             raise RequestError(503, "the server is shutting down", code="shutting_down")
         try:
             self.jobs.put_nowait(job)
@@ -149,13 +186,20 @@ class Worker:
             raise RequestError(503, f"the server is busy: {self.jobs.maxsize} requests are already waiting; "
                                     "retry later", code="queue_full") from None
 
+    def drain(self, seconds: float) -> None:
+        """Take no more jobs; let the running ones finish for `seconds`, then end them with an error
+        (their streams get an error event, then [DONE]). Safe from any thread, a signal handler's too."""
+        if self._drain_until is None:
+            self._drain_until = time.monotonic() + seconds
+            log.info("shutting down: running requests get %.0f s to finish", seconds)
+
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the running jobs, refuse the waiting ones, end the thread."""
         self._stopping.set()
         for live in list(self.live.values()):
             live.job.cancel()
-        if self.current is not None:
-            self.current.cancel()
+        for job in self.starting:
+            job.cancel()
         self.jobs.put(None)  # may wait for room: the thread frees it, refusing jobs as it goes
         self._thread.join(timeout)
 
@@ -165,50 +209,94 @@ class Worker:
                 self._step()
 
     def _admit(self) -> bool:
-        """Start waiting jobs while the batch has a free row (wait for one while it is empty); False
-        once the stop sentinel arrives."""
-        while len(self.live) < self.batch.capacity:
+        """Take waiting jobs while the batch has free rows (wait for one while it is empty) and prefill
+        them together, about PREFILL_TOKENS padded prompt tokens at most, so that arrivals fill the
+        batch at once while the running rows wait for one such prefill between two decode steps.
+        False once the stop sentinel arrives."""
+        ready: list[Ready] = []
+        while len(self.live) + len(ready) < self.batch.capacity:
             try:
-                job = self.jobs.get(block=not self.live)
+                job = self.jobs.get(block=not self.live and not ready)
             except queue.Empty:
-                return True
+                break
             if job is None:
+                self._start(ready)
                 return False
-            if self._stopping.is_set():
+            if self._stopping.is_set() or self._drain_until is not None:
                 job.push(RequestError(503, "the server is shutting down", code="shutting_down"))
             elif job.cancelled.is_set():  # its client left (or timed out) while it waited
                 self.cancelled += 1
-            else:
-                job.queue_s = time.perf_counter() - job.queued_at
-                self.current = job
-                try:
-                    self._start(job)
-                finally:
-                    self.current = None
+            elif (r := self._prepare(job)) is not None:
+                ready.append(r)
+                if max(len(r.ids) for r in ready) * len(ready) >= PREFILL_TOKENS:
+                    break
+        self._start(ready)
         return True
 
-    def _start(self, job: Job) -> None:
-        """Prefill the job alone and move it into the batch; its first token comes from the prefill."""
-        llm = self.llm
+    def _prepare(self, job: Job) -> "Ready | None":
+        """Tokenize and check a job (tokenizing on this thread keeps the tokenizer on one thread);
+        None once it has failed."""
+        job.queue_s = time.perf_counter() - job.queued_at
         try:
-            ids = llm.encode(job.prompt, job.chat)
+            ids = self.llm.encode(job.prompt, job.chat)
             gen = self._fit(job, len(ids))
-            policy = make_policy(job.core, llm.model, llm.load_clusters)
-            t0 = time.perf_counter()
-            session, logits, selection, stats = prefill_one(llm.model, ids, policy, llm.tokenizer.pad_id,
-                                                            self.prefill_caches)
-            self.prefill_caches = session.caches
-            row, token = self.batch.add(session, logits, gen, llm.tokenizer.eos_ids, selection)
+            constraint = None if job.grammar is None else self._constraint(job.grammar)
         except Exception as e:
             self._fail(job, e)
+            return None
+        return Ready(job, ids, gen, constraint)
+
+    def _start(self, ready: list["Ready"]) -> None:
+        """Prefill the ready jobs, those with the same core settings together, and move each into the
+        batch; a job's first token comes from its prefill."""
+        groups: list[list[Ready]] = []
+        for r in ready:
+            group = next((g for g in groups if g[0].job.core == r.job.core), None)
+            if group is None:
+                groups.append([r])
+            else:
+                group.append(r)
+        self.starting = [r.job for r in ready]
+        try:
+            for group in groups:
+                self._prefill(group)
+        finally:
+            self.starting = []
+
+    def _prefill(self, group: list["Ready"]) -> None:
+        llm = self.llm
+        t0 = time.perf_counter()
+        try:
+            policy = make_policy(group[0].job.core, llm.model, llm.load_clusters)
+            session, logits, selection, stats = prefill_group(llm.model, [r.ids for r in group], policy,
+                                                              llm.tokenizer.pad_id, self.prefill_caches)
+            self.prefill_caches = session.caches
+        except Exception as e:
+            for r in group:
+                self._fail(r.job, e)
             return
-        self.live[row] = Live(job, TextStream(llm.tokenizer, gen.stop), len(ids), stats, t0, time.perf_counter())
-        self._emit(row, token)
+        for b, r in enumerate(group):
+            try:
+                row, token = self.batch.add(session, logits, r.gen, llm.tokenizer.eos_ids, selection, r.constraint,
+                                            seq=b)
+            except Exception as e:
+                self._fail(r.job, e)
+                continue
+            self.live[row] = Live(r.job, TextStream(llm.tokenizer, r.gen.stop), len(r.ids), stats[b], t0,
+                                  time.perf_counter())
+            self._emit(row, token)
 
     def _step(self) -> None:
-        """Free the rows of cancelled jobs, then decode one token of every running job."""
+        """Free the rows of cancelled jobs (all of them once a drain's time is up), then decode one
+        token of every running job."""
+        drained = self._drain_until is not None and time.monotonic() >= self._drain_until
         for row, live in list(self.live.items()):
-            if live.job.cancelled.is_set():
+            if drained:
+                self._drop(row)
+                self.failed += 1
+                live.job.push(RequestError(503, "the server shut down before this request finished",
+                                           code="shutting_down"))
+            elif live.job.cancelled.is_set():
                 self._drop(row)
                 self.cancelled += 1
         if not self.live:
@@ -223,16 +311,41 @@ class Worker:
         for row, token in out:
             self._emit(row, token)
 
+    def _grammars(self):
+        if self.grammars is None:
+            from ..engine.structured import Grammars  # llguidance loads only once a request needs it
+
+            llm = self.llm
+            self.grammars = Grammars(llm.tokenizer.hf, llm.model.embed_tokens.weight.shape[0], llm.tokenizer.eos_ids)
+        return self.grammars
+
+    def _constraint(self, grammar: str):
+        try:
+            return self._grammars().constraint(grammar)
+        except ValueError as e:
+            raise RequestError(400, str(e), param="response_format") from None
+
     def _emit(self, row: Row, token: int) -> None:
         """Hand a job its new token's text; finish it on EOS, a stop string or its token limit."""
         live = self.live[row]
-        if token in self.llm.tokenizer.eos_ids and not row.gen.ignore_eos:
+        # a grammar's document ends at EOS even under ignore_eos (engine/batching.py's Row.append)
+        eos = token in self.llm.tokenizer.eos_ids and (not row.gen.ignore_eos or row.constraint is not None)
+        if row.logprobs:
+            if not eos:  # the EOS token's entry is not sent, as OpenAI's API does not
+                live.tokens += [self._token_info(*entry) for entry in row.logprobs]
+            row.logprobs.clear()
+        if eos:
             return self._finish(row, "stop")
         piece = live.text.push(token)
         if piece:
-            live.job.push(StreamEvent(0, piece))
+            live.job.push(Event(piece, live.tokens))
+            live.tokens = []
         if live.text.stopped or row.done:
             self._finish(row, "stop" if live.text.stopped else "length")
+
+    def _token_info(self, token: int, logprob: float, top: list[tuple[int, float]]) -> TokenInfo:
+        decode = self.llm.tokenizer.hf.decode
+        return TokenInfo(decode([token]), logprob, [(decode([i]), lp) for i, lp in top])
 
     def _finish(self, row: Row, reason: str) -> None:
         live = self._drop(row)
@@ -241,7 +354,7 @@ class Worker:
         done = Completion(live.text.text, live.text.ids, reason, live.prompt_tokens, prefill_s=live.t_first - live.t0,
                           decode_s=t_end - live.t_first, stats=live.stats)
         live.job.batching = row.stats.report(self.batch.dense_bytes)
-        live.job.push(StreamEvent(0, tail, done))
+        live.job.push(Event(tail, live.tokens, done))
         self.completed += 1
 
     def _drop(self, row: Row) -> Live:
@@ -276,7 +389,7 @@ class Worker:
     def health(self) -> dict:
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
         rows, batch = len(self.live), self.batch
-        return {"status": "ok" if self.alive() else "unavailable", "busy": rows > 0 or self.current is not None,
+        return {"status": "ok" if self.alive() else "unavailable", "busy": rows > 0 or bool(self.starting),
                 "queue_depth": self.jobs.qsize(), "queue_size": self.jobs.maxsize,
                 "batch_rows": rows, "max_batch": batch.capacity, "ffn_layers": dict(batch.layer_paths),
                 "step_bytes_per_sequence": round(batch.step_bytes / rows) if rows else None,
@@ -329,6 +442,8 @@ def make_job(llm, settings: Settings, req, prompt, chat: bool, default_max: int)
     """A checked request (app.py's Common) as a Job; raises RequestError on values out of range."""
     if req.n != 1:
         raise RequestError(400, "only n=1 is supported", param="n")
+    if req.best_of not in (None, 1):
+        raise RequestError(400, "only best_of=1 is supported", param="best_of")
     asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
     if asked is not None and asked > llm.model.max_context:
         raise RequestError(400, f"max_tokens must be <= the context of {llm.model.max_context} tokens, got {asked}",
@@ -336,13 +451,54 @@ def make_job(llm, settings: Settings, req, prompt, chat: bool, default_max: int)
     stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
     try:
         gen = GenerationConfig(max_new_tokens=asked or default_max, temperature=req.temperature, top_k=req.top_k,
-                               top_p=req.top_p, repetition_penalty=req.repetition_penalty, seed=req.seed,
-                               stop=stop, ignore_eos=req.ignore_eos)
+                               top_p=req.top_p, repetition_penalty=req.repetition_penalty,
+                               presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                               logit_bias=logit_bias(req.logit_bias, llm.model.embed_tokens.weight.shape[0]),
+                               logprobs=logprobs_asked(req, chat), seed=req.seed, stop=stop, ignore_eos=req.ignore_eos)
     except ValueError as e:
         raise value_error(e, GEN_FIELDS, {"max_new_tokens": "max_tokens"}) from None
     core = core_for(settings.core, req, len(llm.model.layers))
     return Job(prompt, chat, gen, core, asyncio.get_running_loop(), prompt_param="messages" if chat else "prompt",
-               fit_max_tokens=asked is None)
+               fit_max_tokens=asked is None, grammar=grammar_for(req.response_format))
+
+
+def logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float]:
+    """OpenAI's logit_bias {"token id": bias in [-100, 100]} as {id: bias}."""
+    out = {}
+    for key, value in (bias or {}).items():
+        if not (key.isdigit() and int(key) < vocab_size):
+            raise RequestError(400, f"logit_bias: {key!r} is not a token id of this model (0..{vocab_size - 1})",
+                               param="logit_bias")
+        if not -100 <= value <= 100:
+            raise RequestError(400, f"logit_bias: the bias of token {key} must be in [-100, 100], got {value}",
+                               param="logit_bias")
+        out[int(key)] = value
+    return out
+
+
+def logprobs_asked(req, chat: bool) -> int | None:
+    """How many alternatives per token the request wants with its logprobs; None: no logprobs."""
+    if not chat:
+        return req.logprobs
+    if req.top_logprobs is not None and not req.logprobs:
+        raise RequestError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
+    return (req.top_logprobs or 0) if req.logprobs else None
+
+
+def grammar_for(response_format) -> str | None:
+    """The request's response_format (app.py's ResponseFormat) as a grammar; None for free text."""
+    if response_format is None or response_format.type == "text":
+        return None
+    schema = (response_format.json_schema or {}).get("schema")
+    if response_format.type == "json_schema" and not isinstance(schema, dict):
+        raise RequestError(400, "response_format.json_schema.schema must be a JSON schema object",
+                           param="response_format")
+    from ..engine.structured import json_grammar  # llguidance loads only once a request needs it
+
+    try:
+        return json_grammar({"type": response_format.type, "json_schema": {"schema": schema}})
+    except ValueError as e:
+        raise RequestError(400, f"response_format: {e}", param="response_format") from None
 
 
 def core_info(job: Job, completion) -> dict:
