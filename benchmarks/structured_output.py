@@ -8,7 +8,8 @@ SmolLM2-135M-Instruct's 49,152-token vocabulary, then walks a valid document tok
 token it computes the mask of allowed next tokens (what a decode step waits for), checks that the
 document's token is allowed, and advances. It prints one markdown table: compile time, per-token
 mask time (mean and p95), whether arbitrary JSON (`json_object`) is expressible, and the installed
-size of the package and of the dependencies it pulls that coreinfer does not already have.
+size of the package and of the dependencies it pulls that coreinfer does not already have. A last row
+times what the server itself pays per token (coreinfer/engine/structured.py).
 """
 
 import argparse
@@ -111,7 +112,7 @@ def bench_outlines(tok, V: int, ids: list[int]):
     t0 = time.perf_counter()
     index = Index(build_regex_from_schema(json.dumps(SCHEMA)), vocab)
     compile_s = time.perf_counter() - t0
-    guide, state = Guide(index), {}
+    guide = Guide(index)
     mask = torch.zeros(V, dtype=torch.bool)
 
     def fill():  # a list of allowed ids, turned into the mask a sampler applies
@@ -122,7 +123,28 @@ def bench_outlines(tok, V: int, ids: list[int]):
     return compile_s, times, False  # regular expressions: no arbitrarily nested JSON
 
 
-BENCHES = {"xgrammar": bench_xgrammar, "llguidance": bench_llguidance, "outlines_core": bench_outlines}
+def bench_server(tok, V: int, ids: list[int]):
+    """What coreinfer's server pays per token (engine/structured.py on llguidance): the mask, applying
+    it to a row of logits, and advancing the matcher."""
+    from coreinfer.engine.structured import Grammars, json_grammar
+
+    grammars = Grammars(tok, V, {tok.eos_token_id})
+    t0 = time.perf_counter()
+    c = grammars.constraint(json_grammar({"type": "json_schema", "json_schema": {"schema": SCHEMA}}))
+    compile_s = time.perf_counter() - t0
+    logits, times = torch.randn(1, V), []
+    for t in ids:
+        t0 = time.perf_counter()
+        masked = c.mask(logits)
+        c.accept(t)
+        times.append(time.perf_counter() - t0)
+        assert masked[0, t] == logits[0, t], f"token {t} rejected"
+    return compile_s, times, True
+
+
+BENCHES = {"xgrammar": bench_xgrammar, "llguidance": bench_llguidance, "outlines_core": bench_outlines,
+           "coreinfer (llguidance: mask, apply, advance)": bench_server}
+PACKAGES = {"coreinfer (llguidance: mask, apply, advance)": "llguidance"}
 
 
 def main() -> int:
@@ -135,13 +157,14 @@ def main() -> int:
     ids = tok(DOCUMENT, add_special_tokens=False)["input_ids"]
     rows = []
     for name, bench in BENCHES.items():
-        if importlib.util.find_spec(name) is None:
+        package = PACKAGES.get(name, name)
+        if importlib.util.find_spec(package) is None:
             print(f"{name}: not installed, skipped", file=sys.stderr)
             continue
         compile_s, times, _ = bench(tok, V, ids)  # warm-up (first-call costs)
         runs = [bench(tok, V, ids) for _ in range(args.repeat)]
         times = [t for _, ts, _ in runs for t in ts]
-        size = tree_mb(name) + sum(tree_mb(d) or 0 for d in EXTRA_DEPS[name])
+        size = tree_mb(package) + sum(tree_mb(d) or 0 for d in EXTRA_DEPS[package])
         rows.append((name, statistics.median(c for c, _, _ in runs) * 1e3, statistics.mean(times) * 1e6,
                      statistics.quantiles(times, n=20)[-1] * 1e6, runs[0][2], size))
     print(f"\nschema of 3 fields, a {len(ids)}-token document, vocabulary {V}, {args.repeat} walks, one thread\n")

@@ -372,7 +372,8 @@ def test_core_options_over_server_defaults():
     from types import SimpleNamespace
 
     from coreinfer.engine.policy import CoreConfig
-    from coreinfer.serving.server import RequestError, core_for
+    from coreinfer.serving.jobs import core_for
+    from coreinfer.serving.server import RequestError
 
     def req(**kw):
         return SimpleNamespace(**{k: None for k in ("dense", "alpha", "beta", "statistic", "ranking", "layers",

@@ -22,7 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from .server import Job, RequestError, Settings, TokenInfo, Worker, core_info, log, make_job, server_core, usage
+from .jobs import core_info, make_job, usage
+from .server import Job, RequestError, Settings, TokenInfo, Worker, log, server_core
 
 POLL_S = 0.25  # how often a waiting request checks whether its client is still there
 # OpenAI's fields this server does not do: refused unless empty (n and best_of: unless 1, in make_job);
@@ -174,8 +175,8 @@ def check_unicode(value, param: str) -> None:
             check_unicode(v, f"{param}[{i}]")
 
 
-def token_bytes(text: str) -> list[int]:
-    return list(text.encode("utf-8", errors="replace"))
+def chat_logprob(token: str, logprob: float) -> dict:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8", errors="replace"))}
 
 
 class Reply:
@@ -197,9 +198,9 @@ class Reply:
         if self.logprobs is None:
             return None
         if self.chat:
-            return {"content": [{"token": t.text, "logprob": t.logprob, "bytes": token_bytes(t.text),
-                                 "top_logprobs": [{"token": a, "logprob": lp, "bytes": token_bytes(a)} for a, lp in t.top]}
-                                for t in tokens], "refusal": None}
+            return {"content": [{**chat_logprob(t.text, t.logprob),
+                                 "top_logprobs": [chat_logprob(a, lp) for a, lp in t.top]} for t in tokens],
+                    "refusal": None}
         offsets = []
         for t in tokens:
             offsets.append(self.offset)
@@ -339,7 +340,7 @@ def create_app(llm, settings: Settings | None = None) -> FastAPI:
     settings = replace(settings, core=server_core(llm, settings.core))
     model_id = settings.model_id or default_model_id(llm)
     names = {model_id, "coreinfer"}
-    worker = Worker(llm, settings.queue_size, settings.max_batch)
+    worker = Worker(llm, settings.queue_size, settings.max_batch, settings.prefill_tokens)
     key = settings.api_key.encode() if settings.api_key else None
     page = CHAT_PAGE.read_text(encoding="utf-8")  # read now: a missing page fails the start, not a visit
 

@@ -28,6 +28,8 @@ def add_parser(sub) -> None:
     g.add_argument("--max-body-bytes", type=int, default=Settings.max_body_bytes, help="larger bodies get HTTP 413")
     g.add_argument("--default-max-tokens", type=int, default=Settings.default_max_tokens,
                    help="max_tokens of chat requests that give none")
+    g.add_argument("--prefill-tokens", type=int, default=Settings.prefill_tokens,
+                   help="padded prompt tokens of waiting requests prefilled together before the next decode step")
     g.add_argument("--drain-timeout", type=float, default=Settings.drain_timeout,
                    help="on SIGTERM: seconds running requests get to finish; then each ends with an error")
     g.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -77,7 +79,7 @@ def cmd_serve(args) -> None:
     settings = Settings(model_id=args.model_id, api_key=args.api_key, core=core_config(args),
                         queue_size=args.queue_size, max_batch=args.max_batch, request_timeout=args.request_timeout,
                         max_body_bytes=args.max_body_bytes, default_max_tokens=args.default_max_tokens,
-                        drain_timeout=args.drain_timeout)
+                        drain_timeout=args.drain_timeout, prefill_tokens=args.prefill_tokens)
     if settings.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"coreinfer: warning: listening on {args.host} without an API key", file=sys.stderr)
     sock = bind(args.host, args.port)

@@ -3,10 +3,11 @@
 Requests become Jobs in a bounded queue. One Worker thread owns the model and batches continuously:
 between two decode steps it takes the waiting jobs while the batch has free rows, prefills them
 together (one padded forward per core setting, dense, each choosing its core set; at most
-PREFILL_TOKENS at a time, so decoding rows wait for one such prefill), and moves them into the
+Settings.prefill_tokens at a time, so decoding rows wait for one such prefill), and moves them into the
 running DecodeBatch (engine/batching.py); every step then decodes one token of every running job in
-one forward, and each text piece goes back to its request's event loop. A Job's cancel flag (client gone, deadline passed) is checked before every
-step, and a finished or cancelled job's row is freed for the next one at once.
+one forward, and each text piece goes back to its request's event loop. A Job's cancel flag (client
+gone, deadline passed) is checked before every step, and a finished or cancelled job's row is freed
+for the next one at once.
 This module imports no web framework, so the rest of the CLI works without the `serve` extra.
 """
 
@@ -32,7 +33,6 @@ log = logging.getLogger("coreinfer.server")
 API_KEY_ENV = "COREINFER_API_KEY"
 GEN_FIELDS = ("temperature", "top_k", "top_p", "repetition_penalty")
 CORE_FIELDS = ("alpha", "beta", "statistic", "ranking", "layers", "mode")  # CoreConfig's, settable per request
-PREFILL_TOKENS = 2048  # padded prompt tokens one admission prefills (soft: the last job taken may pass it)
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,7 @@ class Settings:
     max_body_bytes: int = 1 << 20
     default_max_tokens: int = 256  # chat requests without max_tokens (OpenAI's completions default is 16)
     drain_timeout: float = 10.0  # on SIGTERM: seconds running requests may take to finish, then they end
+    prefill_tokens: int = 512  # padded prompt tokens prefilled together between two decode steps (soft)
 
     def __post_init__(self):
         checks = [
@@ -58,6 +59,7 @@ class Settings:
             (self.max_body_bytes >= 1024, f"max body bytes must be >= 1024, got {self.max_body_bytes}"),
             (self.default_max_tokens >= 1, f"default max tokens must be >= 1, got {self.default_max_tokens}"),
             (self.drain_timeout >= 0, f"drain timeout must be >= 0, got {self.drain_timeout}"),
+            (self.prefill_tokens >= 1, f"prefill tokens must be >= 1, got {self.prefill_tokens}"),
             (self.api_key is None or self.api_key.strip() != "", "the API key is empty"),
             (self.core is None or (self.core.refine, self.core.input_keep, self.core.drift_period) == (None, 1, 0),
              "the server batches requests continuously, which decodes plain core sets: --refine, --input-keep and "
@@ -157,8 +159,9 @@ class Worker:
     """The one thread that touches the model (see the module docstring). Counters and the batch are
     written only by that thread."""
 
-    def __init__(self, llm, queue_size: int, max_batch: int = Settings.max_batch):
-        self.llm = llm
+    def __init__(self, llm, queue_size: int, max_batch: int = Settings.max_batch,
+                 prefill_tokens: int = Settings.prefill_tokens):
+        self.llm, self.prefill_tokens = llm, prefill_tokens
         self.jobs: queue.Queue = queue.Queue(maxsize=queue_size)
         self.batch = DecodeBatch(llm.model, max_batch)
         self.live: dict[Row, Live] = {}
@@ -210,7 +213,7 @@ class Worker:
 
     def _admit(self) -> bool:
         """Take waiting jobs while the batch has free rows (wait for one while it is empty) and prefill
-        them together, about PREFILL_TOKENS padded prompt tokens at most, so that arrivals fill the
+        them together, about `prefill_tokens` padded prompt tokens at most, so that arrivals fill the
         batch at once while the running rows wait for one such prefill between two decode steps.
         False once the stop sentinel arrives."""
         ready: list[Ready] = []
@@ -228,7 +231,7 @@ class Worker:
                 self.cancelled += 1
             elif (r := self._prepare(job)) is not None:
                 ready.append(r)
-                if max(len(r.ids) for r in ready) * len(ready) >= PREFILL_TOKENS:
+                if max(len(r.ids) for r in ready) * len(ready) >= self.prefill_tokens:
                     break
         self._start(ready)
         return True
@@ -398,12 +401,6 @@ class Worker:
                 "peak_rss_mb": round(peak_kib / 1024, 1)}
 
 
-def value_error(e: ValueError, fields: tuple, rename: dict) -> RequestError:
-    """The engine's config checks mostly say 'FIELD must ...': blame that field of the request."""
-    first = str(e).split(" ", 1)[0]
-    return RequestError(400, str(e), param=rename.get(first, first if first in fields else None))
-
-
 def server_core(llm, core: CoreConfig | None) -> CoreConfig | None:
     """The server's default core setting with profile "auto" resolved (LLM.default_core), logged.
     Continuous batching decodes plain core sets: a calibrated profile that picks rows per token is
@@ -417,109 +414,3 @@ def server_core(llm, core: CoreConfig | None) -> CoreConfig | None:
         return None
     log.info("%s", line)
     return llm.resolve(core)
-
-
-def core_for(default: CoreConfig | None, req, num_layers: int) -> CoreConfig | None:
-    """The server's core settings with the request's options laid over them; None decodes dense."""
-    given = {k: getattr(req, k) for k in CORE_FIELDS if getattr(req, k) is not None}
-    # naming any core option asks for core neurons even when the server decodes dense by default
-    dense = req.dense if req.dense is not None else default is None and not given
-    if dense:
-        if given:
-            raise RequestError(400, f"{', '.join(given)} cannot be used with dense decoding", param=next(iter(given)))
-        return None
-    try:
-        # keeps the server's cluster set, if any; a request's own options replace a profile's budgets
-        base = default if default is not None and not (given and default.profile) else CoreConfig()
-        core = replace(base, **given)
-        core.keep(num_layers)  # checks the layer spec and the number of betas now, not mid-generation
-    except ValueError as e:
-        raise value_error(e, CORE_FIELDS, {"similarity": "mode", "bad": "layers"}) from None
-    return core
-
-
-def make_job(llm, settings: Settings, req, prompt, chat: bool, default_max: int) -> Job:
-    """A checked request (app.py's Common) as a Job; raises RequestError on values out of range."""
-    if req.n != 1:
-        raise RequestError(400, "only n=1 is supported", param="n")
-    if req.best_of not in (None, 1):
-        raise RequestError(400, "only best_of=1 is supported", param="best_of")
-    asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
-    if asked is not None and asked > llm.model.max_context:
-        raise RequestError(400, f"max_tokens must be <= the context of {llm.model.max_context} tokens, got {asked}",
-                           param="max_tokens")
-    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    try:
-        gen = GenerationConfig(max_new_tokens=asked or default_max, temperature=req.temperature, top_k=req.top_k,
-                               top_p=req.top_p, repetition_penalty=req.repetition_penalty,
-                               presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
-                               logit_bias=logit_bias(req.logit_bias, llm.model.embed_tokens.weight.shape[0]),
-                               logprobs=logprobs_asked(req, chat), seed=req.seed, stop=stop, ignore_eos=req.ignore_eos)
-    except ValueError as e:
-        raise value_error(e, GEN_FIELDS, {"max_new_tokens": "max_tokens"}) from None
-    core = core_for(settings.core, req, len(llm.model.layers))
-    return Job(prompt, chat, gen, core, asyncio.get_running_loop(), prompt_param="messages" if chat else "prompt",
-               fit_max_tokens=asked is None, grammar=grammar_for(req.response_format))
-
-
-def logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, float]:
-    """OpenAI's logit_bias {"token id": bias in [-100, 100]} as {id: bias}."""
-    out = {}
-    for key, value in (bias or {}).items():
-        if not (key.isdigit() and int(key) < vocab_size):
-            raise RequestError(400, f"logit_bias: {key!r} is not a token id of this model (0..{vocab_size - 1})",
-                               param="logit_bias")
-        if not -100 <= value <= 100:
-            raise RequestError(400, f"logit_bias: the bias of token {key} must be in [-100, 100], got {value}",
-                               param="logit_bias")
-        out[int(key)] = value
-    return out
-
-
-def logprobs_asked(req, chat: bool) -> int | None:
-    """How many alternatives per token the request wants with its logprobs; None: no logprobs."""
-    if not chat:
-        return req.logprobs
-    if req.top_logprobs is not None and not req.logprobs:
-        raise RequestError(400, "top_logprobs requires logprobs: true", param="top_logprobs")
-    return (req.top_logprobs or 0) if req.logprobs else None
-
-
-def grammar_for(response_format) -> str | None:
-    """The request's response_format (app.py's ResponseFormat) as a grammar; None for free text."""
-    if response_format is None or response_format.type == "text":
-        return None
-    schema = (response_format.json_schema or {}).get("schema")
-    if response_format.type == "json_schema" and not isinstance(schema, dict):
-        raise RequestError(400, "response_format.json_schema.schema must be a JSON schema object",
-                           param="response_format")
-    from ..engine.structured import json_grammar  # llguidance loads only once a request needs it
-
-    try:
-        return json_grammar({"type": response_format.type, "json_schema": {"schema": schema}})
-    except ValueError as e:
-        raise RequestError(400, f"response_format: {e}", param="response_format") from None
-
-
-def core_info(job: Job, completion) -> dict:
-    """What the request ran with and how it went: echoed as the response's `coreinfer` object."""
-    info = {"dense": job.core is None}
-    if job.core is not None:
-        info.update({k: getattr(job.core, k) for k in CORE_FIELDS})
-    stats = completion.stats
-    if stats is not None:
-        info.update(core_sizes={str(k): v for k, v in stats.core_sizes.items()}, ffn_width=stats.ffn_width,
-                    weight_bytes_fraction=round(stats.share, 4),
-                    select_ms=round(stats.select_ms, 2), compact_ms=round(stats.compact_ms, 2))
-        if stats.cluster is not None:  # similarity mode
-            info.update(cluster=stats.cluster[0], cluster_score=round(stats.cluster_score[0], 4))
-    info.update(job.batching or {})
-    info.update(queue_s=round(job.queue_s, 4), prefill_s=round(completion.prefill_s, 4),
-                decode_s=round(completion.decode_s, 4), prefill_tok_s=round(completion.prefill_tok_s, 1),
-                decode_tok_s=round(completion.decode_tok_s, 1))
-    return info
-
-
-def usage(c) -> dict:
-    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-            "total_tokens": c.prompt_tokens + c.completion_tokens}
