@@ -37,6 +37,8 @@ PROMPTS = ["The capital of France is", "Write a haiku about the sea.", "def quic
 def one_request(http: httpx.Client, args, i: int) -> dict:
     """One completion; returns its prompt, text, latency, time to first token (streaming) and tokens."""
     body = {"model": args.model, "max_tokens": args.max_tokens, "temperature": 0, "stream": args.stream}
+    if args.stream:  # usage rides on OpenAI's extra last chunk (servers before it put it on the last one)
+        body["stream_options"] = {"include_usage": True}
     prompt = PROMPTS[i % len(PROMPTS)]
     path = "/v1/chat/completions" if args.chat else "/v1/completions"
     body.update({"messages": [{"role": "user", "content": prompt}]} if args.chat else {"prompt": prompt})
@@ -85,7 +87,7 @@ def pct(values: list[float], q: int) -> float:
 
 
 def load(url: str, args, clients: int) -> dict:
-    """Run `clients` concurrent clients against `url`; the figures of one table row."""
+    """Run `clients` concurrent clients against `url`: their results, errors, wall time and the RSS."""
     results, errors, lock = [], [], threading.Lock()
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -95,8 +97,16 @@ def load(url: str, args, clients: int) -> dict:
     health = httpx.get(f"{url}/health", timeout=30).json()
     for e in sorted(set(errors))[:5]:
         print(f"error: {e}", file=sys.stderr)
-    row = {"clients": clients, "ok": len(results), "errors": len(errors), "wall": wall,
-           "rss": health.get("peak_rss_mb"), "texts": {(r["prompt"], r["text"]) for r in results}}
+    return {"clients": clients, "results": results, "errors": errors, "wall": wall, "rss": health.get("peak_rss_mb")}
+
+
+def summary(runs: list[dict]) -> dict:
+    """The figures of one table row, over the rounds `runs` of one server and client count."""
+    results = [r for run in runs for r in run["results"]]
+    wall = sum(run["wall"] for run in runs)
+    row = {"clients": runs[0]["clients"], "ok": len(results), "errors": sum(len(run["errors"]) for run in runs),
+           "wall": wall, "rss": max((run["rss"] for run in runs if run["rss"] is not None), default=None),
+           "texts": {(r["prompt"], r["text"]) for r in results}}
     if results:
         latency, ttft = [r["latency"] for r in results], [r["ttft"] for r in results if r["ttft"] is not None]
         row.update(tok_s=sum(r["tokens"] for r in results) / wall, p50=pct(latency, 50), p95=pct(latency, 95),
@@ -146,6 +156,8 @@ def main() -> int:
     p.add_argument("--model", default="coreinfer", help="model id (the server also accepts 'coreinfer')")
     p.add_argument("--clients", default="16", help="concurrent clients; a comma list gives one row each")
     p.add_argument("--requests", type=int, default=4, help="requests per client, one after another")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat the whole run; servers alternate within each round, a row pools its rounds")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--chat", action="store_true", help="use /v1/chat/completions")
     p.add_argument("--stream", action="store_true", help="stream, and measure time to first token")
@@ -161,27 +173,31 @@ def main() -> int:
         p.error("--clients takes positive integers like 1,4,16; --serve takes LABEL=CHECKOUT")
 
     load_before = os.getloadavg()[0]
-    rows = []
-    for clients in counts:  # checkouts alternate per client count: a shared machine's load drifts
-        for label, checkout in servers or [("server", None)]:
-            proc = None
-            if checkout is not None:
-                port = free_port()
-                proc = serve(checkout, args, port)
-            url = f"http://127.0.0.1:{port}" if proc else args.url
-            try:
-                rows.append({"label": label, **load(url, args, clients)})
-            finally:
-                if proc is not None:
-                    proc.terminate()
-                    proc.wait(60)
-            r = rows[-1]
-            print(f"{label} {clients} clients: {fmt(r.get('tok_s'), '.1f')} tok/s, p50 {fmt(r.get('p50'), '.2f')} s",
-                  file=sys.stderr)
+    runs: dict[tuple, list] = {}
+    for _ in range(args.rounds):
+        for clients in counts:  # checkouts alternate per client count: a shared machine's load drifts
+            for label, checkout in servers or [("server", None)]:
+                proc = None
+                if checkout is not None:
+                    port = free_port()
+                    proc = serve(checkout, args, port)
+                url = f"http://127.0.0.1:{port}" if proc else args.url
+                try:
+                    run = load(url, args, clients)
+                finally:
+                    if proc is not None:
+                        proc.terminate()
+                        proc.wait(60)
+                runs.setdefault((label, clients), []).append(run)
+                r = summary([run])
+                print(f"{label} {clients} clients: {fmt(r.get('tok_s'), '.1f')} tok/s, p50 first token "
+                      f"{fmt(r.get('ttft50'), '.2f')} s", file=sys.stderr)
+    rows = [{"label": label, **summary(rs)} for (label, _), rs in runs.items()]
 
     rows.sort(key=lambda r: [label for label, _ in servers].index(r["label"]) if servers else 0)
     first = {r["clients"]: r["texts"] for r in rows if r["label"] == rows[0]["label"]}
-    print(f"\n{len(counts)} client counts x {args.requests} requests per client, {args.max_tokens} tokens each, "
+    print(f"\n{len(counts)} client counts x {args.requests} requests per client x {args.rounds} rounds, "
+          f"{args.max_tokens} tokens each, "
           f"temperature 0{', streamed' if args.stream else ''}; servers with --threads {args.threads}; "
           f"load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after\n")
     print("| server | clients | requests ok | errors | aggregate tok/s | p50 latency s | p95 latency s "

@@ -156,7 +156,7 @@ def test_filters_equal_transformers_logits_processors(kwargs):
     if gen.top_p < 1.0:
         chain.append(TopPLogitsWarper(gen.top_p))
     ref = chain(history, logits.clone())
-    ours = filter_logits(logits, gen, history)
+    ours = filter_logits(logits, gen, history, prompt_len=0)
     assert torch.equal(ours.isinf(), ref.isinf())
     kept = ~ref.isinf()
     assert 1 < int(kept.sum()) and torch.allclose(ours[kept], ref[kept])

@@ -110,8 +110,14 @@ def test_completion_stream_reassembles(url, app):
     chunks = list(c.completions.create(model="coreinfer", prompt=PROMPTS[0], stream=True, **GREEDY))
     assert "".join(ch.choices[0].text for ch in chunks) == choice.text
     assert chunks[-1].choices[0].finish_reason == choice.finish_reason
-    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert all(ch.usage is None for ch in chunks)  # usage only when stream_options asks for it
     assert chunks[-1].model_extra["coreinfer"]["core_sizes"] == info["core_sizes"]
+    with_usage = list(c.completions.create(model="coreinfer", prompt=PROMPTS[0], stream=True,
+                                           stream_options={"include_usage": True}, **GREEDY))
+    # OpenAI's shape: one extra last chunk with the usage and no choices; the others carry no usage
+    assert with_usage[-1].choices == [] and with_usage[-1].usage.completion_tokens == full.usage.completion_tokens
+    assert all(ch.usage is None and len(ch.choices) == 1 for ch in with_usage[:-1])
+    assert "".join(ch.choices[0].text for ch in with_usage[:-1]) == choice.text
 
 
 def test_chat_stream_reassembles(url, app):
@@ -119,10 +125,11 @@ def test_chat_stream_reassembles(url, app):
     full = c.chat.completions.create(model=app.state.model_id, messages=CHATS[1], **GREEDY)
     message = full.choices[0].message
     assert message.role == "assistant" and message.content
-    chunks = list(c.chat.completions.create(model=app.state.model_id, messages=CHATS[1], stream=True, **GREEDY))
+    chunks = list(c.chat.completions.create(model=app.state.model_id, messages=CHATS[1], stream=True,
+                                            stream_options={"include_usage": True}, **GREEDY))
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == message.content
-    assert chunks[-1].usage.total_tokens == full.usage.total_tokens
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks[:-1]) == message.content
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == full.usage.total_tokens
 
 
 def test_core_options_ride_in_the_body(url, app):
@@ -246,7 +253,26 @@ BAD = [  # body, status, param (None: not checked), code
     (ok(layers="99"), 400, "layers", None),
     (ok(mode="similarity"), 400, "mode", None),
     (ok(dense=True, beta=0.5), 400, "beta", None),
-    (ok(logprobs=3), 400, "logprobs", None),
+    (ok(logprobs=21), 400, "logprobs", None),
+    (ok(logprobs=True), 400, "logprobs", None),
+    (ok(best_of=2), 400, "best_of", None),
+    (ok(tool_choice="auto"), 400, "tool_choice", None),
+    (ok(user="user-1234"), 400, "user", None),
+    (ok(echo=True), 400, "echo", None),
+    (ok(audio={"voice": "alloy", "format": "wav"}), 400, "audio", None),
+    (ok(modalities=["text", "audio"]), 400, "modalities", None),
+    (ok(store=True), 400, "store", None),
+    (ok(presence_penalty=2.5), 400, "presence_penalty", None),
+    (ok(frequency_penalty="high"), 400, "frequency_penalty", None),
+    (ok(logit_bias={"Paris": -100}), 400, "logit_bias", None),
+    (ok(logit_bias={"99999999": -100}), 400, "logit_bias", None),
+    (ok(logit_bias={"42": -101}), 400, "logit_bias", None),
+    (ok(stream_options={"include_usage": True}), 400, "stream_options", None),
+    (ok(response_format={"type": "xml"}), 400, "response_format.type", None),
+    (ok(response_format={"type": "json_schema", "json_schema": {"name": "x"}}), 400, "response_format", None),
+    (ok(response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strin"}}}), 400,
+     "response_format", None),
+    (b'{"model": "coreinfer", "prompt": "caf\\u00e9 \\ud800!", "max_tokens": 2}', 400, "prompt", "invalid_unicode"),
     (ok(prompt="word " * 9000), 400, "prompt", "context_length_exceeded"),
     (ok(max_tokens=8190, prompt="word " * 10), 400, "max_tokens", "context_length_exceeded"),
 ]
@@ -257,6 +283,12 @@ BAD_CHAT = [
     ({"model": "coreinfer", "messages": [{"role": "user"}]}, 400, "messages[0].content", None),
     ({"model": "coreinfer", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
      "messages[0].content", None),
+    (b'{"model": "coreinfer", "messages": [{"role": "user", "content": "\\udfff"}]}', 400, "messages[0].content",
+     "invalid_unicode"),
+    ({"model": "coreinfer", "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400,
+     "top_logprobs", None),
+    ({"model": "coreinfer", "messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
+     400, "top_logprobs", None),
 ]
 
 
@@ -340,7 +372,8 @@ def test_core_options_over_server_defaults():
     from types import SimpleNamespace
 
     from coreinfer.engine.policy import CoreConfig
-    from coreinfer.serving.server import RequestError, core_for
+    from coreinfer.serving.jobs import core_for
+    from coreinfer.serving.server import RequestError
 
     def req(**kw):
         return SimpleNamespace(**{k: None for k in ("dense", "alpha", "beta", "statistic", "ranking", "layers",

@@ -1,14 +1,16 @@
 """Continuous batching: sequences join and leave a running decode batch between steps.
 
     batch = DecodeBatch(model, capacity=16)
-    row, token = batch.add(session, logits, gen, eos_ids, selection)  # a prefilled B=1 session moves in
-    for row, token in batch.step(): ...                                # one token for every row, one forward
-    batch.remove(row)                                                  # finished, cancelled or timed out
+    session, logits, selection, _ = prefill_group(model, prompts, policy)  # arrivals prefill together
+    row, token = batch.add(session, logits, gen, eos_ids, selection, seq=b)  # each sequence moves in
+    for row, token in batch.step(): ...                                  # one token for every row, one forward
+    batch.remove(row)                                                    # finished, cancelled or timed out
 
-Each sequence is prefilled alone (a B=1 Session, dense, its policy selecting as usual); its KV cache
-and core ids then move into a row of the batch. Rows are packed: rows 0..n-1 are the live ones and a
-removed row's place is taken by the last one, so a step runs over exactly n sequences. Sequences of
-one batch sit at different cache slots; a B=1 session has no padding, so a row's positions are its slots.
+Sequences that arrive together are prefilled together (one left-padded Session, dense, their policy
+selecting each one's core set as usual); each one's KV cache and core ids then move into a row of the
+batch. Rows are packed: rows 0..n-1 are the live ones and a removed row's place is taken by the last
+one, so a step runs over exactly n sequences. Sequences of one batch sit at different cache slots; a
+row holds its tokens from slot 0 on, so its positions are its slots.
 
 How each layer's FFN runs is chosen whenever the rows change, by the weight bytes a step reads:
 - "compact": each sequence through its own k gathered core rows (reads n * k rows); only when every
@@ -25,6 +27,7 @@ import copy
 import time
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -36,6 +39,9 @@ from .observe import Observer
 from .policy import Selection, SelectionPolicy
 from .session import CACHE_BLOCK, CoreStats, Session, cache_length
 
+if TYPE_CHECKING:  # llguidance is imported only where a grammar is built
+    from .structured import Constraint
+
 FFN_PATHS = ("auto", "compact", "masked")
 
 
@@ -46,30 +52,40 @@ def core_bytes(ffns: list, dense_bytes: int, sizes: dict[int, int]) -> int:
 
 
 @torch.inference_mode()
-def prefill_one(model, prompt: list[int], policy: SelectionPolicy | None, pad_id: int = 0, caches=None):
-    """Prefill one sequence alone, densely, and let `policy` (None: dense) choose its core set without
-    compacting it (the batch gathers or masks for itself). `caches`: a previous prefill's, reused when
-    their shape fits. Returns the session (its KV cache), the last logits [1, V], the Selection or
-    None, and its CoreStats or None."""
+def prefill_group(model, prompts: list[list[int]], policy: SelectionPolicy | None, pad_id: int = 0, caches=None):
+    """Prefill sequences together, densely, in one left-padded forward, and let `policy` (None: dense)
+    choose each one's core set without compacting it (the batch gathers or masks for itself).
+    `caches`: a previous prefill's, reused when their shape fits. Returns the session (its KV caches),
+    the last logits [B, V], the Selection (index [B, k] per layer) or None, and per sequence its
+    CoreStats or None. Each sequence's tokens, activations and core set are its own: padding is masked."""
     if isinstance(policy, DriftPolicy):
         raise ValueError("drift checks re-choose a sequence's core set mid-decode, which a continuous batch "
                          "does not do: use drift_period 0")
-    session = Session(model, [prompt], 0, pad_id, caches=caches)
+    session = Session(model, prompts, 0, pad_id, caches=caches)
     observer = None if policy is None else Observer(policy.wanted())
     logits = session.prefill(observer)
     if policy is None:
-        return session, logits, None, None
+        return session, logits, None, [None] * len(prompts)
     t0 = time.perf_counter()
     selection = policy.select(observer.layers)
     if selection.plans:
         raise ValueError("per-token refinement inside the core set (refine, input_keep, a profile's plans) is "
                          "not decoded in a continuous batch: it runs plain core sets")
+    select_ms = (time.perf_counter() - t0) * 1e3 / len(prompts)
     sizes = {l: ix.shape[1] for l, ix in selection.index.items()}
-    stats = CoreStats(core_sizes=sizes, ffn_width=model.ffns()[0].width, select_ms=(time.perf_counter() - t0) * 1e3,
-                      bytes_dense=session.dense_bytes,
-                      bytes_core=round(core_bytes(model.ffns(), session.dense_bytes, sizes)),
-                      cluster=selection.cluster, cluster_score=selection.cluster_score)
+    bytes_core = round(core_bytes(model.ffns(), session.dense_bytes, sizes))
+    stats = [CoreStats(core_sizes=sizes, ffn_width=model.ffns()[0].width, select_ms=select_ms,
+                       bytes_dense=session.dense_bytes, bytes_core=bytes_core,
+                       cluster=None if selection.cluster is None else selection.cluster[b:b + 1],
+                       cluster_score=None if selection.cluster_score is None else selection.cluster_score[b:b + 1])
+             for b in range(len(prompts))]
     return session, logits, selection, stats
+
+
+def prefill_one(model, prompt: list[int], policy: SelectionPolicy | None, pad_id: int = 0, caches=None):
+    """prefill_group of one sequence: (session, logits [1, V], Selection or None, CoreStats or None)."""
+    session, logits, selection, stats = prefill_group(model, [prompt], policy, pad_id, caches)
+    return session, logits, selection, stats[0]
 
 
 def cache_rows(cache: KVCache, n: int) -> KVCache:
@@ -108,7 +124,7 @@ class Row:
     """One sequence of the batch: its sampling state, its core ids {layer: [k]} and its costs."""
 
     def __init__(self, gen: GenerationConfig, prompt: torch.Tensor, core: dict[int, torch.Tensor],
-                 eos_ids: set[int]):
+                 eos_ids: set[int], constraint: "Constraint | None" = None):
         T0 = prompt.shape[0]
         self.gen, self.core, self.eos_ids, self.prompt_len = gen, core, eos_ids, T0
         self.history = prompt.new_empty(1, T0 + gen.max_new_tokens)  # [1, T0 + max_new]: what the penalty sees
@@ -116,7 +132,12 @@ class Row:
         self.length = T0
         device = prompt.device
         self.generator = None if gen.seed is None else torch.Generator(device=device).manual_seed(gen.seed)
-        self.greedy = gen.temperature == 0 and gen.repetition_penalty == 1.0  # a plain argmax suffices
+        self.constraint = constraint  # structured output: a grammar masks every token
+        self.greedy = gen.greedy and constraint is None  # the batch's plain argmax suffices
+        self.records = gen.logprobs is not None or constraint is not None  # `record` has work to do
+        # (token, its log-probability, [(id, log-probability)] of the gen.logprobs likeliest) per token,
+        # taken by the server as it streams
+        self.logprobs: list[tuple[int, float, list[tuple[int, float]]]] = []
         self.done = False
         self.stats = RowStats()
 
@@ -124,10 +145,28 @@ class Row:
     def generated(self) -> int:
         return self.length - self.prompt_len
 
+    def choose(self, logits: torch.Tensor) -> int:
+        """The next token from this row's logits [1, V]: grammar mask, penalties and bias, sampling."""
+        scores = logits if self.constraint is None else self.constraint.mask(logits)
+        return int(sample(scores, self.gen, self.history[:, :self.length], self.prompt_len, self.generator)[0])
+
+    def record(self, logits: torch.Tensor, token: int) -> None:
+        """Keep the chosen token's log-probability (and the likeliest ones') under the model's own
+        distribution, logits [1, V] before any penalty, bias, mask or temperature; advance the grammar."""
+        if self.gen.logprobs is not None:
+            lp = logits[0].float().log_softmax(-1)  # [V]
+            top = lp.topk(self.gen.logprobs) if self.gen.logprobs else None
+            alts = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+            self.logprobs.append((token, float(lp[token]), alts))
+        if self.constraint is not None:
+            self.constraint.accept(token)
+
     def append(self, token: int) -> None:
         self.history[0, self.length] = token
         self.length += 1
-        self.done = (token in self.eos_ids and not self.gen.ignore_eos) or self.generated >= self.gen.max_new_tokens
+        # a grammar's document ends at EOS even under ignore_eos: the grammar allows nothing after it
+        ends = token in self.eos_ids and (not self.gen.ignore_eos or self.constraint is not None)
+        self.done = ends or self.generated >= self.gen.max_new_tokens
 
 
 class DecodeBatch:
@@ -177,25 +216,31 @@ class DecodeBatch:
 
     @torch.inference_mode()
     def add(self, session: Session, logits: torch.Tensor, gen: GenerationConfig, eos_ids: set[int],
-            selection: Selection | None = None) -> tuple[Row, int]:
-        """Move a prefilled one-sequence session (logits [1, V] of its last prompt token, `selection`
-        its policy's choice or None for dense) into a free row; returns the row and its first token."""
+            selection: Selection | None = None, constraint: "Constraint | None" = None,
+            seq: int = 0) -> tuple[Row, int]:
+        """Move sequence `seq` of a prefilled session (logits [B, V] of its last prompt tokens,
+        `selection` its policy's choice or None for dense, `constraint` a grammar for the output) into
+        a free row; returns the row and its first token."""
         b = session.batch
-        if b.size != 1 or len(self.rows) >= self.capacity:
-            raise ValueError("add takes one prefilled sequence, and a batch with a free row")
+        if not 0 <= seq < b.size or len(self.rows) >= self.capacity:
+            raise ValueError("add takes a sequence of a prefilled session, and a batch with a free row")
         if gen.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1 in a batch, got {gen.max_new_tokens}")
-        T0 = b.prompt_len
-        self._ensure(T0 + gen.max_new_tokens)
+        # the session pads on the left: the sequence's T tokens sit at slots T0 - T .. T0 - 1 with
+        # positions 0 .. T - 1; here they move to slots 0 .. T - 1, so that slot equals position again
+        T0, T = b.prompt_len, int(b.valid[seq].sum())
+        self._ensure(T + gen.max_new_tokens)
         i = len(self.rows)
         for dst, src in zip(self.caches, session.caches):
-            dst.k[i, :, :T0], dst.v[i, :, :T0] = src.k[0, :, :T0], src.v[0, :, :T0]
+            dst.k[i, :, :T], dst.v[i, :, :T] = src.k[seq, :, T0 - T:T0], src.v[seq, :, T0 - T:T0]
         self.key_valid[i] = False
-        self.key_valid[i, :T0] = True
-        self.slot[i] = T0 - 1  # advanced before each step
-        core = {} if selection is None else {l: ix[0] for l, ix in selection.index.items()}
-        row = Row(gen, b.ids[0], core, eos_ids)
-        token = int(sample(logits, gen, row.history[:, :T0], row.generator))
+        self.key_valid[i, :T] = True
+        self.slot[i] = T - 1  # advanced before each step
+        core = {} if selection is None else {l: ix[seq] for l, ix in selection.index.items()}
+        row = Row(gen, b.ids[seq, T0 - T:], core, eos_ids, constraint)
+        logits = logits[seq:seq + 1]
+        token = row.choose(logits)
+        row.record(logits, token)
         row.append(token)
         self.token[i] = token
         self.rows.append(row)
@@ -282,7 +327,9 @@ class DecodeBatch:
         tokens = logits.float().argmax(-1)  # [n]: the greedy rows' tokens; the others sample below
         for i, row in enumerate(self.rows):
             if not row.greedy:
-                tokens[i] = sample(logits[i:i + 1], row.gen, row.history[:, :row.length], row.generator)[0]
+                tokens[i] = row.choose(logits[i:i + 1])
+            if row.records:
+                row.record(logits[i:i + 1], int(tokens[i]))
         self.token[:n, 0] = tokens
         out = []
         for row, token in zip(self.rows, tokens.tolist()):

@@ -4,7 +4,8 @@
 when every sequence has ended. Nothing here knows about text.
 """
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -21,6 +22,10 @@ class GenerationConfig:
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token generated so far
+    frequency_penalty: float = 0.0  # OpenAI's: subtracted per occurrence among the generated tokens
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    logprobs: int | None = None  # None: none; N: each token's log-probability and the N likeliest
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
@@ -32,21 +37,40 @@ class GenerationConfig:
             (self.top_k >= 0, f"top_k must be >= 0, got {self.top_k}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (math.isfinite(self.presence_penalty), f"presence_penalty must be finite, got {self.presence_penalty}"),
+            (math.isfinite(self.frequency_penalty), f"frequency_penalty must be finite, got {self.frequency_penalty}"),
+            (all(math.isfinite(b) for b in self.logit_bias.values()), "logit_bias values must be finite"),
+            (self.logprobs is None or self.logprobs >= 0, f"logprobs must be >= 0, got {self.logprobs}"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
         self.stop = tuple(s for s in ([self.stop] if isinstance(self.stop, str) else self.stop) if s)
 
+    @property
+    def greedy(self) -> bool:
+        """Whether the next token is the plain argmax of the model's logits."""
+        return (self.temperature == 0 and self.repetition_penalty == 1.0 and not self.presence_penalty
+                and not self.frequency_penalty and not self.logit_bias)
 
-def filter_logits(logits: torch.Tensor, gen: GenerationConfig, history: torch.Tensor) -> torch.Tensor:
+
+def filter_logits(logits: torch.Tensor, gen: GenerationConfig, history: torch.Tensor, prompt_len: int) -> torch.Tensor:
     """logits [B, V] -> the fp32 scores sampling draws from: repetition penalty over history [B, n],
-    then temperature, top-k and top-p (filtered tokens at -inf), in transformers' order."""
+    OpenAI's presence and frequency penalties over the generated part history[:, prompt_len:], the
+    logit bias, then temperature, top-k and top-p (filtered tokens at -inf), in transformers' order."""
     logits = logits.float()
     if gen.repetition_penalty != 1.0:
         seen = logits.gather(1, history)
         seen = torch.where(seen > 0, seen / gen.repetition_penalty, seen * gen.repetition_penalty)
         logits = logits.scatter(1, history, seen)
+    generated = history[:, prompt_len:]
+    if (gen.presence_penalty or gen.frequency_penalty) and generated.shape[1]:
+        counts = torch.zeros_like(logits).scatter_add_(1, generated, torch.ones_like(generated, dtype=logits.dtype))
+        logits = logits - counts * gen.frequency_penalty - (counts > 0).to(logits.dtype) * gen.presence_penalty
+    if gen.logit_bias:
+        ids = torch.tensor(list(gen.logit_bias), device=logits.device)
+        logits = logits.index_add(1, ids, torch.tensor(list(gen.logit_bias.values()), device=logits.device)
+                                  .expand(logits.shape[0], -1))
     if gen.temperature == 0:
         return logits
     logits = logits / gen.temperature
@@ -61,10 +85,11 @@ def filter_logits(logits: torch.Tensor, gen: GenerationConfig, history: torch.Te
     return logits
 
 
-def sample(logits: torch.Tensor, gen: GenerationConfig, history: torch.Tensor,
+def sample(logits: torch.Tensor, gen: GenerationConfig, history: torch.Tensor, prompt_len: int,
            generator: torch.Generator | None) -> torch.Tensor:
-    """logits [B, V] -> next tokens [B]. history [B, n] are the tokens the repetition penalty sees."""
-    logits = filter_logits(logits, gen, history)
+    """logits [B, V] -> next tokens [B]. history [B, n]: the tokens the penalties see, the generated
+    ones from prompt_len on."""
+    logits = filter_logits(logits, gen, history, prompt_len)
     if gen.temperature == 0:
         return logits.argmax(dim=-1)
     return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(1)
@@ -91,7 +116,7 @@ def decode(session: Session, gen: GenerationConfig, eos_ids: set[int]) -> Iterat
     for step in range(gen.max_new_tokens):
         if step:
             logits = session.step(history[:, T0 + step - 1])
-        token = sample(logits, gen, history[:, :T0 + step], generator)
+        token = sample(logits, gen, history[:, :T0 + step], T0, generator)
         token = torch.where(done, batch.pad_id, token)
         history[:, T0 + step] = token
         yield token

@@ -20,17 +20,34 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
-from .server import Job, RequestError, Settings, Worker, core_info, log, make_job, server_core, usage
+from .jobs import core_info, make_job, usage
+from .server import Job, RequestError, Settings, TokenInfo, Worker, log, server_core
 
 POLL_S = 0.25  # how often a waiting request checks whether its client is still there
-UNSUPPORTED = ("echo", "logprobs", "top_logprobs", "suffix", "tools", "functions")
+# OpenAI's fields this server does not do: refused unless empty (n and best_of: unless 1, in make_job);
+# modalities ["text"] asks for what it does anyway. Every other OpenAI field is applied (docs/server.md)
+UNSUPPORTED = ("echo", "suffix", "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
+               "user", "safety_identifier", "audio", "modalities", "prediction", "web_search_options",
+               "reasoning_effort", "verbosity", "service_tier", "store", "metadata", "prompt_cache_key")
+EMPTY = (None, False, [], "", {})
 CHAT_PAGE = Path(__file__).parent / "static" / "index.html"  # the chat page at /: one file, no CDN
+MAX_LOGPROBS = 20  # alternatives per token (vLLM's default limit; OpenAI's chat allows 20)
 
 
 class Strict(BaseModel):
     # strict: no "16" for 16, no true for 1; unknown fields are ignored, as OpenAI clients send many
     model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+
+class StreamOptions(Strict):
+    include_usage: bool = False
+
+
+class ResponseFormat(Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict | None = None  # {"name": ..., "schema": {...}, "strict": ...}
 
 
 class Common(Strict):
@@ -39,6 +56,12 @@ class Common(Strict):
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     n: int = 1
+    best_of: int | None = None
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
+    response_format: ResponseFormat | None = None
+    stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, max_length=4)
     seed: int | None = Field(None, ge=-(2 ** 63), lt=2 ** 63)
     stream: bool = False
@@ -57,6 +80,7 @@ class Common(Strict):
 
 class CompletionRequest(Common):
     prompt: str | list[str]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # the N likeliest tokens' log-probabilities
 
 
 class TextPart(Strict):
@@ -76,6 +100,8 @@ class Message(Strict):
 class ChatRequest(Common):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
 class ClientGone(Exception):
@@ -107,44 +133,100 @@ async def read_json(request: Request, limit: int) -> dict:
     if length.isdigit() and int(length) > limit:
         raise too_big
     body = bytearray()
-    async for chunk in request.stream():  # chunked bodies carry no length: count as they come
-        body += chunk
-        if len(body) > limit:
-            raise too_big
+    try:
+        async for chunk in request.stream():  # chunked bodies carry no length: count as they come
+            body += chunk
+            if len(body) > limit:
+                raise too_big
+    except ClientDisconnect:  # nobody to answer: one line in the log, no traceback
+        log.info("client %s left while sending its request body (%d bytes received)",
+                 request.client.host if request.client else "?", len(body))
+        raise ClientGone() from None
     try:
         data = json.loads(body, parse_constant=reject_constant)
     except (ValueError, RecursionError):  # RecursionError: hostile nesting
         raise RequestError(400, "the request body is not valid JSON", code="invalid_json") from None
     if not isinstance(data, dict):
         raise RequestError(400, "the request body must be a JSON object", code="invalid_json")
+    check_unicode(data, "")
     for name in UNSUPPORTED:
-        if data.get(name) not in (None, False, [], ""):
+        value = data.get(name)
+        if value not in EMPTY and not (name == "modalities" and value == ["text"]):
             raise RequestError(400, f"{name} is not supported by this server", param=name)
     return data
 
 
-class Reply:
-    """OpenAI's response and chunk shapes for one request, text completion or chat."""
+def check_unicode(value, param: str) -> None:
+    """A lone UTF-16 surrogate (JSON allows the escape "\\ud800") is no Unicode text a tokenizer can
+    encode: refuse it, naming the field."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RequestError(400, f"{param or 'the body'}: the text holds a lone UTF-16 surrogate "
+                                    f"(U+{ord(value[e.start]):04X}) at character {e.start}, which is not valid Unicode",
+                               param=param or None, code="invalid_unicode") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            check_unicode(k, param)
+            check_unicode(v, f"{param}.{k}".lstrip("."))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            check_unicode(v, f"{param}[{i}]")
 
-    def __init__(self, chat: bool, model: str):
-        self.chat, self.model = chat, model
+
+def chat_logprob(token: str, logprob: float) -> dict:
+    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8", errors="replace"))}
+
+
+class Reply:
+    """OpenAI's response and chunk shapes for one request, text completion or chat. `logprobs`: the
+    number of alternatives per token asked for, None when logprobs were not asked for."""
+
+    def __init__(self, chat: bool, model: str, logprobs: int | None = None, include_usage: bool = False):
+        self.chat, self.model, self.logprobs, self.include_usage = chat, model, logprobs, include_usage
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
+        self.offset = 0  # completions' text_offset of the next token
 
-    def _envelope(self, kind: str, choice: dict, **extra) -> dict:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
-                "choices": [{"index": 0, **choice}], **extra}
+    def _envelope(self, kind: str, choices: list, **extra) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices,
+                **extra}
 
-    def full(self, job: Job, c) -> dict:
-        body = {"message": {"role": "assistant", "content": c.text}} if self.chat else {"text": c.text, "logprobs": None}
-        return self._envelope("chat.completion" if self.chat else "text_completion",
-                              {**body, "finish_reason": c.finish_reason}, usage=usage(c), coreinfer=core_info(job, c))
+    def _logprobs(self, tokens: list[TokenInfo]) -> dict | None:
+        """OpenAI's logprobs object: chat's {"content": [...]} or completions' parallel lists."""
+        if self.logprobs is None:
+            return None
+        if self.chat:
+            return {"content": [{**chat_logprob(t.text, t.logprob),
+                                 "top_logprobs": [chat_logprob(a, lp) for a, lp in t.top]} for t in tokens],
+                    "refusal": None}
+        offsets = []
+        for t in tokens:
+            offsets.append(self.offset)
+            self.offset += len(t.text)
+        return {"tokens": [t.text for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+                "top_logprobs": [dict(t.top) for t in tokens], "text_offset": offsets}
 
-    def chunk(self, text: str, finish: str | None = None, role: bool = False, **extra) -> dict:
+    def full(self, job: Job, c, tokens: list[TokenInfo]) -> dict:
+        body = {"message": {"role": "assistant", "content": c.text}} if self.chat else {"text": c.text}
+        choice = {"index": 0, **body, "logprobs": self._logprobs(tokens), "finish_reason": c.finish_reason}
+        return self._envelope("chat.completion" if self.chat else "text_completion", [choice], usage=usage(c),
+                              coreinfer=core_info(job, c))
+
+    def chunk(self, text: str, finish: str | None = None, role: bool = False, tokens: list[TokenInfo] = (),
+              **extra) -> dict:
+        logprobs = self._logprobs(list(tokens)) if tokens else None
         if self.chat:
             delta = {"role": "assistant", "content": text} if role else {"content": text} if text or not finish else {}
-            return self._envelope("chat.completion.chunk", {"delta": delta, "finish_reason": finish}, **extra)
-        return self._envelope("text_completion", {"text": text, "logprobs": None, "finish_reason": finish}, **extra)
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            return self._envelope("chat.completion.chunk", [choice], **extra)
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        return self._envelope("text_completion", [choice], **extra)
+
+    def usage_chunk(self, c) -> dict:
+        """stream_options.include_usage: OpenAI's extra last chunk, usage and no choices."""
+        return self._envelope("chat.completion.chunk" if self.chat else "text_completion", [], usage=usage(c))
 
 
 def sse(payload: dict | str) -> str:
@@ -198,9 +280,12 @@ async def stream_chunks(reply: Reply, job: Job, first, events: AsyncIterator) ->
         event = first
         while True:
             if event.text:
-                yield sse(reply.chunk(event.text))
+                yield sse(reply.chunk(event.text, tokens=event.tokens))
             if (c := event.completion) is not None:
-                yield sse(reply.chunk("", c.finish_reason, usage=usage(c), coreinfer=core_info(job, c)))
+                tokens = () if event.text else event.tokens  # tokens whose text was held back, then dropped
+                yield sse(reply.chunk("", c.finish_reason, tokens=tokens, coreinfer=core_info(job, c)))
+                if reply.include_usage:
+                    yield sse(reply.usage_chunk(c))
                 break
             event = await anext(events)
     except RequestError as e:  # the status line is gone already: the error travels as an event
@@ -218,9 +303,11 @@ async def respond(request: Request, job: Job, reply: Reply, stream: bool, deadli
     first = await anext(events)
     if stream:
         return JobStream(stream_chunks(reply, job, first, events), job)
+    tokens = list(first.tokens)
     async for event in events:
         first = event
-    return JSONResponse(reply.full(job, first.completion))
+        tokens += event.tokens
+    return JSONResponse(reply.full(job, first.completion, tokens))
 
 
 def default_model_id(llm) -> str:
@@ -253,7 +340,7 @@ def create_app(llm, settings: Settings | None = None) -> FastAPI:
     settings = replace(settings, core=server_core(llm, settings.core))
     model_id = settings.model_id or default_model_id(llm)
     names = {model_id, "coreinfer"}
-    worker = Worker(llm, settings.queue_size, settings.max_batch)
+    worker = Worker(llm, settings.queue_size, settings.max_batch, settings.prefill_tokens)
     key = settings.api_key.encode() if settings.api_key else None
     page = CHAT_PAGE.read_text(encoding="utf-8")  # read now: a missing page fails the start, not a visit
 
@@ -289,9 +376,13 @@ def create_app(llm, settings: Settings | None = None) -> FastAPI:
             prompt, default_max = req.prompt if isinstance(req.prompt, str) else req.prompt[0], 16  # OpenAI's
             if not prompt:
                 raise RequestError(400, "the prompt is empty", param="prompt")
+        if req.stream_options is not None and not req.stream:  # as OpenAI's API answers
+            raise RequestError(400, "stream_options is only allowed with stream: true", param="stream_options")
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
         job = make_job(llm, settings, req, prompt, chat, default_max)
         worker.submit(job)
-        return await respond(request, job, Reply(chat, model_id), req.stream, deadline)
+        return await respond(request, job, Reply(chat, model_id, job.gen.logprobs, include_usage), req.stream,
+                             deadline)
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorize)])
 

@@ -1,11 +1,13 @@
 """`coreinfer serve`: the engine side of the OpenAI-compatible server (the HTTP side is app.py).
 
 Requests become Jobs in a bounded queue. One Worker thread owns the model and batches continuously:
-between two decode steps it takes waiting jobs while the batch has a free row, prefills each alone
-(dense, choosing its core set), and moves it into the running DecodeBatch (engine/batching.py); every
-step then decodes one token of every running job in one forward, and each text piece goes back to
-its request's event loop. A Job's cancel flag (client gone, deadline passed) is checked before every
-step, and a finished or cancelled job's row is freed for the next one at once.
+between two decode steps it takes the waiting jobs while the batch has free rows, prefills them
+together (one padded forward per core setting, dense, each choosing its core set; at most
+Settings.prefill_tokens at a time, so decoding rows wait for one such prefill), and moves them into the
+running DecodeBatch (engine/batching.py); every step then decodes one token of every running job in
+one forward, and each text piece goes back to its request's event loop. A Job's cancel flag (client
+gone, deadline passed) is checked before every step, and a finished or cancelled job's row is freed
+for the next one at once.
 This module imports no web framework, so the rest of the CLI works without the `serve` extra.
 """
 
@@ -18,8 +20,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..api import Completion, StreamEvent
-from ..engine.batching import DecodeBatch, Row, prefill_one
+from ..api import Completion
+from ..engine.batching import DecodeBatch, Row, prefill_group
 from ..engine.generate import GenerationConfig
 from ..engine.policy import CoreConfig
 from ..engine.profile import AUTO, Profile
@@ -46,6 +48,8 @@ class Settings:
     request_timeout: float = 600.0  # seconds from arrival to the last token
     max_body_bytes: int = 1 << 20
     default_max_tokens: int = 256  # chat requests without max_tokens (OpenAI's completions default is 16)
+    drain_timeout: float = 10.0  # on SIGTERM: seconds running requests may take to finish, then they end
+    prefill_tokens: int = 512  # padded prompt tokens prefilled together between two decode steps (soft)
 
     def __post_init__(self):
         checks = [
@@ -54,6 +58,8 @@ class Settings:
             (self.request_timeout > 0, f"request timeout must be > 0, got {self.request_timeout}"),
             (self.max_body_bytes >= 1024, f"max body bytes must be >= 1024, got {self.max_body_bytes}"),
             (self.default_max_tokens >= 1, f"default max tokens must be >= 1, got {self.default_max_tokens}"),
+            (self.drain_timeout >= 0, f"drain timeout must be >= 0, got {self.drain_timeout}"),
+            (self.prefill_tokens >= 1, f"prefill tokens must be >= 1, got {self.prefill_tokens}"),
             (self.api_key is None or self.api_key.strip() != "", "the API key is empty"),
             (self.core is None or (self.core.refine, self.core.input_keep, self.core.drift_period) == (None, 1, 0),
              "the server batches requests continuously, which decodes plain core sets: --refine, --input-keep and "
@@ -79,7 +85,7 @@ class RequestError(Exception):
 
 @dataclass
 class Job:
-    """One request's generation. `events` lives on the request's loop and receives StreamEvents, then
+    """One request's generation. `events` lives on the request's loop and receives Events, then
     ends with an event carrying the Completion, or with a RequestError."""
 
     prompt: str | list[dict]
@@ -88,6 +94,7 @@ class Job:
     core: CoreConfig | None
     loop: asyncio.AbstractEventLoop
     prompt_param: str = "prompt"  # the request field a too-long prompt is blamed on
+    grammar: str | None = None  # structured output (engine/structured.py); None: free text
     fit_max_tokens: bool = False  # max_tokens was not given: shrink it to what the context leaves
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -107,6 +114,35 @@ class Job:
 
 
 @dataclass
+class TokenInfo:
+    """A generated token's text and log-probability, and the likeliest alternatives' (logprobs)."""
+
+    text: str
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+@dataclass
+class Event:
+    """What a job's request receives: a piece of text, the logprobs of the tokens it completes (when
+    asked), and on the last one the Completion."""
+
+    text: str
+    tokens: list[TokenInfo] = field(default_factory=list)
+    completion: Completion | None = None
+
+
+@dataclass
+class Ready:
+    """A job taken from the queue, tokenized and checked, about to be prefilled."""
+
+    job: Job
+    ids: list[int]
+    gen: GenerationConfig
+    constraint: object | None  # engine/structured.py's Constraint
+
+
+@dataclass
 class Live:
     """A job whose sequence is in the decode batch: its text so far and its clocks."""
 
@@ -116,32 +152,36 @@ class Live:
     stats: CoreStats | None
     t0: float  # prefill start
     t_first: float  # first token
+    tokens: list[TokenInfo] = field(default_factory=list)  # logprobs not yet sent (their text is held back)
 
 
 class Worker:
     """The one thread that touches the model (see the module docstring). Counters and the batch are
     written only by that thread."""
 
-    def __init__(self, llm, queue_size: int, max_batch: int = Settings.max_batch):
-        self.llm = llm
+    def __init__(self, llm, queue_size: int, max_batch: int = Settings.max_batch,
+                 prefill_tokens: int = Settings.prefill_tokens):
+        self.llm, self.prefill_tokens = llm, prefill_tokens
         self.jobs: queue.Queue = queue.Queue(maxsize=queue_size)
         self.batch = DecodeBatch(llm.model, max_batch)
         self.live: dict[Row, Live] = {}
-        self.current: Job | None = None  # the job being prefilled
+        self.starting: list[Job] = []  # the jobs being prefilled
         self.prefill_caches = None  # the last prefill's KV caches, reused by the next of the same shape
+        self.grammars = None  # engine/structured.py's Grammars, built on the first request that needs it (~1 s)
         self.completed = self.failed = self.cancelled = 0
         self.started_at = time.time()
         self._stopping = threading.Event()
+        self._drain_until: float | None = None  # monotonic deadline once draining (SIGTERM)
         self._thread = threading.Thread(target=self._loop, name="coreinfer-worker", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
 
     def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stopping.is_set()
+        return self._thread.is_alive() and not self._stopping.is_set() and self._drain_until is None
 
     def submit(self, job: Job) -> None:
-        if self._stopping.is_set():
+        if self._stopping.is_set() or self._drain_until is not None:
             raise RequestError(503, "the server is shutting down", code="shutting_down")
         try:
             self.jobs.put_nowait(job)
@@ -149,13 +189,20 @@ class Worker:
             raise RequestError(503, f"the server is busy: {self.jobs.maxsize} requests are already waiting; "
                                     "retry later", code="queue_full") from None
 
+    def drain(self, seconds: float) -> None:
+        """Take no more jobs; let the running ones finish for `seconds`, then end them with an error
+        (their streams get an error event, then [DONE]). Safe from any thread, a signal handler's too."""
+        if self._drain_until is None:
+            self._drain_until = time.monotonic() + seconds
+            log.info("shutting down: running requests get %.0f s to finish", seconds)
+
     def stop(self, timeout: float = 10.0) -> None:
         """Stop the running jobs, refuse the waiting ones, end the thread."""
         self._stopping.set()
         for live in list(self.live.values()):
             live.job.cancel()
-        if self.current is not None:
-            self.current.cancel()
+        for job in self.starting:
+            job.cancel()
         self.jobs.put(None)  # may wait for room: the thread frees it, refusing jobs as it goes
         self._thread.join(timeout)
 
@@ -165,50 +212,94 @@ class Worker:
                 self._step()
 
     def _admit(self) -> bool:
-        """Start waiting jobs while the batch has a free row (wait for one while it is empty); False
-        once the stop sentinel arrives."""
-        while len(self.live) < self.batch.capacity:
+        """Take waiting jobs while the batch has free rows (wait for one while it is empty) and prefill
+        them together, about `prefill_tokens` padded prompt tokens at most, so that arrivals fill the
+        batch at once while the running rows wait for one such prefill between two decode steps.
+        False once the stop sentinel arrives."""
+        ready: list[Ready] = []
+        while len(self.live) + len(ready) < self.batch.capacity:
             try:
-                job = self.jobs.get(block=not self.live)
+                job = self.jobs.get(block=not self.live and not ready)
             except queue.Empty:
-                return True
+                break
             if job is None:
+                self._start(ready)
                 return False
-            if self._stopping.is_set():
+            if self._stopping.is_set() or self._drain_until is not None:
                 job.push(RequestError(503, "the server is shutting down", code="shutting_down"))
             elif job.cancelled.is_set():  # its client left (or timed out) while it waited
                 self.cancelled += 1
-            else:
-                job.queue_s = time.perf_counter() - job.queued_at
-                self.current = job
-                try:
-                    self._start(job)
-                finally:
-                    self.current = None
+            elif (r := self._prepare(job)) is not None:
+                ready.append(r)
+                if max(len(r.ids) for r in ready) * len(ready) >= self.prefill_tokens:
+                    break
+        self._start(ready)
         return True
 
-    def _start(self, job: Job) -> None:
-        """Prefill the job alone and move it into the batch; its first token comes from the prefill."""
-        llm = self.llm
+    def _prepare(self, job: Job) -> "Ready | None":
+        """Tokenize and check a job (tokenizing on this thread keeps the tokenizer on one thread);
+        None once it has failed."""
+        job.queue_s = time.perf_counter() - job.queued_at
         try:
-            ids = llm.encode(job.prompt, job.chat)
+            ids = self.llm.encode(job.prompt, job.chat)
             gen = self._fit(job, len(ids))
-            policy = make_policy(job.core, llm.model, llm.load_clusters)
-            t0 = time.perf_counter()
-            session, logits, selection, stats = prefill_one(llm.model, ids, policy, llm.tokenizer.pad_id,
-                                                            self.prefill_caches)
-            self.prefill_caches = session.caches
-            row, token = self.batch.add(session, logits, gen, llm.tokenizer.eos_ids, selection)
+            constraint = None if job.grammar is None else self._constraint(job.grammar)
         except Exception as e:
             self._fail(job, e)
+            return None
+        return Ready(job, ids, gen, constraint)
+
+    def _start(self, ready: list["Ready"]) -> None:
+        """Prefill the ready jobs, those with the same core settings together, and move each into the
+        batch; a job's first token comes from its prefill."""
+        groups: list[list[Ready]] = []
+        for r in ready:
+            group = next((g for g in groups if g[0].job.core == r.job.core), None)
+            if group is None:
+                groups.append([r])
+            else:
+                group.append(r)
+        self.starting = [r.job for r in ready]
+        try:
+            for group in groups:
+                self._prefill(group)
+        finally:
+            self.starting = []
+
+    def _prefill(self, group: list["Ready"]) -> None:
+        llm = self.llm
+        t0 = time.perf_counter()
+        try:
+            policy = make_policy(group[0].job.core, llm.model, llm.load_clusters)
+            session, logits, selection, stats = prefill_group(llm.model, [r.ids for r in group], policy,
+                                                              llm.tokenizer.pad_id, self.prefill_caches)
+            self.prefill_caches = session.caches
+        except Exception as e:
+            for r in group:
+                self._fail(r.job, e)
             return
-        self.live[row] = Live(job, TextStream(llm.tokenizer, gen.stop), len(ids), stats, t0, time.perf_counter())
-        self._emit(row, token)
+        for b, r in enumerate(group):
+            try:
+                row, token = self.batch.add(session, logits, r.gen, llm.tokenizer.eos_ids, selection, r.constraint,
+                                            seq=b)
+            except Exception as e:
+                self._fail(r.job, e)
+                continue
+            self.live[row] = Live(r.job, TextStream(llm.tokenizer, r.gen.stop), len(r.ids), stats[b], t0,
+                                  time.perf_counter())
+            self._emit(row, token)
 
     def _step(self) -> None:
-        """Free the rows of cancelled jobs, then decode one token of every running job."""
+        """Free the rows of cancelled jobs (all of them once a drain's time is up), then decode one
+        token of every running job."""
+        drained = self._drain_until is not None and time.monotonic() >= self._drain_until
         for row, live in list(self.live.items()):
-            if live.job.cancelled.is_set():
+            if drained:
+                self._drop(row)
+                self.failed += 1
+                live.job.push(RequestError(503, "the server shut down before this request finished",
+                                           code="shutting_down"))
+            elif live.job.cancelled.is_set():
                 self._drop(row)
                 self.cancelled += 1
         if not self.live:
@@ -223,16 +314,41 @@ class Worker:
         for row, token in out:
             self._emit(row, token)
 
+    def _grammars(self):
+        if self.grammars is None:
+            from ..engine.structured import Grammars  # llguidance loads only once a request needs it
+
+            llm = self.llm
+            self.grammars = Grammars(llm.tokenizer.hf, llm.model.embed_tokens.weight.shape[0], llm.tokenizer.eos_ids)
+        return self.grammars
+
+    def _constraint(self, grammar: str):
+        try:
+            return self._grammars().constraint(grammar)
+        except ValueError as e:
+            raise RequestError(400, str(e), param="response_format") from None
+
     def _emit(self, row: Row, token: int) -> None:
         """Hand a job its new token's text; finish it on EOS, a stop string or its token limit."""
         live = self.live[row]
-        if token in self.llm.tokenizer.eos_ids and not row.gen.ignore_eos:
+        # a grammar's document ends at EOS even under ignore_eos (engine/batching.py's Row.append)
+        eos = token in self.llm.tokenizer.eos_ids and (not row.gen.ignore_eos or row.constraint is not None)
+        if row.logprobs:
+            if not eos:  # the EOS token's entry is not sent, as OpenAI's API does not
+                live.tokens += [self._token_info(*entry) for entry in row.logprobs]
+            row.logprobs.clear()
+        if eos:
             return self._finish(row, "stop")
         piece = live.text.push(token)
         if piece:
-            live.job.push(StreamEvent(0, piece))
+            live.job.push(Event(piece, live.tokens))
+            live.tokens = []
         if live.text.stopped or row.done:
             self._finish(row, "stop" if live.text.stopped else "length")
+
+    def _token_info(self, token: int, logprob: float, top: list[tuple[int, float]]) -> TokenInfo:
+        decode = self.llm.tokenizer.hf.decode
+        return TokenInfo(decode([token]), logprob, [(decode([i]), lp) for i, lp in top])
 
     def _finish(self, row: Row, reason: str) -> None:
         live = self._drop(row)
@@ -241,7 +357,7 @@ class Worker:
         done = Completion(live.text.text, live.text.ids, reason, live.prompt_tokens, prefill_s=live.t_first - live.t0,
                           decode_s=t_end - live.t_first, stats=live.stats)
         live.job.batching = row.stats.report(self.batch.dense_bytes)
-        live.job.push(StreamEvent(0, tail, done))
+        live.job.push(Event(tail, live.tokens, done))
         self.completed += 1
 
     def _drop(self, row: Row) -> Live:
@@ -276,19 +392,13 @@ class Worker:
     def health(self) -> dict:
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
         rows, batch = len(self.live), self.batch
-        return {"status": "ok" if self.alive() else "unavailable", "busy": rows > 0 or self.current is not None,
+        return {"status": "ok" if self.alive() else "unavailable", "busy": rows > 0 or bool(self.starting),
                 "queue_depth": self.jobs.qsize(), "queue_size": self.jobs.maxsize,
                 "batch_rows": rows, "max_batch": batch.capacity, "ffn_layers": dict(batch.layer_paths),
                 "step_bytes_per_sequence": round(batch.step_bytes / rows) if rows else None,
                 "requests_completed": self.completed, "requests_failed": self.failed,
                 "requests_cancelled": self.cancelled, "uptime_s": round(time.time() - self.started_at, 1),
                 "peak_rss_mb": round(peak_kib / 1024, 1)}
-
-
-def value_error(e: ValueError, fields: tuple, rename: dict) -> RequestError:
-    """The engine's config checks mostly say 'FIELD must ...': blame that field of the request."""
-    first = str(e).split(" ", 1)[0]
-    return RequestError(400, str(e), param=rename.get(first, first if first in fields else None))
 
 
 def server_core(llm, core: CoreConfig | None) -> CoreConfig | None:
@@ -304,66 +414,3 @@ def server_core(llm, core: CoreConfig | None) -> CoreConfig | None:
         return None
     log.info("%s", line)
     return llm.resolve(core)
-
-
-def core_for(default: CoreConfig | None, req, num_layers: int) -> CoreConfig | None:
-    """The server's core settings with the request's options laid over them; None decodes dense."""
-    given = {k: getattr(req, k) for k in CORE_FIELDS if getattr(req, k) is not None}
-    # naming any core option asks for core neurons even when the server decodes dense by default
-    dense = req.dense if req.dense is not None else default is None and not given
-    if dense:
-        if given:
-            raise RequestError(400, f"{', '.join(given)} cannot be used with dense decoding", param=next(iter(given)))
-        return None
-    try:
-        # keeps the server's cluster set, if any; a request's own options replace a profile's budgets
-        base = default if default is not None and not (given and default.profile) else CoreConfig()
-        core = replace(base, **given)
-        core.keep(num_layers)  # checks the layer spec and the number of betas now, not mid-generation
-    except ValueError as e:
-        raise value_error(e, CORE_FIELDS, {"similarity": "mode", "bad": "layers"}) from None
-    return core
-
-
-def make_job(llm, settings: Settings, req, prompt, chat: bool, default_max: int) -> Job:
-    """A checked request (app.py's Common) as a Job; raises RequestError on values out of range."""
-    if req.n != 1:
-        raise RequestError(400, "only n=1 is supported", param="n")
-    asked = getattr(req, "max_completion_tokens", None) or req.max_tokens
-    if asked is not None and asked > llm.model.max_context:
-        raise RequestError(400, f"max_tokens must be <= the context of {llm.model.max_context} tokens, got {asked}",
-                           param="max_tokens")
-    stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
-    try:
-        gen = GenerationConfig(max_new_tokens=asked or default_max, temperature=req.temperature, top_k=req.top_k,
-                               top_p=req.top_p, repetition_penalty=req.repetition_penalty, seed=req.seed,
-                               stop=stop, ignore_eos=req.ignore_eos)
-    except ValueError as e:
-        raise value_error(e, GEN_FIELDS, {"max_new_tokens": "max_tokens"}) from None
-    core = core_for(settings.core, req, len(llm.model.layers))
-    return Job(prompt, chat, gen, core, asyncio.get_running_loop(), prompt_param="messages" if chat else "prompt",
-               fit_max_tokens=asked is None)
-
-
-def core_info(job: Job, completion) -> dict:
-    """What the request ran with and how it went: echoed as the response's `coreinfer` object."""
-    info = {"dense": job.core is None}
-    if job.core is not None:
-        info.update({k: getattr(job.core, k) for k in CORE_FIELDS})
-    stats = completion.stats
-    if stats is not None:
-        info.update(core_sizes={str(k): v for k, v in stats.core_sizes.items()}, ffn_width=stats.ffn_width,
-                    weight_bytes_fraction=round(stats.share, 4),
-                    select_ms=round(stats.select_ms, 2), compact_ms=round(stats.compact_ms, 2))
-        if stats.cluster is not None:  # similarity mode
-            info.update(cluster=stats.cluster[0], cluster_score=round(stats.cluster_score[0], 4))
-    info.update(job.batching or {})
-    info.update(queue_s=round(job.queue_s, 4), prefill_s=round(completion.prefill_s, 4),
-                decode_s=round(completion.decode_s, 4), prefill_tok_s=round(completion.prefill_tok_s, 1),
-                decode_tok_s=round(completion.decode_tok_s, 1))
-    return info
-
-
-def usage(c) -> dict:
-    return {"prompt_tokens": c.prompt_tokens, "completion_tokens": c.completion_tokens,
-            "total_tokens": c.prompt_tokens + c.completion_tokens}
