@@ -171,3 +171,39 @@ def test_neuron_rows_fall_back_to_the_reference(monkeypatch):
     scale = torch.rand(64, generator=g)
     assert torch.allclose(rows.int8_rows(coef, qs, scale, index), coef @ (qs.float() * scale)[index],
                           rtol=1e-6, atol=1e-6)
+
+
+class NativeOps(torch.nn.Module):
+    """Every operator of coreinfer/kernels/ in one graph, weights as buffers (as coreinfer's modules hold them)."""
+
+    def __init__(self, g: torch.Generator):
+        super().__init__()
+        qs, d = random_q8_0(40, 64, g)
+        q4s, q4d, q4m = random_q4(24, 64, g)
+        for name, t in (("qs", qs), ("d", d), ("q4s", q4s), ("q4d", q4d), ("q4m", q4m),
+                        ("scale", torch.rand(64, generator=g) * 0.01), ("index", torch.tensor([3, 0, 17, 3, 9]))):
+            self.register_buffer(name, t)
+
+    def forward(self, x):  # x [1, 64]
+        a = q8_0.gemv(x, self.qs, self.d)  # [1, 40]
+        b = q4.gemv(x, self.q4s, self.q4d, self.q4m)  # [1, 24]
+        c = rows.q8_0_rows(a[:, :5], self.qs, self.d, self.index)  # [1, 64]
+        return torch.cat([a, b, c, rows.int8_rows(a, self.qs, self.scale, None)], dim=-1)
+
+
+@needs(q8_0)
+@needs(q4)
+@needs(rows)
+def test_ops_compile_fullgraph_with_coreinfer_options():
+    """The fake kernels let dynamo trace every op, inductor's C++ wrapper calls them (no graph break), and the
+    compiled graph computes what eager computes."""
+    from coreinfer.engine.compiled import inductor_options
+
+    model = NativeOps(torch.Generator().manual_seed(7)).eval()
+    x = torch.randn(1, 64)
+    with torch.inference_mode():
+        eager = model(x)
+        torch._dynamo.reset()
+        fast = torch.compile(model, fullgraph=True, dynamic=False, options=inductor_options("cpp-wrapper"))(x)
+    print(f"compiled vs eager max |diff| {(fast - eager).abs().max().item():.2e}")
+    assert torch.equal(fast, eager)
