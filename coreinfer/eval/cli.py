@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..cli.args import add_core_args, add_runtime_args, core_grid, runtime_kwargs
 from ..engine.policy import CoreConfig
-from . import data, report, runner
+from . import data, report
 from .metrics import f1, mc_accuracy, normalized_exact_match, ratio_and_stderr
 from .report import Result, mean_result, setting_name
 
@@ -78,6 +78,8 @@ def mc_per_item(lls: list[list[float]], items: list) -> dict[str, list[float]]:
 
 
 def run_task(llm, task: Task, core: CoreConfig | None, batch_size: int, max_new_tokens: int) -> Result:
+    from . import runner  # the model side (torch): imported when a command runs, not for --help
+
     t0 = time.perf_counter()
     desc = f"{task.name} [{setting_name(core)}]"
     if task.kind == "mc":
@@ -93,6 +95,8 @@ def run_task(llm, task: Task, core: CoreConfig | None, batch_size: int, max_new_
 def ppl_results(llm, name: str, rows: list, grid: list[CoreConfig | None], batch_size: int) -> Iterator[Result]:
     """Per setting, as each finishes: the perplexity of the rows' continuations, and how often the
     setting's top-1 token agrees with dense's. Dense comes first in the grid: it is the reference."""
+    from . import runner
+
     if grid[0] is not None:
         raise ValueError("the grid must start with dense (None)")
     dense_greedy = None
@@ -146,6 +150,7 @@ def finish(results: list[Result], grid: list, args, llm, t0: float) -> None:
 
 def cmd_ppl(args) -> None:
     from ..api import LLM
+    from . import runner
 
     t0 = time.perf_counter()
     prompt, grid = parse_prompt(args.prompt), core_grid(args)
