@@ -174,6 +174,15 @@ def test_no_negative_decode_rate(tokens, decode_s, capsys):
     assert two.decode_tok_s == pytest.approx(2.0)
 
 
+def test_divergence_wording():
+    from coreinfer.cli.generate import divergence
+
+    assert divergence(None) == "the outputs are identical"
+    assert divergence(0) == "the outputs differ from the first token on"
+    assert divergence(1) == "the outputs diverge at token 2 (the first is the same)"
+    assert divergence(5) == "the outputs diverge at token 6 (the first 5 are the same)"
+
+
 def test_stats_line_shows_compiling_apart_and_counts_threads(capsys):
     threads = torch.get_num_threads()
     try:

@@ -23,6 +23,7 @@ from ..engine.compiled import CompiledStep, decode_forward, use_cache_dir
 from ..engine.cuda_graphs import GraphedStep
 from ..engine.offload import parse_bytes, place
 from ..engine.policy import CoreConfig
+from ..engine.profile import AUTO
 from ..engine.quant import WEIGHT_FORMATS, quantize_model
 from ..engine.session import Session, make_policy
 from ..eval.report import setting_name
@@ -198,6 +199,9 @@ def contenders_for(args, ckpt, dtype):
 
     if args.max_gpu_memory is not None:
         return offload_contenders(args, ckpt, dtype)
+    if args.profile == AUTO:
+        raise ValueError("bench always times the default (--profile auto) in its own row, as generate runs it; "
+                         "drop --profile auto, or give a profile file")
     out = []
     if not args.no_transformers:
         out.append(Transformers(transformers_model(ckpt, dtype).to(args.device)))
@@ -245,7 +249,6 @@ def default_contender(args) -> Ours:
     dtype flags alone (its default format and compile setting, on this run's threads), decoding with
     CoreConfig(profile="auto") resolved as generate resolves it; the note says what that chose."""
     from ..api import LLM
-    from ..engine.profile import AUTO
 
     llm = LLM(model=args.model, device=args.device, dtype=args.dtype, threads=torch.get_num_threads(),
               progress=False)
@@ -320,22 +323,3 @@ def cmd_bench(args) -> None:
     print("\nper decode step, ms (each part timed alone):")
     for name, parts in breakdown.items():
         print(f"  {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
-
-
-def add_parser(sub) -> None:
-    from ..cli.args import add_core_args, add_runtime_args
-
-    p = sub.add_parser("bench", help="decode speed side by side: transformers, coreinfer dense/core, llama.cpp")
-    add_runtime_args(p)
-    add_core_args(p, grid=True)
-    p.set_defaults(beta="0.5,0.7")  # --weights may list both formats here: "dense,int8" builds one model each
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=5, help="timed rounds after one warm-up round")
-    p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
-    p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when it is installed")
-    p.add_argument("--no-default", action="store_true",
-                   help="skip the row of generate's default as it runs (it loads one more copy of the model)")
-    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    p.set_defaults(func=cmd_bench)
-

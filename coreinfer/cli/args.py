@@ -80,9 +80,11 @@ def add_core_args(p: argparse.ArgumentParser, grid: bool = False) -> None:
     g = p.add_argument_group("core neurons")
     g.add_argument("--dense", action="store_true", help="decode with the full FFN (no core neurons)")
     g.add_argument("--alpha", type=float, default=d.alpha, help="token-wise core fraction")
-    beta_help = "FFN keep ratio(s), comma-separated" + (" (a grid: one run each)" if grid else
-                                                         f" (one per sparse layer; {d.beta} when other core flags are given)")
-    g.add_argument("--beta", default=str(d.beta) if grid else None, help=beta_help)
+    beta_help = "FFN keep ratio(s), comma-separated" + (
+        f" (a grid: one run each; default: none, with no core flag: dense and generate's default, the calibrated "
+        f"profile; {d.beta} when other core flags are given)" if grid else
+        f" (one per sparse layer; {d.beta} when other core flags are given)")
+    g.add_argument("--beta", default=None, help=beta_help)
     g.add_argument("--statistic", default=d.statistic, help="frequency (paper) or norm (GRIFFIN)"
                    + (", comma-separated grid" if grid else ""))
     g.add_argument("--ranking", default=d.ranking, help="auto, abs, signed (reference code; for reproduction), relu")
@@ -102,8 +104,9 @@ def add_core_args(p: argparse.ArgumentParser, grid: bool = False) -> None:
                    help="re-choose the core set when it covers less than this share of a checked token's statistic")
     g.add_argument("--profile", default=None, metavar="FILE",
                    help="per-layer budgets made by `coreinfer calibrate` (replace --beta, --layers, --refine, --input-keep)"
-                   + ("" if grid else "; 'auto', the default when no core flag is given: the profile calibrated on the "
-                      "model (top-1 agreement >= 0.95 on held-out text), or dense where there is none"))
+                   "; 'auto', the default when no core flag is given: the profile calibrated on the model (top-1 "
+                   "agreement >= 0.95 on held-out text), or dense where there is none or where this runtime cannot "
+                   "run it, as generate decides")
     g.add_argument("--prior", default=None, metavar="FILE",
                    help="a `coreinfer calibrate` profile whose global prior is fused with the prompt's statistic")
     g.add_argument("--prior-weight", type=float, default=d.prior_weight,
@@ -189,22 +192,24 @@ def core_config(args) -> CoreConfig | None:
 
 
 def core_grid(args) -> list[CoreConfig | None]:
-    """Dense first, then one CoreConfig per (mode, statistic, beta, refine, input keep) of the grid flags."""
+    """Dense first, then one CoreConfig per (mode, statistic, beta, refine, input keep) of the grid flags;
+    with no core flag (or --profile auto), dense and the default, CoreConfig(profile="auto"), which the
+    command resolves against its model as generate does (LLM.resolve)."""
     from ..engine.policy import CoreConfig
     from ..engine.profile import AUTO
 
     if args.dense:
         return [None]
-    if args.profile == AUTO:  # before the model loads: these commands compare settings by name
-        raise ValueError("--profile auto is the default of generate, chat and serve; eval and bench take a profile "
-                         "file (coreinfer/profiles/ holds the shipped ones, the cache folder's profiles/ yours)")
+    if args.profile == AUTO or not core_flags_given(args):
+        return [None, CoreConfig(profile=AUTO)]
     stats = [s.strip() for s in args.statistic.split(",") if s.strip()]
     modes = [m.strip() for m in args.mode.split(",") if m.strip()]
     check_modes(args, modes)
+    betas = parse_floats(args.beta if args.beta is not None else str(CoreConfig().beta), "--beta")
     return [None] + [CoreConfig(alpha=args.alpha, beta=b, statistic=s, ranking=args.ranking, layers=args.layers,
                                 mode=m, clusters=args.clusters if m == "similarity" else None,
                                 **adaptive_kwargs(args, r, i))
-                     for m in modes for s in stats for b in parse_floats(args.beta, "--beta")
+                     for m in modes for s in stats for b in betas
                      for r in parse_refine(args.refine) for i in parse_floats(args.input_keep, "--input-keep")]
 
 

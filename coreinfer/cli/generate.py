@@ -63,8 +63,17 @@ def print_comparison(prompt: str, c) -> None:
     if c.agreement is not None:
         print(f"agreement: at {round(c.agreement * n)} of the {n} dense tokens ({c.agreement:.0%}) the core model's "
               "top choice is the dense token (teacher-forced on the dense text)")
-    print("the outputs are identical" if c.diverges_at is None else
-          f"the outputs diverge at token {c.diverges_at + 1} (the first {c.diverges_at} are the same)")
+    print(divergence(c.diverges_at))
+
+
+def divergence(at: int | None) -> str:
+    """The last line of a comparison: where the two outputs part (`at`: Comparison.diverges_at)."""
+    if at is None:
+        return "the outputs are identical"
+    if at == 0:
+        return "the outputs differ from the first token on"
+    return f"the outputs diverge at token {at + 1} (" + ("the first is" if at == 1 else f"the first {at} are") \
+        + " the same)"
 
 
 def column(title: str, text: str, width: int) -> list[str]:

@@ -16,7 +16,7 @@ COMMANDS = {
     "chat": ("coreinfer.cli.generate", "interactive chat, streaming tokens"),
     "serve": ("coreinfer.serving.cli", "OpenAI-compatible HTTP server (completions, chat, streaming)"),
     "eval": ("coreinfer.eval.cli", "measure what sparsity costs: perplexity and benchmark tasks"),
-    "bench": ("coreinfer.bench.run", "decode speed side by side: transformers, coreinfer dense/core, llama.cpp"),
+    "bench": ("coreinfer.bench.cli", "decode speed side by side: transformers, coreinfer dense/core, llama.cpp"),
     "cluster": ("coreinfer.analysis.cli",
                 "cluster a corpus by core sets; save per-cluster core sets for --mode similarity"),
     "analyze": ("coreinfer.analysis.cli", "measure core-set stability or similarity on this model (JSON + PNG)"),

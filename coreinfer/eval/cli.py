@@ -138,6 +138,22 @@ def parse_prompt(text: str) -> float | int:
     return value
 
 
+def as_generate_runs(llm, grid: list[CoreConfig | None]) -> list[CoreConfig | None]:
+    """The grid with the default (profile "auto") replaced by what generate decodes with on this model
+    and runtime: its calibrated profile, or dense (then dropped: dense is scored already), saying which
+    in one stderr line."""
+    from ..engine.profile import AUTO
+
+    out = []
+    for core in grid:
+        if core is not None and core.profile == AUTO:
+            print(llm.default_core()[1], file=sys.stderr)
+            core = llm.resolve(core)
+        if core not in out:
+            out.append(core)
+    return out
+
+
 def finish(results: list[Result], grid: list, args, llm, t0: float) -> None:
     """Write PREFIX.json and PREFIX.md, print the table."""
     meta = {"model": llm.name, "args": {k: v for k, v in vars(args).items() if k != "func"},
@@ -157,6 +173,7 @@ def cmd_ppl(args) -> None:
     docs = data.sample(data.text_documents(args.text), args.limit, args.seed) if args.text \
         else data.squad_documents(args.limit, args.seed)
     llm = LLM(**runtime_kwargs(args))
+    grid = as_generate_runs(llm, grid)
     rows = runner.document_rows(llm.tokenizer.encode, docs, prompt, args.max_tokens)
     if not rows:
         raise ValueError("no document is long enough to split into a prompt and a continuation")
@@ -175,6 +192,7 @@ def cmd_tasks(args) -> None:
     spec = args.tasks if args.tasks is not None else ("" if args.mc_jsonl or args.gen_jsonl else "all")
     tasks, grid = load_tasks(spec, args.mc_jsonl, args.gen_jsonl, args.limit, args.seed), core_grid(args)
     llm = LLM(**runtime_kwargs(args))
+    grid = as_generate_runs(llm, grid)
     results = []
     for task in tasks:
         for core in grid:

@@ -2,7 +2,8 @@
 
 Every number comes from the model as sparse decoding runs it: the prompt (a task's context, a
 document's first part) is prefilled densely, the core set is chosen from it, and the continuation
-goes through the compacted FFN. `teacher_forced` is `coreinfer.eval.scoring.continuation_logprobs` plus
+goes through the compacted FFN, with the kernels decoding runs (quantized weights: one decode step a
+position, scoring.stepped). `teacher_forced` is `coreinfer.eval.scoring.continuation_logprobs` plus
 the greedy token at each position, which top-1 agreement and lm-eval's `is_greedy` need; a test
 holds the two to exact equality.
 
@@ -20,7 +21,8 @@ from ..engine.generate import GenerationConfig
 from ..engine.policy import CoreConfig
 from ..engine.session import Session, make_policy
 from .data import Document, GenItem, MCItem
-from .scoring import continuation_logits, per_token
+from ..engine.gemv import MAX_M
+from .scoring import score_session, stepwise
 
 Encode = Callable[[str], list[int]]
 
@@ -52,9 +54,17 @@ def encode_pair(encode: Encode, context: str, continuation: str) -> tuple[list[i
 
 def teacher_forced(model, prompts: list[list[int]], continuations: list[list[int]], core: CoreConfig | None,
                    pad_id: int = 0) -> list[Scored]:
-    """continuation_logprobs, step for step, also keeping each position's argmax token."""
-    logits = continuation_logits(model, prompts, continuations, core, pad_id)  # [B, L, V]
-    return [Scored(logprobs, greedy) for logprobs, greedy in per_token(logits, continuations)]
+    """continuation_logprobs, step for step, also keeping each position's argmax token; through the
+    kernels decoding runs (scoring.score_session)."""
+    if len(prompts) != len(continuations) or any(len(c) == 0 for c in continuations):
+        raise ValueError("give one non-empty continuation per prompt")
+    session = Session(model, prompts, max(len(c) for c in continuations), pad_id, make_policy(core, model))
+    return [Scored(logprobs, greedy) for logprobs, greedy in score_session(session, continuations)]
+
+
+def rows_per_batch(model, batch_size: int) -> int:
+    """Stepped scoring keeps a batch decode-sized, so that each step takes decoding's kernels."""
+    return min(batch_size, MAX_M) if stepwise(model) else batch_size
 
 
 def score_rows(model, rows: list[tuple[list[int], list[int]]], core: CoreConfig | None, pad_id: int,
@@ -62,6 +72,7 @@ def score_rows(model, rows: list[tuple[list[int], list[int]]], core: CoreConfig 
     """Teacher-force every (prompt ids, continuation ids) row, in batches sorted by token content."""
     order = sorted(range(len(rows)), key=lambda i: (len(rows[i][0]), len(rows[i][1]), rows[i]))
     out: list[Scored | None] = [None] * len(rows)
+    batch_size = rows_per_batch(model, batch_size)
     with tqdm(total=len(rows), desc=desc, unit="row", leave=False, disable=desc is None) as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
@@ -95,6 +106,7 @@ def score_shared(model, rows: list[tuple[list[int], list[int]]], core: CoreConfi
     prompts = sorted(groups, key=lambda p: (len(p), p))
     policy = make_policy(core, model)
     out: list[Scored | None] = [None] * len(rows)
+    batch_size = rows_per_batch(model, batch_size)
     with tqdm(total=len(rows), desc=desc, unit="row", leave=False, disable=desc is None) as bar:
         start = 0
         while start < len(prompts):
@@ -111,7 +123,7 @@ def score_shared(model, rows: list[tuple[list[int], list[int]]], core: CoreConfi
                 members = [groups[chunk[j]][slot] for j in which]
                 conts = [rows[i][1] for i in members]
                 forked = session.fork(which)
-                for i, (logprobs, greedy) in zip(members, per_token(forked.score(conts), conts)):
+                for i, (logprobs, greedy) in zip(members, score_session(forked, conts)):
                     out[i] = Scored(logprobs, greedy)
                 del forked  # its compacted FFNs go before the next slot's are gathered
                 bar.update(len(members))
