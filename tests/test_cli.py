@@ -296,6 +296,15 @@ def test_chat_quits_on_empty_or_whitespace_line_or_ctrl_d(line, monkeypatch, cap
     assert main(["chat"]) == 0 and FakeLLM.seen == []
 
 
+def test_chat_skips_a_non_utf8_line_and_goes_on(monkeypatch, capsys):
+    monkeypatch.setattr("coreinfer.api.LLM", FakeLLM)
+    FakeLLM.replies, FakeLLM.seen = [("Hi", "!")], []
+    scripted_input(monkeypatch, ["caf\udce9", "hello", ""])  # what a Latin-1 terminal's "café" arrives as
+    assert main(["chat"]) == 0
+    assert "the message is not valid UTF-8 (bytes b'\\xe9' at character 3)" in capsys.readouterr().err
+    assert FakeLLM.seen == [[{"role": "user", "content": "hello"}]]
+
+
 def test_api_refuses_whitespace_prompt(tiny_model_dir):
     from coreinfer import LLM, GenerationConfig
 
