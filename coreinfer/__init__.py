@@ -1,7 +1,17 @@
-"""coreinfer: decode with each prompt's core neurons (CoreInfer, Wang et al. 2024)."""
+"""coreinfer: decode with each prompt's core neurons (CoreInfer, Wang et al. 2024).
 
-from .api import LLM, Completion, RuntimeConfig
-from .engine.generate import GenerationConfig
-from .engine.policy import CoreConfig
+The public names load on first use (PEP 562), so that importing a submodule, as `coreinfer --help`
+does, does not import torch and transformers (seconds) first.
+"""
 
-__all__ = ["LLM", "Completion", "CoreConfig", "GenerationConfig", "RuntimeConfig"]
+import importlib
+
+_PUBLIC = {"LLM": ".api", "Completion": ".api", "RuntimeConfig": ".api", "GenerationConfig": ".engine.generate",
+           "CoreConfig": ".engine.policy"}
+__all__ = list(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'coreinfer' has no attribute {name!r}")
+    return getattr(importlib.import_module(_PUBLIC[name], __name__), name)

@@ -149,8 +149,9 @@ class Completion:
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     prompt_tokens: int
     prefill_s: float = 0.0
-    decode_s: float = 0.0
+    decode_s: float = 0.0  # decoding alone: compile_s is not in it
     stats: CoreStats | None = None  # what the core selection did (None when dense)
+    compile_s: float = 0.0  # compiling the decode step, or loading its graph from the cache, during this run
 
     @property
     def completion_tokens(self) -> int:
@@ -193,6 +194,11 @@ def check_prompt(prompt: str) -> None:
     """A prompt must hold text: whitespace alone gives the model nothing to answer."""
     if isinstance(prompt, str) and not prompt.strip():
         raise ValueError("the prompt is empty or only whitespace")
+
+
+def compile_seconds(step) -> float:
+    """Seconds a compiled or graphed decode step has spent compiling and capturing (0 for eager)."""
+    return getattr(step, "compile_s", 0.0)
 
 
 def first_divergence(a: list[int], b: list[int]) -> int | None:
@@ -318,6 +324,7 @@ class LLM:
         streams = [TextStream(self.tokenizer, gen.stop) for _ in ids]
         finished = [False] * len(ids)
         session = self.session(ids, gen.max_new_tokens, core)
+        compiled_before = compile_seconds(self.compiled)
         t0 = time.perf_counter()
         t_first = None
         for token in decode(session, gen, self.tokenizer.eos_ids):
@@ -337,10 +344,13 @@ class LLM:
                 break
         t_end = time.perf_counter()
         t_first = t_first or t_end
+        # the first step of a new shape compiles (minutes) or loads its graph (seconds): timed apart
+        compile_s = compile_seconds(self.compiled) - compiled_before
         for b, s in enumerate(streams):
             tail = s.finish()
             done = Completion(s.text, s.ids, finished[b] or "length", len(ids[b]), prefill_s=t_first - t0,
-                              decode_s=t_end - t_first, stats=session.stats)
+                              decode_s=max(t_end - t_first - compile_s, 0.0), stats=session.stats,
+                              compile_s=compile_s)
             yield StreamEvent(b, tail, done)
 
     def generate(self, prompts, gen: GenerationConfig | None = None, core: CoreConfig | SelectionPolicy | None = None,

@@ -2,15 +2,21 @@
 refused before the model loads, Ctrl-C in chat, and the conversion cache (list, clear)."""
 
 import argparse
+import os
 import re
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 from test_loading import random_hf_weights, write_tiny_gguf
 
-from coreinfer.api import Completion, RuntimeConfig, StreamEvent
+from coreinfer.api import LLM, Completion, RuntimeConfig, StreamEvent
 from coreinfer.cli.args import report_speed
-from coreinfer.cli.main import build_parser, main
+from coreinfer.cli.main import COMMANDS, build_parser, main
+from coreinfer.engine.compiled import decode_forward, use_cache_dir
+from coreinfer.engine.generate import GenerationConfig
 from coreinfer.io import loading
 
 
@@ -53,6 +59,38 @@ def test_generate_help_and_top_level_help(capsys):
     out = capsys.readouterr().out
     description = out.split("positional arguments")[0].split("\n\n", 1)[1].strip()
     assert description.endswith("(CoreInfer).") and "Flags map" not in out
+
+
+def run_cli(*argv, timeout=120) -> subprocess.CompletedProcess:
+    """`coreinfer ARGV` in a fresh process (argv items may be bytes: what a shell hands over)."""
+    return subprocess.run([sys.executable, "-m", "coreinfer.cli.main", *argv], capture_output=True, timeout=timeout,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+
+def test_top_level_help_and_a_mistyped_command_import_no_torch():
+    """They build no subcommand, so they import neither torch nor transformers (seconds each)."""
+    probe = ("import sys\nfrom coreinfer.cli.main import main\n"
+             "try:\n    main(sys.argv[1:])\nexcept SystemExit as e:\n    code = e.code\n"
+             "print('exit', code, sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    for argv, code in [(["--help"], 0), (["genrate", "hi"], 2), ([], 2)]:
+        done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, timeout=60,
+                              env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        assert done.stdout.strip().splitlines()[-1] == f"exit {code} []", (argv, done.stdout, done.stderr)
+    assert "calibrate" in run_cli("--help").stdout.decode()
+
+
+def test_the_command_list_matches_each_command():
+    """The one-line help the lazy command list shows is the one each command's own module declares."""
+    full = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    declared = {c.dest: c.help for c in full._choices_actions}
+    assert declared == {name: help for name, (_, help) in COMMANDS.items()}
+
+
+def test_non_utf8_prompt_is_one_line_exit_2():
+    done = run_cli("generate", b"caf\xe9 au lait", "--max-new-tokens", "2")
+    [line] = done.stderr.decode().strip().splitlines()
+    assert done.returncode == 2 and line.startswith("coreinfer: error: the prompt is not valid UTF-8"), line
+    assert "\\xe9" in line and "character 3" in line
 
 
 def test_compare_prints_both_sides_and_agreement(tiny_model_dir, capsys):
@@ -136,6 +174,66 @@ def test_no_negative_decode_rate(tokens, decode_s, capsys):
     assert two.decode_tok_s == pytest.approx(2.0)
 
 
+def test_divergence_wording():
+    from coreinfer.cli.generate import divergence
+
+    assert divergence(None) == "the outputs are identical"
+    assert divergence(0) == "the outputs differ from the first token on"
+    assert divergence(1) == "the outputs diverge at token 2 (the first is the same)"
+    assert divergence(5) == "the outputs diverge at token 6 (the first 5 are the same)"
+
+
+def test_stats_line_shows_compiling_apart_and_counts_threads(capsys):
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        report_speed(Completion("abc", [5, 6, 7], "length", 3, prefill_s=0.01, decode_s=0.05, compile_s=95.0))
+        line = capsys.readouterr().err
+        assert "decode 3 tok at 40.0 tok/s (+ 95.0 s compiling or loading the decode step, not counted)" in line
+        assert line.rstrip().endswith(", 1 thread")
+        torch.set_num_threads(2)
+        report_speed(Completion("abc", [5, 6, 7], "length", 3, prefill_s=0.01, decode_s=0.05))
+        line = capsys.readouterr().err
+        assert "compiling" not in line and line.rstrip().endswith(", 2 threads")
+    finally:
+        torch.set_num_threads(threads)
+
+
+class SlowFirstStep:
+    """A decode step whose first call stands for a compile: it waits `first_s` and counts it in compile_s,
+    as CompiledStep does."""
+
+    def __init__(self, model, first_s: float):
+        self.model, self.first_s, self.compile_s = model, first_s, 0.0
+
+    def __call__(self, *inputs):
+        if not self.compile_s:
+            time.sleep(self.first_s)
+            self.compile_s = self.first_s
+        return decode_forward(self.model, *inputs)
+
+
+def test_decode_time_excludes_compiling(tiny_model_dir):
+    llm = LLM(str(tiny_model_dir), progress=False)
+    llm.compiled = SlowFirstStep(llm.model, first_s=1.5)
+    [first] = llm.generate("The press", GenerationConfig(max_new_tokens=6, ignore_eos=True))
+    assert first.compile_s == 1.5 and first.decode_s < 1.5  # eight tiny steps take milliseconds
+    [warm] = llm.generate("The press", GenerationConfig(max_new_tokens=6, ignore_eos=True))
+    assert warm.compile_s == 0.0 and warm.token_ids == first.token_ids
+
+
+def test_precompiled_headers_go_to_the_cache(tmp_path, monkeypatch):
+    """Inductor fixes its precompiled-header folder in the system temp dir; use_cache_dir moves it."""
+    from torch._inductor import codecache
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    for name in ("_HEADER_DIR", "_HEADER_LOCK_DIR"):
+        monkeypatch.setattr(codecache, name, getattr(codecache, name))  # restored after the test
+    use_cache_dir(tmp_path / "inductor")
+    assert codecache._HEADER_DIR == str(tmp_path / "inductor" / "precompiled_headers")
+    assert codecache._HEADER_LOCK_DIR.startswith(codecache._HEADER_DIR)
+
+
 def test_cli_zero_tokens_reports_no_rate(tiny_model_dir, capsys):
     assert main(["generate", "The press", "--model", str(tiny_model_dir), "--max-new-tokens", "0"]) == 0
     assert "decode 0 tok at - tok/s" in capsys.readouterr().err
@@ -198,6 +296,15 @@ def test_chat_quits_on_empty_or_whitespace_line_or_ctrl_d(line, monkeypatch, cap
     assert main(["chat"]) == 0 and FakeLLM.seen == []
 
 
+def test_chat_skips_a_non_utf8_line_and_goes_on(monkeypatch, capsys):
+    monkeypatch.setattr("coreinfer.api.LLM", FakeLLM)
+    FakeLLM.replies, FakeLLM.seen = [("Hi", "!")], []
+    scripted_input(monkeypatch, ["caf\udce9", "hello", ""])  # what a Latin-1 terminal's "café" arrives as
+    assert main(["chat"]) == 0
+    assert "the message is not valid UTF-8 (bytes b'\\xe9' at character 3)" in capsys.readouterr().err
+    assert FakeLLM.seen == [[{"role": "user", "content": "hello"}]]
+
+
 def test_api_refuses_whitespace_prompt(tiny_model_dir):
     from coreinfer import LLM, GenerationConfig
 
@@ -229,7 +336,7 @@ def test_conversion_names_the_cache_then_list_and_clear(tmp_path, cache, capsys)
     assert main(["cache", "list"]) == 0
     out = capsys.readouterr().out
     assert f"cache folder: {cache}" in out
-    assert re.search(rf"\d+\.\d MB  {entry.name}\n", out) and "1 entries" in out
+    assert re.search(rf"\d+\.\d MB  {entry.name}\n", out) and "total, 1 entry;" in out
     assert "notes.txt" not in out and "other" not in out
 
     assert main(["cache", "clear", entry.name]) == 0
@@ -257,4 +364,19 @@ def test_cache_clear_all_and_errors(cache, capsys):
     assert "2.0 MB  model-0123456789ab" in capsys.readouterr().out
     assert main(["cache", "clear", "--all"]) == 0
     assert loading.cache_entries() == [] and sorted(p.name for p in cache.iterdir()) == ["keep.txt"]
+    assert main(["cache", "list"]) == 0 and "0 entries" in capsys.readouterr().out
+
+
+def test_cache_lists_and_clears_compiled_and_native_folders(cache, capsys):
+    (cache / "inductor" / "precompiled_headers").mkdir(parents=True)
+    (cache / "inductor" / "precompiled_headers" / "h.gch").write_bytes(b"x" * 3_000_000)
+    (cache / "native").mkdir()
+    (cache / "native" / "kernels-ab.so").write_bytes(b"y" * 500_000)
+    assert main(["cache", "list"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"3\.0 MB  inductor/  compiled decode steps", out) and re.search(r"0\.5 MB  native/", out)
+    assert "3.5 MB  total, 2 entries" in out
+    assert main(["cache", "clear", "inductor"]) == 0
+    assert "removed inductor/ (3.0 MB)" in capsys.readouterr().err and not (cache / "inductor").exists()
+    assert main(["cache", "clear", "--all"]) == 0 and not (cache / "native").exists()
     assert main(["cache", "list"]) == 0 and "0 entries" in capsys.readouterr().out

@@ -20,7 +20,8 @@ from coreinfer.engine.policy import CoreConfig
 from coreinfer.eval import data, report, runner
 from coreinfer.eval.data import GenItem, MCItem
 from coreinfer.engine.generate import GenerationConfig
-from coreinfer.engine.session import make_policy
+from coreinfer.engine.session import Session, make_policy
+from coreinfer.eval.report import setting_name
 from coreinfer.eval.scoring import continuation_logprobs
 from oracle import our_logits
 
@@ -365,3 +366,65 @@ def test_frontier_plot_from_ppl_results(tmp_path):
     del doc["tasks"]["squad_paragraphs"]["metrics"]["ffn_read"]
     path.write_text(json.dumps(doc))
     assert cli.main(["eval", "frontier", str(path), "--output", str(tmp_path / "f.png")]) == 2
+
+
+
+
+def decoded_logprobs(model, prompt: list[int], cont: list[int], core) -> torch.Tensor:
+    """log p of each continuation token as `generate` computes it: one sequence, prefilled, then one
+    decode step per token."""
+    session = Session(model, [prompt], len(cont), 0, make_policy(core, model))
+    logits = [session.prefill()] + [session.step(torch.tensor([t])) for t in cont[:-1]]  # each [1, V]
+    return torch.cat(logits).float().log_softmax(-1).gather(1, torch.tensor(cont)[:, None])[:, 0]
+
+
+def test_quantized_scoring_runs_the_kernels_decoding_runs(tiny_model_dir):
+    """int8 weights: decoding's native GEMV takes decode-sized inputs only (int8 activations), a forward
+    over a whole continuation PyTorch's kernel (bf16 activations). Scores must be decoding's. Prompts
+    are longer than gemv.MAX_M tokens, so that the prefill takes PyTorch's kernel alone and batched."""
+    from coreinfer.engine import gemv
+    from coreinfer.eval.scoring import continuation_logits, per_token
+
+    if not gemv.available():
+        pytest.skip("optional: the native int8 GEMV is not built for this CPU, so both paths run one kernel")
+    llm = LLM(str(tiny_model_dir), weights="int8", compile=False, progress=False)
+    encode = llm.tokenizer.encode
+    rows = [(encode(f"{item.context} " * 3), encode(f" {choice}")) for item in ITEMS for choice in item.choices]
+    assert min(len(p) for p, _ in rows) > gemv.MAX_M
+    prompts, conts = [p for p, _ in rows], [c for _, c in rows]
+    for core in (None, SPARSE):
+        got = runner.score_rows(llm.model, rows, core, llm.tokenizer.pad_id, batch_size=4)
+        forward = per_token(continuation_logits(llm.model, prompts, conts, core, llm.tokenizer.pad_id), conts)
+        ref = [decoded_logprobs(llm.model, p, c, core) for p, c in rows]
+        worst = max((g.logprobs - r).abs().max().item() for g, r in zip(got, ref))
+        forward_worst = max((f - r).abs().max().item() for (f, _), r in zip(forward, ref))
+        print(f"int8 {setting_name(core)}: max |d logprob| against decoding: stepped {worst:.2e}, "
+              f"one forward {forward_worst:.2e}")
+        assert worst < 1e-5 < forward_worst  # the forward's kernel is not decoding's
+
+
+def test_eval_scores_generates_default(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """No core flag, or --profile auto: dense and what generate decodes with, the calibrated profile
+    (found in the cache folder here); without a profile, dense alone, saying so."""
+    from coreinfer.engine.profile import LayerBudget, Profile
+
+    text = tmp_path / "notes.txt"
+    text.write_text("The history of the printing press.\n\nThe capital of France is Paris, of Italy Rome.\n")
+    base = ["eval", "ppl", "--text", str(text), "--prompt", "4", "--model", str(tiny_model_dir)]
+    monkeypatch.setenv("COREINFER_CACHE", str(tmp_path / "cache"))
+    assert cli.main([*base, "--output", str(tmp_path / "none")]) == 0
+    assert "no calibrated profile" in capsys.readouterr().err
+    assert [s["name"] for s in json.loads((tmp_path / "none.json").read_text())["settings"]] == ["dense"]
+
+    (tmp_path / "cache" / "profiles").mkdir(parents=True)
+    met = {"target_top1_agree": 0.95, "meets_target": True, "measured": {"top1_agree": 0.96},
+           "tried": [{"budget": 0.5, "ffn_read": 0.5, "ppl_ratio": 1.0, "top1_agree": 0.96}]}
+    profile = Profile.for_model(LLM(str(tiny_model_dir), progress=False).model,
+                                {l: LayerBudget(keep=0.5) for l in (1, 2)}, met)
+    profile.save(tmp_path / "cache" / "profiles" / "tiny.json")
+    for flags in ([], ["--profile", "auto"]):
+        assert cli.main([*base, *flags, "--output", str(tmp_path / "auto")]) == 0
+        assert "calibrated profile tiny.json" in capsys.readouterr().err
+        doc = json.loads((tmp_path / "auto.json").read_text())
+        assert [s["name"] for s in doc["settings"]] == ["dense", "profile tiny.json"]
+        assert doc["tasks"]["notes"]["metrics"]["ffn_read"]["profile tiny.json"]["value"] < 1

@@ -1,8 +1,12 @@
 """`coreinfer bench`: decode speed side by side, in one process, on the same prompt and weights.
 
 Contenders run alternately (one run each per round, after a warm-up round) so that drift in the
-machine's state hits all of them alike; each figure is the median over the rounds. The machine's
-read bandwidth is measured in the same run, so each contender's GB/s shows its share of the limit.
+machine's state hits all of them alike; each figure is the median over the rounds. Ratios pair
+contenders by round: a round runs all of them back to back, so each round gives one ratio to dense
+of the same format and one to llama.cpp, reported as the median with its min-max over the rounds
+(on a shared host one run's ratio moves by a fifth). The machine's read bandwidth is measured in
+the same run, so each contender's GB/s shows its share of the limit. One row is `generate`'s
+default exactly as it runs: its format, calibrated profile, compiled step and threads.
 """
 
 import json
@@ -19,6 +23,7 @@ from ..engine.compiled import CompiledStep, decode_forward, use_cache_dir
 from ..engine.cuda_graphs import GraphedStep
 from ..engine.offload import parse_bytes, place
 from ..engine.policy import CoreConfig
+from ..engine.profile import AUTO
 from ..engine.quant import LOAD_FORMATS, WEIGHT_FORMATS, quantize_model
 from ..engine.session import Session, make_policy
 from ..eval.report import setting_name
@@ -39,6 +44,14 @@ class Result:
     ttft_ms: float = 0.0  # time to first token: prefill, selection and compaction
     compile_s: float = 0.0  # compiling the decode step, during the warm-up round (not in decode tok/s)
     peak_gpu_mb: float = 0.0  # the contender's own weights on the GPU plus its peak working memory
+    vs_dense: tuple[float, float, float] | None = None  # decode rate / dense of its format: median, min, max
+    vs_llama_cpp: tuple[float, float, float] | None = None  # the same against llama.cpp on the original GGUF
+
+
+def ratio_spread(ours: list[float], ref: list[float]) -> tuple[float, float, float] | None:
+    """Round by round ratios ours[r] / ref[r] -> (median, min, max); None without rounds to pair."""
+    ratios = [a / b for a, b in zip(ours, ref, strict=True) if b > 0]
+    return (statistics.median(ratios), min(ratios), max(ratios)) if ratios else None
 
 
 def read_bandwidth_gb_s(mib: int = 512, repeats: int = 5, device="cpu") -> float:
@@ -116,32 +129,45 @@ def run_bench(contenders, ids, new_tokens, rounds, eos, bandwidth) -> list[Resul
             peaks[c.name] = max(peaks[c.name], peak)
             if r:  # round 0 warms every contender up
                 samples[c.name].append(out)
+    rates = {name: [out[2] for out in runs] for name, runs in samples.items()}  # decode tok/s per round
+    llama = next((c.name for c in contenders if isinstance(c, LlamaCpp)), None)
     results = []
     for c in contenders:
         cols = list(zip(*samples[c.name]))
         prefill_s, ms, tok_s = (statistics.median(col) for col in cols[:3])
         nbytes = cols[3][0]
         gb_s = nbytes * tok_s / 1e9
+        dense = getattr(c, "dense_ref", None)
         results.append(Result(c.name, len(ids) / prefill_s, ms, tok_s, nbytes, gb_s,
                               gb_s / bandwidth if nbytes else 0.0, c.note, ttft_ms=prefill_s * 1e3 + ms,
-                              compile_s=compile_s[c.name], peak_gpu_mb=peaks[c.name] / 2**20))
+                              compile_s=compile_s[c.name], peak_gpu_mb=peaks[c.name] / 2**20,
+                              vs_dense=ratio_spread(rates[c.name], rates[dense]) if dense in rates else None,
+                              vs_llama_cpp=ratio_spread(rates[c.name], rates[llama]) if llama else None))
     return results
 
 
+def spread(r: tuple[float, float, float] | None) -> str:
+    return "-" if r is None else f"{r[0]:.2f}x ({r[1]:.2f}-{r[2]:.2f})"
+
+
 def table(results: list[Result], bandwidth: float) -> str:
-    base = next((r.decode_tok_s for r in results if r.name.startswith("coreinfer dense")), None)
     gpu = any(r.peak_gpu_mb for r in results)  # on CUDA: time to first token and peak GPU memory too
-    lines = [f"machine read bandwidth: {bandwidth:.1f} GB/s", "",
-             "| contender | prefill tok/s | select+compact ms | decode tok/s | vs dense | MB/token | GB/s | of bw "
-             "| compile s |" + (" TTFT ms | peak GPU MB | note |" if gpu else ""),
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---|" if gpu else "")]
+    llama = any(r.vs_llama_cpp for r in results)
+    lines = [f"machine read bandwidth: {bandwidth:.1f} GB/s; ratios: median (min-max) of the rounds' ratios, "
+             "each round running every contender back to back; vs dense: to dense of the same format and step", "",
+             "| contender | prefill tok/s | select+compact ms | decode tok/s | vs dense |"
+             + (" vs llama.cpp |" if llama else "") + " MB/token | GB/s | of bw | compile s |"
+             + (" TTFT ms | peak GPU MB |" if gpu else "") + " note |",
+             "|---|---:|---:|---:|---:|" + ("---:|" if llama else "") + "---:|---:|---:|---:|"
+             + ("---:|---:|" if gpu else "") + "---|"]
     for r in results:
-        rel = f"{r.decode_tok_s / base:.2f}x" if base else "-"
         mb = f"{r.bytes_per_token / 1e6:.0f}" if r.bytes_per_token else "-"
         gb = f"{r.gb_s:.1f}" if r.bytes_per_token else "-"
         share = f"{r.share_of_bandwidth:.0%}" if r.bytes_per_token else "-"
-        lines.append(f"| {r.name} | {r.prefill_tok_s:.0f} | {r.select_compact_ms:.1f} | {r.decode_tok_s:.1f} | {rel} "
-                     f"| {mb} | {gb} | {share} | {r.compile_s:.1f} |" + (f" {r.ttft_ms:.1f} | {r.peak_gpu_mb:.0f} | {r.note} |" if gpu else ""))
+        lines.append(f"| {r.name} | {r.prefill_tok_s:.0f} | {r.select_compact_ms:.1f} | {r.decode_tok_s:.1f} "
+                     f"| {spread(r.vs_dense)} |" + (f" {spread(r.vs_llama_cpp)} |" if llama else "")
+                     + f" {mb} | {gb} | {share} | {r.compile_s:.1f} |"
+                     + (f" {r.ttft_ms:.1f} | {r.peak_gpu_mb:.0f} |" if gpu else "") + f" {r.note} |")
     return "\n".join(lines)
 
 
@@ -173,6 +199,9 @@ def contenders_for(args, ckpt, dtype):
 
     if args.max_gpu_memory is not None:
         return offload_contenders(args, ckpt, dtype)
+    if args.profile == AUTO:
+        raise ValueError("bench always times the default (--profile auto) in its own row, as generate runs it; "
+                         "drop --profile auto, or give a profile file")
     out = []
     if not args.no_transformers:
         out.append(Transformers(transformers_model(ckpt, dtype).to(args.device)))
@@ -191,14 +220,14 @@ def contenders_for(args, ckpt, dtype):
         graphs = None  # on CUDA, as LLM decodes there: the step in CUDA graphs (of the compiled step if any)
         if torch.device(args.device).type == "cuda" and args.compile is not False:
             graphs = GraphedStep(compiled or partial(decode_forward, model), max_graphs=8)
-        tag = "" if fmt == "dense" else f" {fmt}"
+        steps = [None] + [step for step in (compiled, graphs) if step is not None]
         for core in core_grid(args):
-            name = f"coreinfer {setting_name(core)}"
-            out.append(Ours(name + tag, model, core))  # eager: what compiling gains is measured against it
-            if compiled:
-                out.append(Ours(name + tag + " compiled", model, core, compiled=compiled))
-            if graphs:
-                out.append(Ours(name + tag + " CUDA graphs", model, core, compiled=graphs))
+            for step in steps:  # eager first: what compiling gains is measured against it
+                tail = step_name(fmt, step)
+                out.append(Ours(f"coreinfer {setting_name(core)}{tail}", model, core, compiled=step,
+                                dense_ref=f"coreinfer dense{tail}"))
+    if not args.no_default:
+        out.append(default_contender(args))
     gguf = embedded_model_path() if args.model is None else Path(args.model)
     if gguf.suffix == ".gguf" and not args.no_llama_cpp:
         try:
@@ -207,6 +236,29 @@ def contenders_for(args, ckpt, dtype):
         except ImportError:
             print("llama.cpp: skipped (pip install llama-cpp-python to compare against it)", file=sys.stderr)
     return out
+
+
+def step_name(weights: str, compiled) -> str:
+    """' int8 compiled', ' CUDA graphs', '': how a contender's name says its format and decode step."""
+    step = "" if compiled is None else " CUDA graphs" if isinstance(compiled, GraphedStep) else " compiled"
+    return ("" if weights == "dense" else f" {weights}") + step
+
+
+def default_contender(args) -> Ours:
+    """`coreinfer generate`'s default exactly as it runs: the LLM it builds from these model, device and
+    dtype flags alone (its default format and compile setting, on this run's threads), decoding with
+    CoreConfig(profile="auto") resolved as generate resolves it; the note says what that chose."""
+    from ..api import LLM
+
+    llm = LLM(model=args.model, device=args.device, dtype=args.dtype, threads=torch.get_num_threads(),
+              progress=False)
+    path, why = llm.default_core()
+    tail = step_name(llm.runtime.weights, llm.compiled)
+    name = f"coreinfer default ({'profile ' + Path(path).name if path else 'dense'}{tail}), as generate runs it"
+    c = Ours(name, llm.model, llm.resolve(CoreConfig(profile=AUTO)), compiled=llm.compiled,
+             dense_ref=f"coreinfer dense{tail}")
+    c.note = why
+    return c
 
 
 def offload_contenders(args, ckpt, dtype):
@@ -234,12 +286,13 @@ def offload_contenders(args, ckpt, dtype):
     place(model, args.device)
     for core in core_grid(args):
         name = f"coreinfer {setting_name(core)} offload"
-        out.append(Ours(name, model, core, budget))
+        out.append(Ours(name, model, core, budget, dense_ref="coreinfer dense offload"))
     return out
 
 
 def cmd_bench(args) -> None:
     from ..api import RuntimeConfig, default_threads
+    from ..cli.args import count
     from ..io.loading import load_checkpoint
     from ..io.text import Tokenizer
 
@@ -265,25 +318,8 @@ def cmd_bench(args) -> None:
         print(to_json(results, bandwidth, breakdown, settings))
         return
     print(f"{ckpt.source}: prompt {len(ids)} tok, {args.new_tokens} new tok, median of {args.rounds} rounds, "
-          f"{torch.get_num_threads()} threads, {dtype}")
+          f"{count(torch.get_num_threads(), 'thread')}, {dtype}")
     print(table(results, bandwidth))
     print("\nper decode step, ms (each part timed alone):")
     for name, parts in breakdown.items():
         print(f"  {name}: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
-
-
-def add_parser(sub) -> None:
-    from ..cli.args import add_core_args, add_runtime_args
-
-    p = sub.add_parser("bench", help="decode speed side by side: transformers, coreinfer dense/core, llama.cpp")
-    add_runtime_args(p)
-    add_core_args(p, grid=True)
-    p.set_defaults(beta="0.5,0.7")  # --weights may list both formats here: "dense,int8" builds one model each
-    p.add_argument("--prompt-tokens", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=5, help="timed rounds after one warm-up round")
-    p.add_argument("--no-transformers", action="store_true", help="skip the transformers baseline")
-    p.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when it is installed")
-    p.add_argument("--json", action="store_true", help="print JSON instead of the table")
-    p.set_defaults(func=cmd_bench)
-

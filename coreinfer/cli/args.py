@@ -3,16 +3,17 @@ RuntimeConfig (--model --device --dtype --threads --weights), GenerationConfig (
 CoreConfig (--alpha --beta --statistic --ranking --layers --mode --clusters --refine --input-keep
 --drift-period --drift-threshold; --dense for none)."""
 
+from __future__ import annotations
+
 import argparse
 import copy
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from ..engine.generate import GenerationConfig
-from ..engine.policy import MODES, CoreConfig
-from ..engine.profile import AUTO
+if TYPE_CHECKING:  # imported where used: `coreinfer --help` builds no subcommand and needs no torch
+    from ..engine.generate import GenerationConfig
+    from ..engine.policy import CoreConfig
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -76,13 +77,17 @@ def add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int = 128) -
 
 
 def add_core_args(p: argparse.ArgumentParser, grid: bool = False) -> None:
+    from ..engine.policy import MODES, CoreConfig
+
     d = CoreConfig()
     g = p.add_argument_group("core neurons")
     g.add_argument("--dense", action="store_true", help="decode with the full FFN (no core neurons)")
     g.add_argument("--alpha", type=float, default=d.alpha, help="token-wise core fraction")
-    beta_help = "FFN keep ratio(s), comma-separated" + (" (a grid: one run each)" if grid else
-                                                         f" (one per sparse layer; {d.beta} when other core flags are given)")
-    g.add_argument("--beta", default=str(d.beta) if grid else None, help=beta_help)
+    beta_help = "FFN keep ratio(s), comma-separated" + (
+        f" (a grid: one run each; default: none, with no core flag: dense and generate's default, the calibrated "
+        f"profile; {d.beta} when other core flags are given)" if grid else
+        f" (one per sparse layer; {d.beta} when other core flags are given)")
+    g.add_argument("--beta", default=None, help=beta_help)
     g.add_argument("--statistic", default=d.statistic, help="frequency (paper) or norm (GRIFFIN)"
                    + (", comma-separated grid" if grid else ""))
     g.add_argument("--ranking", default=d.ranking, help="auto, abs, signed (reference code; for reproduction), relu")
@@ -102,8 +107,9 @@ def add_core_args(p: argparse.ArgumentParser, grid: bool = False) -> None:
                    help="re-choose the core set when it covers less than this share of a checked token's statistic")
     g.add_argument("--profile", default=None, metavar="FILE",
                    help="per-layer budgets made by `coreinfer calibrate` (replace --beta, --layers, --refine, --input-keep)"
-                   + ("" if grid else "; 'auto', the default when no core flag is given: the profile calibrated on the "
-                      "model (top-1 agreement >= 0.95 on held-out text), or dense where there is none"))
+                   "; 'auto', the default when no core flag is given: the profile calibrated on the model (top-1 "
+                   "agreement >= 0.95 on held-out text), or dense where there is none or where this runtime cannot "
+                   "run it, as generate decides")
     g.add_argument("--prior", default=None, metavar="FILE",
                    help="a `coreinfer calibrate` profile whose global prior is fused with the prompt's statistic")
     g.add_argument("--prior-weight", type=float, default=d.prior_weight,
@@ -134,6 +140,8 @@ def runtime_kwargs(args) -> dict:
 
 
 def generation_config(args) -> GenerationConfig:
+    from ..engine.generate import GenerationConfig
+
     return GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                             stop=tuple(args.stop), ignore_eos=args.ignore_eos)
@@ -142,6 +150,8 @@ def generation_config(args) -> GenerationConfig:
 def check_modes(args, modes: list[str]) -> None:
     """--mode values are known, and --clusters names a file exactly when a similarity mode needs one
     (its contents are checked against the model on first use)."""
+    from ..engine.policy import MODES
+
     bad = sorted(set(modes) - set(MODES))
     if bad:
         raise ValueError(f"--mode takes {', '.join(MODES)}, got {', '.join(bad)}")
@@ -157,6 +167,8 @@ def check_modes(args, modes: list[str]) -> None:
 
 def core_flags_given(args) -> bool:
     """Whether any core flag differs from its default (the default setting is the calibrated profile)."""
+    from ..engine.policy import CoreConfig
+
     d = CoreConfig()
     return any([args.beta is not None, args.layers, args.mode != d.mode, args.clusters, args.refine != "none",
                 parse_floats(args.input_keep, "--input-keep") != [d.input_keep], args.drift_period != d.drift_period,
@@ -166,6 +178,9 @@ def core_flags_given(args) -> bool:
 
 def core_config(args) -> CoreConfig | None:
     """--dense: None; no core flag: the default, CoreConfig(profile="auto"); else the flags' setting."""
+    from ..engine.policy import CoreConfig
+    from ..engine.profile import AUTO
+
     if args.dense:
         return None
     if not core_flags_given(args):
@@ -180,26 +195,37 @@ def core_config(args) -> CoreConfig | None:
 
 
 def core_grid(args) -> list[CoreConfig | None]:
-    """Dense first, then one CoreConfig per (mode, statistic, beta, refine, input keep) of the grid flags."""
+    """Dense first, then one CoreConfig per (mode, statistic, beta, refine, input keep) of the grid flags;
+    with no core flag (or --profile auto), dense and the default, CoreConfig(profile="auto"), which the
+    command resolves against its model as generate does (LLM.resolve)."""
+    from ..engine.policy import CoreConfig
+    from ..engine.profile import AUTO
+
     if args.dense:
         return [None]
-    if args.profile == AUTO:  # before the model loads: these commands compare settings by name
-        raise ValueError("--profile auto is the default of generate, chat and serve; eval and bench take a profile "
-                         "file (coreinfer/profiles/ holds the shipped ones, the cache folder's profiles/ yours)")
+    if args.profile == AUTO or not core_flags_given(args):
+        return [None, CoreConfig(profile=AUTO)]
     stats = [s.strip() for s in args.statistic.split(",") if s.strip()]
     modes = [m.strip() for m in args.mode.split(",") if m.strip()]
     check_modes(args, modes)
+    betas = parse_floats(args.beta if args.beta is not None else str(CoreConfig().beta), "--beta")
     return [None] + [CoreConfig(alpha=args.alpha, beta=b, statistic=s, ranking=args.ranking, layers=args.layers,
                                 mode=m, clusters=args.clusters if m == "similarity" else None,
                                 **adaptive_kwargs(args, r, i))
-                     for m in modes for s in stats for b in parse_floats(args.beta, "--beta")
+                     for m in modes for s in stats for b in betas
                      for r in parse_refine(args.refine) for i in parse_floats(args.input_keep, "--input-keep")]
 
 
 def report_speed(c) -> None:
-    """One stderr line: prompt and decode speed, and what the core set saved (a Completion in)."""
+    """One stderr line: prompt and decode speed, and what the core set saved (a Completion in). The decode
+    rate is of decoding alone: compiling the step, or loading its compiled graph, is shown apart."""
+    import torch
+
     line = f"prompt {c.prompt_tokens} tok at {c.prefill_tok_s:.1f} tok/s, decode {c.completion_tokens} tok at " \
-           f"{decode_rate(c)} tok/s, {torch.get_num_threads()} threads"
+           f"{decode_rate(c)} tok/s"
+    if c.compile_s:
+        line += f" (+ {c.compile_s:.1f} s compiling or loading the decode step, not counted)"
+    line += f", {count(torch.get_num_threads(), 'thread')}"
     if c.stats is not None:
         line += f", core {c.stats.share:.0%} of weight bytes per token " \
                 f"(select {c.stats.select_ms:.1f} ms, compact {c.stats.compact_ms:.1f} ms)"
@@ -208,6 +234,22 @@ def report_speed(c) -> None:
         if c.stats.peak_gpu_bytes:
             line += f", peak GPU memory {c.stats.peak_gpu_bytes / 2**30:.2f} GiB"
     print(line, file=sys.stderr)
+
+
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """'1 thread', '2 threads'; '1 entry', '0 entries' (with plural="entries")."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
+def check_utf8(text: str, what: str) -> None:
+    """Text from the command line holds what the OS handed over: bytes that are not UTF-8 arrive as lone
+    surrogates (PEP 383), which no tokenizer encodes. One line, before the model loads."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text.encode("utf-8", "surrogateescape")[e.start:e.end]
+        raise ValueError(f"{what} is not valid UTF-8 (bytes {bad!r} at character {e.start}): "
+                         "pass text in UTF-8") from None
 
 
 def decode_rate(c) -> str:

@@ -1,162 +1,52 @@
 """coreinfer: decode faster by running only each prompt's core neurons (CoreInfer).
 
-The entry point: generate and chat live here, every other command in its own module; flags map
-one-to-one onto the API's dataclasses (see cli/args.py).
+The entry point. Each command lives in its own module, imported only when that command runs (or
+its --help is asked for): the top-level help and a mistyped command need neither torch nor
+transformers, which take seconds to import.
 """
 
-import shutil
+import importlib
 import sys
-import textwrap
 
-from ..engine.profile import AUTO
-from ..io.loading import CheckpointError
-from .args import (
-    Parser,
-    add_core_args,
-    add_generation_args,
-    add_runtime_args,
-    core_config,
-    decode_rate,
-    generation_config,
-    report_speed,
-    runtime_kwargs,
-)
+from .args import Parser
 
-
-def cmd_generate(args) -> None:
-    from ..api import LLM, check_prompt
-
-    check_prompt(args.prompt)  # before the model loads
-    gen, core = generation_config(args), core_config(args)
-    if args.compare and core is None:
-        raise ValueError("--compare decodes both dense and with core neurons; drop --dense")
-    llm = LLM(**runtime_kwargs(args))
-    say_default(llm, core)
-    if args.compare:
-        print_comparison(args.prompt, llm.compare(args.prompt, gen, core, chat=args.chat))
-        return
-    final = None
-    for event in llm.stream(args.prompt, gen, core, chat=args.chat):
-        print(event.text, end="", flush=True)
-        final = event.completion or final
-    print()
-    report_speed(final)
+# command -> (the module whose add_parser(sub) adds it, the one line the command list shows)
+COMMANDS = {
+    "generate": ("coreinfer.cli.generate", "complete one prompt, streaming the text"),
+    "chat": ("coreinfer.cli.generate", "interactive chat, streaming tokens"),
+    "serve": ("coreinfer.serving.cli", "OpenAI-compatible HTTP server (completions, chat, streaming)"),
+    "eval": ("coreinfer.eval.cli", "measure what sparsity costs: perplexity and benchmark tasks"),
+    "bench": ("coreinfer.bench.cli", "decode speed side by side: transformers, coreinfer dense/core, llama.cpp"),
+    "cluster": ("coreinfer.analysis.cli",
+                "cluster a corpus by core sets; save per-cluster core sets for --mode similarity"),
+    "analyze": ("coreinfer.analysis.cli", "measure core-set stability or similarity on this model (JSON + PNG)"),
+    "cache": ("coreinfer.cli.cache", "list or clear the cache folder: converted models, compiled steps, native kernels"),
+    "calibrate": ("coreinfer.eval.calibrate",
+                  "choose per-layer budgets for adaptive decoding; writes a --profile file"),
+}
 
 
-def say_default(llm, core) -> None:
-    """With the default core setting, one stderr line: the calibrated profile it found, or why dense."""
-    if core is not None and core.profile == AUTO:
-        print(llm.default_core()[1], file=sys.stderr)
-
-
-def print_comparison(prompt: str, c) -> None:
-    """A Comparison as two columns, dense left and core right, then how far they agree."""
-    width = min(shutil.get_terminal_size().columns, 160)
-    col = max(24, (width - 3) // 2)
-    share = c.core.stats.share if c.core.stats is not None else 1.0  # a policy may decide to decode dense
-    left = column(f"dense: {decode_rate(c.dense)} tok/s, 100% of weights", c.dense.text, col)
-    right = column(f"core: {decode_rate(c.core)} tok/s, {share:.0%} of weights", c.core.text, col)
-    print(f"prompt: {prompt}\n")
-    for i in range(max(len(left), len(right))):
-        a, b = (left[i] if i < len(left) else ""), (right[i] if i < len(right) else "")
-        print(f"{a:<{col}} | {b}".rstrip())
-    n = c.dense.completion_tokens
-    print()
-    if c.agreement is not None:
-        print(f"agreement: at {round(c.agreement * n)} of the {n} dense tokens ({c.agreement:.0%}) the core model's "
-              "top choice is the dense token (teacher-forced on the dense text)")
-    print("the outputs are identical" if c.diverges_at is None else
-          f"the outputs diverge at token {c.diverges_at + 1} (the first {c.diverges_at} are the same)")
-
-
-def column(title: str, text: str, width: int) -> list[str]:
-    """A title, a rule and `text` wrapped to `width`, paragraph by paragraph."""
-    lines = textwrap.wrap(title, width) + ["-" * min(width, len(title))]
-    for paragraph in text.strip().splitlines():
-        lines += textwrap.wrap(paragraph, width) or [""]
-    return lines
-
-
-def cmd_chat(args) -> None:
-    from ..api import LLM
-
-    gen, core = generation_config(args), core_config(args)
-    llm = LLM(**runtime_kwargs(args))
-    say_default(llm, core)
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    print("coreinfer chat: Ctrl-C stops a reply; an empty line, Ctrl-D or Ctrl-C at the prompt quits", file=sys.stderr)
-    while True:
-        try:
-            user = input("> ").strip()
-        except (EOFError, KeyboardInterrupt):
-            print(file=sys.stderr)
-            return
-        if not user:
-            return
-        messages.append({"role": "user", "content": user})
-        messages.append({"role": "assistant", "content": stream_reply(llm, messages, gen, core)})
-
-
-def stream_reply(llm, messages: list[dict], gen, core) -> str:
-    """Print one reply as it is decoded and return its text; Ctrl-C stops it where it is (the part
-    shown stays in the conversation)."""
-    events = llm.stream(messages, gen, core)
-    text, final = "", None
-    try:
-        for event in events:
-            print(event.text, end="", flush=True)
-            text += event.text
-            final = event.completion or final
-    except KeyboardInterrupt:
-        events.close()  # ends the decode session
-        print("\n[reply stopped]", file=sys.stderr)
-        return text
-    print()
-    report_speed(final)
-    return final.text
-
-
-def build_parser() -> Parser:
+def build_parser(argv: list[str] | None = None) -> Parser:
+    """The parser with the real subparser of the command `argv` names (None: of every command); the
+    others are placeholders that only show in the command list."""
     parser = Parser(prog="coreinfer", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("generate", help="complete one prompt, streaming the text")
-    p.add_argument("prompt")
-    p.add_argument("--chat", action="store_true",
-                   help="wrap the prompt in the model's chat template, as one user turn. Off by default: generate "
-                        "continues the text as given, which is what the quality figures measure and what base "
-                        "models expect; use --chat to ask an instruct model a question")
-    p.add_argument("--compare", action="store_true",
-                   help="decode dense, then with core neurons, and print both side by side with tok/s, the share "
-                        "of weights read per token, and how often the core model's top token is the dense one")
-    add_runtime_args(p), add_generation_args(p), add_core_args(p)
-    p.set_defaults(func=cmd_generate)
-
-    p = sub.add_parser("chat", help="interactive chat, streaming tokens")
-    p.add_argument("--system", default=None, help="system prompt (default: none)")
-    add_runtime_args(p), add_generation_args(p, max_new_tokens=256), add_core_args(p)
-    p.set_defaults(func=cmd_chat)
-
-    # Each further command lives in its own module, which adds its parser here.
-    for add_parser in command_modules():
-        add_parser(sub)
+    named = next((a for a in argv if not a.startswith("-")), None) if argv is not None else None
+    load = {module for name, (module, _) in COMMANDS.items() if argv is None or name == named}
+    for name, (module, help) in COMMANDS.items():  # in this order: a module adds its commands together
+        if module in load:
+            importlib.import_module(module).add_parser(sub)
+            load.discard(module)
+        elif name not in sub.choices:
+            sub.add_parser(name, help=help)
     return parser
 
 
-def command_modules() -> list:
-    """The `add_parser(sub)` functions of the modules that bring their own commands."""
-    from ..analysis.cli import add_parser as analyses
-    from ..bench.run import add_parser as bench
-    from ..eval.calibrate import add_parser as calibrate
-    from ..eval.cli import add_parser as evaluate
-    from ..serving.cli import add_parser as serve
-    from .cache import add_parser as cache
-
-    return [serve, evaluate, bench, analyses, cache, calibrate]
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
+    from ..io.loading import CheckpointError
+
     try:
         args.func(args)
     except KeyboardInterrupt:

@@ -83,6 +83,13 @@ def use_cache_dir(path) -> None:
     model build does), so that default counts as unset."""
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    # The cpp-wrapper mode precompiles ATen's headers (~150 MB) into a folder that inductor fixes when
+    # codecache is imported, from the system temp dir (default_cache_dir()/precompiled_headers), whatever
+    # the variable says. Point it beside the other caches, where `coreinfer cache` lists and clears it.
+    from torch._inductor import codecache
+
+    headers = os.path.join(os.environ["TORCHINDUCTOR_CACHE_DIR"], "precompiled_headers")
+    codecache._HEADER_DIR, codecache._HEADER_LOCK_DIR = headers, os.path.join(headers, "locks")
 
 
 class CompiledStep:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..cli.args import add_core_args, add_runtime_args, core_grid, runtime_kwargs
 from ..engine.policy import CoreConfig
-from . import data, report, runner
+from . import data, report
 from .metrics import f1, mc_accuracy, normalized_exact_match, ratio_and_stderr
 from .report import Result, mean_result, setting_name
 
@@ -78,6 +78,8 @@ def mc_per_item(lls: list[list[float]], items: list) -> dict[str, list[float]]:
 
 
 def run_task(llm, task: Task, core: CoreConfig | None, batch_size: int, max_new_tokens: int) -> Result:
+    from . import runner  # the model side (torch): imported when a command runs, not for --help
+
     t0 = time.perf_counter()
     desc = f"{task.name} [{setting_name(core)}]"
     if task.kind == "mc":
@@ -93,6 +95,8 @@ def run_task(llm, task: Task, core: CoreConfig | None, batch_size: int, max_new_
 def ppl_results(llm, name: str, rows: list, grid: list[CoreConfig | None], batch_size: int) -> Iterator[Result]:
     """Per setting, as each finishes: the perplexity of the rows' continuations, and how often the
     setting's top-1 token agrees with dense's. Dense comes first in the grid: it is the reference."""
+    from . import runner
+
     if grid[0] is not None:
         raise ValueError("the grid must start with dense (None)")
     dense_greedy = None
@@ -134,6 +138,22 @@ def parse_prompt(text: str) -> float | int:
     return value
 
 
+def as_generate_runs(llm, grid: list[CoreConfig | None]) -> list[CoreConfig | None]:
+    """The grid with the default (profile "auto") replaced by what generate decodes with on this model
+    and runtime: its calibrated profile, or dense (then dropped: dense is scored already), saying which
+    in one stderr line."""
+    from ..engine.profile import AUTO
+
+    out = []
+    for core in grid:
+        if core is not None and core.profile == AUTO:
+            print(llm.default_core()[1], file=sys.stderr)
+            core = llm.resolve(core)
+        if core not in out:
+            out.append(core)
+    return out
+
+
 def finish(results: list[Result], grid: list, args, llm, t0: float) -> None:
     """Write PREFIX.json and PREFIX.md, print the table."""
     meta = {"model": llm.name, "args": {k: v for k, v in vars(args).items() if k != "func"},
@@ -146,12 +166,14 @@ def finish(results: list[Result], grid: list, args, llm, t0: float) -> None:
 
 def cmd_ppl(args) -> None:
     from ..api import LLM
+    from . import runner
 
     t0 = time.perf_counter()
     prompt, grid = parse_prompt(args.prompt), core_grid(args)
     docs = data.sample(data.text_documents(args.text), args.limit, args.seed) if args.text \
         else data.squad_documents(args.limit, args.seed)
     llm = LLM(**runtime_kwargs(args))
+    grid = as_generate_runs(llm, grid)
     rows = runner.document_rows(llm.tokenizer.encode, docs, prompt, args.max_tokens)
     if not rows:
         raise ValueError("no document is long enough to split into a prompt and a continuation")
@@ -170,6 +192,7 @@ def cmd_tasks(args) -> None:
     spec = args.tasks if args.tasks is not None else ("" if args.mc_jsonl or args.gen_jsonl else "all")
     tasks, grid = load_tasks(spec, args.mc_jsonl, args.gen_jsonl, args.limit, args.seed), core_grid(args)
     llm = LLM(**runtime_kwargs(args))
+    grid = as_generate_runs(llm, grid)
     results = []
     for task in tasks:
         for core in grid:

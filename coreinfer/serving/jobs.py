@@ -115,7 +115,7 @@ def core_info(job: Job, completion) -> dict:
     info.update(job.batching or {})
     info.update(queue_s=round(job.queue_s, 4), prefill_s=round(completion.prefill_s, 4),
                 decode_s=round(completion.decode_s, 4), prefill_tok_s=round(completion.prefill_tok_s, 1),
-                decode_tok_s=round(completion.decode_tok_s, 1))
+                decode_tok_s=round(completion.decode_tok_s, 1), compile_s=round(completion.compile_s, 2))
     return info
 
 
