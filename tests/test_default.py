@@ -70,13 +70,14 @@ def test_a_profile_that_met_no_target_or_cannot_run_decodes_dense_int8_runs_it(t
     assert auto.stats is not None
 
 
-def test_the_server_serves_plain_profiles_and_per_token_ones_dense(tiny_model_dir, folder):
+def test_the_server_serves_plain_and_per_token_profiles(tiny_model_dir, folder):
     assert server_core(fresh(tiny_model_dir), AUTO_CORE) is None  # no profile
     llm = fresh(tiny_model_dir)
     Profile.for_model(llm.model, {1: LayerBudget(keep=0.5)}, MET).save(folder / "tiny.json")
     assert server_core(llm, AUTO_CORE) == CoreConfig(profile=str(folder / "tiny.json"))
     Profile.for_model(llm.model, {1: LayerBudget(keep=0.5, refine=0.25)}, MET).save(folder / "tiny.json")
-    assert server_core(fresh(tiny_model_dir), AUTO_CORE) is None  # continuous batching: no per-token plans
+    per_token = server_core(fresh(tiny_model_dir), AUTO_CORE)  # continuous batching runs per-token plans
+    assert per_token == CoreConfig(profile=str(folder / "tiny.json"))
     assert server_core(llm, CoreConfig(beta=0.5)) == CoreConfig(beta=0.5)
 
 

@@ -177,6 +177,23 @@ class AdaptiveFFN(CompactFFN):
                 total += t.nbytes
         return total
 
+    @staticmethod
+    def planned_bytes(ffn, k: int, plan: Plan) -> int:
+        """What `nbytes` counts for one sequence once k neurons of `ffn` are loaded under `plan`,
+        without loading them (a batch's prefill reports it before the row joins)."""
+        by_rows = not ffn.quantized or rows.reads_rows()
+        d = ffn.up.shape[1]
+        d_in, m = keep_count(plan.input_keep, d), min(k, plan.down_rows or k)
+        total = 0
+        for name, (t, axis) in ffn.neuron_tensors().items():
+            per = t.nbytes // t.shape[axis] * k  # the k neurons' slices
+            if by_rows and name in ("up", "gate") and d_in < d:
+                per = per * d_in // d
+            elif by_rows and name == "down":
+                per = per * m // k
+            total += per
+        return total
+
     def _inputs(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, d] with its small entries zeroed (all kept when input_keep is 1)."""
         d_in, _ = self.sizes()
