@@ -88,7 +88,7 @@ def test_without_a_compiler_int8_matmul_takes_pytorch(monkeypatch, tmp_path, cap
     """No C++ compiler: the build says so in one line and int8_matmul keeps PyTorch's kernel."""
     monkeypatch.setenv("CXX", "/nonexistent/c++")
     assert gemv.build(tmp_path) is None
-    assert "no native int8 GEMV" in capsys.readouterr().err
+    assert "no native int8 gemv" in capsys.readouterr().err
     monkeypatch.setattr(gemv, "load", lambda: False)
     q, s = quantize_int8(torch.randn(24, 64))
     x = torch.randn(1, 64)

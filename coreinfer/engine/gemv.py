@@ -3,202 +3,40 @@
 Decode's int8 matmuls are GEMVs: PyTorch's `_weight_int8pack_mm` converts every weight to float in its
 inner loop. `int8_gemv` quantizes the activation row to int8 too (per block of 32, as llama.cpp's Q8_0)
 and multiplies int8 by int8 with AVX512-VNNI: about 2x faster at SmolLM2's shapes on 2 Xeon cores
-(benchmarks/int8_gemv.py). It is a PyTorch operator (C++ against torch's headers, built once in about
-10 s): the compiled step could reach a ctypes function only through a Python operator, about 20 us a
-call (150 calls a token), while inductor's C++ wrapper calls a C++ operator in about 3 us. No C++
+(benchmarks/int8_gemv.py). It is a PyTorch operator (coreinfer/kernels/int8_gemv.cpp, C++ against torch's
+headers, built once in about 10 s by kernels/build.py): the compiled step could reach a ctypes function
+only through a Python operator, about 20 us a call (150 calls a token), while inductor's C++ wrapper
+calls a C++ operator in about 3 us. No C++
 compiler or no VNNI: `available()` is False and int8_matmul keeps PyTorch's kernel.
 """
 
-import hashlib
-import os
-import platform
-import subprocess
-import sys
-import tempfile
 from functools import cache
 from pathlib import Path
 
 import torch
 
-from .native import cpu_model
-
-SOURCE = r"""
-/* out [M, N] = x [M, K] @ (q [N, K] * scale[:, None]).T, for decode's few rows of x (AVX512-VNNI).
-   Each row of x is quantized to int8 per block of 32 (scale = max |x| / 127, as llama.cpp's Q8_0),
-   then dotted with the int8 weight rows by vpdpbusd (u8 x s8 -> s32, four products a lane).
-   vpdpbusd wants one operand unsigned: x goes in as |x| and its signs move onto the weights (a masked
-   negate), so no offset correction is needed. A 64-byte chunk holds two blocks (lanes 0-7 and 8-15):
-   each chunk's s32 lanes are converted and scaled into a float accumulator per weight row. */
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <torch/library.h>
-
-#include <cstdint>
-#include <vector>
-
-#if defined(__x86_64__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
-    defined(__AVX512VNNI__)
-#include <immintrin.h>
-
-/* x [K] -> u [Kp] = |round(x / s_b)| (zero past K), neg [Kp / 64] (a bit per negative entry), xs [Kp / 32]
-   = s_b (zero past K) for each block b of 32; Kp = K rounded up to 64. K % 16 == 0. */
-static void quantize_blocks(const float *x, int64_t K, uint8_t *u, __mmask64 *neg, float *xs) {
-    int64_t Kp = (K + 63) / 64 * 64;
-    for (int64_t b = 0; b < Kp / 32; b++) {
-        __m512 v0 = _mm512_setzero_ps(), v1 = v0;  // past K: zeros
-        int64_t j = b * 32;
-        if (j + 16 <= K) v0 = _mm512_loadu_ps(x + j);
-        if (j + 32 <= K) v1 = _mm512_loadu_ps(x + j + 16);
-        float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
-        __m512 inv = _mm512_set1_ps(amax > 0 ? 127.f / amax : 0.f);
-        xs[b] = amax / 127.f;
-        __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
-        _mm_storeu_si128((__m128i *)(u + j), _mm512_cvtepi32_epi8(_mm512_abs_epi32(q0)));
-        _mm_storeu_si128((__m128i *)(u + j + 16), _mm512_cvtepi32_epi8(_mm512_abs_epi32(q1)));
-        uint64_t bits = (uint64_t)_mm512_movepi32_mask(q0) | (uint64_t)_mm512_movepi32_mask(q1) << 16;
-        if (b % 2 == 0) neg[b / 2] = bits; else neg[b / 2] |= bits << 32;
-    }
-}
-
-/* One 64-byte chunk of four weight rows into their float accumulators: the signs of x onto w, the u8 x s8
-   dots, each lane times its block's scale. The same chunk of the next four rows is prefetched: a decode
-   step's weights come from DRAM (SmolLM2's 134 MB do not stay in this L3 between tokens), and the
-   hardware prefetcher alone left a fifth of the bandwidth unused (benchmarks/int8_gemv.py, the sweep).
-   Past the last row that is harmless: a prefetch does not fault. */
-#define CHUNK4(load)                                                                                     \
-    {                                                                                                    \
-        __m512i x = _mm512_loadu_si512(u + c);                                                           \
-        _mm_prefetch((const char *)(q + 4 * K + c), _MM_HINT_T0);                                        \
-        _mm_prefetch((const char *)(q + 5 * K + c), _MM_HINT_T0);                                        \
-        _mm_prefetch((const char *)(q + 6 * K + c), _MM_HINT_T0);                                        \
-        _mm_prefetch((const char *)(q + 7 * K + c), _MM_HINT_T0);                                        \
-        __mmask64 m = neg[c / 64];                                                                       \
-        __m512 s = _mm512_insertf32x8(_mm512_set1_ps(xs[c / 32]), _mm256_set1_ps(xs[c / 32 + 1]), 1);   \
-        __m512i w0 = load(q + c), w1 = load(q + K + c), w2 = load(q + 2 * K + c), w3 = load(q + 3 * K + c); \
-        w0 = _mm512_mask_sub_epi8(w0, m, z, w0);                                                         \
-        w1 = _mm512_mask_sub_epi8(w1, m, z, w1);                                                         \
-        w2 = _mm512_mask_sub_epi8(w2, m, z, w2);                                                         \
-        w3 = _mm512_mask_sub_epi8(w3, m, z, w3);                                                         \
-        f0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(z, x, w0)), s, f0);                  \
-        f1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(z, x, w1)), s, f1);                  \
-        f2 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(z, x, w2)), s, f2);                  \
-        f3 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(z, x, w3)), s, f3);                  \
-    }
-#define LOAD(p) _mm512_loadu_si512(p)
-#define LOAD_TAIL(p) _mm512_maskz_loadu_epi8(tail, p)
-
-/* The dots of four weight rows q [4, K] with one quantized row of x -> [4] */
-static inline __m128 dot4(const int8_t *q, int64_t K, const uint8_t *u, const __mmask64 *neg, const float *xs) {
-    const __m512i z = _mm512_setzero_si512();
-    const __mmask64 tail = K % 64 ? ((__mmask64)1 << K % 64) - 1 : 0;
-    __m512 f0 = _mm512_setzero_ps(), f1 = f0, f2 = f0, f3 = f0;
-    int64_t c = 0;
-    for (; c + 64 <= K; c += 64) CHUNK4(LOAD)
-    if (tail) CHUNK4(LOAD_TAIL)
-    // the sums of f0..f3 -> [4]: pairwise adds of interleaved lanes, then the four 128-bit quarters
-    __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(f0, f1), _mm512_unpackhi_ps(f0, f1));
-    __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(f2, f3), _mm512_unpackhi_ps(f2, f3));
-    __m512 t = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
-                             _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
-    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(t), _mm512_extractf32x8_ps(t, 1));
-    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
-
-/* x [M, K] f32, q [N, K] int8, ws [N] bf16 -> out [M, N] f32; K % 16 == 0, N % 4 == 0. Threads take
-   contiguous shares of the rows of q; each group of four rows meets every row of x while in L1. */
-static void gemv(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t N, const uint16_t *ws, float *out,
-                 int threads) {
-    int64_t Kp = (K + 63) / 64 * 64;
-    std::vector<uint8_t> u(M * Kp);
-    std::vector<__mmask64> neg(M * (Kp / 64));
-    std::vector<float> xs(M * (Kp / 32));
-    for (int64_t i = 0; i < M; i++)
-        quantize_blocks(x + i * K, K, &u[i * Kp], &neg[i * (Kp / 64)], &xs[i * (Kp / 32)]);
-    #pragma omp parallel for num_threads(threads) schedule(static) if(threads > 1 && N * K >= (1 << 15))
-    for (int64_t n = 0; n < N; n += 4) {
-        // bf16 -> f32: the bf16 bits are the float's upper half
-        __m128 s = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)(ws + n))), 16));
-        for (int64_t i = 0; i < M; i++)
-            _mm_storeu_ps(out + i * N + n,
-                          _mm_mul_ps(dot4(q + n * K, K, &u[i * Kp], &neg[i * (Kp / 64)], &xs[i * (Kp / 32)]), s));
-    }
-}
-
-static bool supported() { return true; }
-#else
-static void gemv(const float *, int64_t, int64_t, const int8_t *, int64_t, const uint16_t *, float *, int) {}
-static bool supported() { return false; }
-#endif
-
-static at::Tensor int8_gemv(const at::Tensor &x, const at::Tensor &q, const at::Tensor &scale) {
-    TORCH_CHECK(supported(), "coreinfer::int8_gemv needs AVX512-VNNI");
-    TORCH_CHECK(x.dim() == 2 && q.dim() == 2 && x.size(1) == q.size(1) && scale.numel() == q.size(0),
-                "coreinfer::int8_gemv: x [M, K], q [N, K], scale [N]");
-    TORCH_CHECK(q.scalar_type() == at::kChar && scale.scalar_type() == at::kBFloat16,
-                "coreinfer::int8_gemv: int8 q, bf16 scale");
-    TORCH_CHECK(x.size(1) % 16 == 0 && q.size(0) % 4 == 0, "coreinfer::int8_gemv: K % 16 == 0, N % 4 == 0");
-    at::Tensor xf = x.to(at::kFloat).contiguous(), qc = q.contiguous(), sc = scale.contiguous();
-    at::Tensor out = at::empty({x.size(0), q.size(0)}, xf.options());
-    gemv(xf.data_ptr<float>(), x.size(0), x.size(1), qc.data_ptr<int8_t>(), q.size(0),
-         reinterpret_cast<const uint16_t *>(sc.data_ptr()), out.data_ptr<float>(), at::get_num_threads());
-    return out;
-}
-
-TORCH_LIBRARY_FRAGMENT(coreinfer, m) {
-    m.def("int8_gemv(Tensor x, Tensor q, Tensor scale) -> Tensor");
-    m.def("int8_gemv_supported() -> bool");
-}
-TORCH_LIBRARY_IMPL(coreinfer, CPU, m) { m.impl("int8_gemv", &int8_gemv); }
-TORCH_LIBRARY_IMPL(coreinfer, CatchAll, m) { m.impl("int8_gemv_supported", &supported); }
-"""
+from ..kernels import build as builder
 
 # The GEMV takes up to this many rows of x: decode, one row a sequence. It beats PyTorch's int8 kernel
 # at every M measured (1.5-2x up to 64, benchmarks/int8_gemv.py --m), but prefill (a prompt's rows)
 # keeps bf16 activations, so that prompts and teacher-forced scoring read what they read before.
 MAX_M = 16
 K_ALIGN, N_ALIGN = 16, 4
+FALLBACK = "int8 decoding takes PyTorch's kernel"
 
 
 def build(folder: Path) -> Path | None:
-    """Compile SOURCE against this torch into `folder` (once: the file name keys the source, the
-    CPU and the torch version); None, with one line on stderr, where that fails."""
-    torch_dir = Path(torch.__file__).parent
-    key = SOURCE + cpu_model() + torch.__version__ + str(torch._C._GLIBCXX_USE_CXX11_ABI)
-    path = folder / f"int8_gemv-{hashlib.sha256(key.encode()).hexdigest()[:12]}.so"
-    if path.exists():
-        return path
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        src, out = Path(tmp) / "int8_gemv.cpp", Path(tmp) / "int8_gemv.so"
-        src.write_text(SOURCE)
-        cmd = [os.environ.get("CXX", "c++"), "-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC",
-               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", "-w",
-               f"-I{torch_dir / 'include'}", f"-I{torch_dir / 'include/torch/csrc/api/include'}", str(src),
-               "-o", str(out), f"-L{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10"]
-        try:
-            subprocess.run(cmd, check=True, capture_output=True, text=True)
-        except (OSError, subprocess.CalledProcessError) as e:
-            detail = (getattr(e, "stderr", "") or str(e)).strip()
-            print(f"coreinfer: no native int8 GEMV ({detail.splitlines()[-1] if detail else e}); "
-                  "int8 decoding takes PyTorch's kernel", file=sys.stderr)
-            return None
-        os.replace(out, path)  # atomic: another process may be building the same file
-    return path
+    """The operator's library in `folder` (kernels/int8_gemv.cpp, built there once); None, with one line on
+    stderr, where that fails."""
+    return builder.build("int8_gemv.cpp", folder, FALLBACK)
 
 
 @cache
 def load() -> bool:
     """Whether torch.ops.coreinfer.int8_gemv runs here: built (about 10 s, once per machine and torch
     version, into the cache folder), loaded, and this CPU has AVX512-VNNI."""
-    from ..io.loading import cache_dir
-
-    if platform.machine() not in ("x86_64", "AMD64"):
+    if not builder.load_operators("int8_gemv.cpp", FALLBACK):
         return False
-    path = build(cache_dir() / "native")
-    if path is None:
-        return False
-    torch.ops.load_library(str(path))
     torch.library.register_fake("coreinfer::int8_gemv")(
         lambda x, q, scale: x.new_empty(x.shape[0], q.shape[0], dtype=torch.float32))
     return torch.ops.coreinfer.int8_gemv_supported()

@@ -1,0 +1,138 @@
+/* Weighted sums of neuron-major rows: out [M, dm] = coef [M, R] @ W[rows] for a down projection stored as
+   W [F, dm] (F = FFN width, a neuron one contiguous row), rows int64 [R] or none (R == F, in order): the
+   down projection of a compacted FFN, or of one token's refined rows, read in place without a gather.
+     int8_rows: W = q [F, dm] int8 times scale [dm] (per output channel, applied once at the end);
+     q8_0_rows: W[f, j] = d[f, j / 32] * qs[f, j] (blocks along dm).
+   Threads take contiguous shares of the rows, each into its own partial sum of out (added at the end).
+   Within a share, a tile of columns of out for every m stays in L1 while the rows stream through it four
+   at a time, widened to float (int8 -> f32) and multiply-added with their coefficients; the next four
+   rows' tiles are prefetched (chosen rows are scattered: the hardware prefetcher cannot guess them). */
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <vector>
+
+#include "x_quant.h"
+
+#ifdef COREINFER_VNNI
+/* acc [M, dm] += coef[:, r0:r1] @ W[rows[r0:r1]] (W as above; d null: int8_rows, no block scales) */
+static void add_rows(const float *coef, int64_t M, int64_t R, int64_t r0, int64_t r1, const int8_t *q,
+                     const uint16_t *d, int64_t dm, const int64_t *rows, float *acc) {
+    const int64_t B = dm / 32;
+    int64_t T = std::min<int64_t>(dm, std::max<int64_t>(32, 4096 / M / 32 * 32));  // M * T floats: 16 KiB
+    auto row = [&](int64_t r) { return rows ? rows[r] : r; };
+    for (int64_t j0 = 0; j0 < dm; j0 += T) {
+        int64_t j1 = std::min(dm, j0 + T);
+        for (int64_t r = r0; r < r1; r += 4) {
+            int64_t n = std::min<int64_t>(4, r1 - r), f[4];
+            float c[4][16];  // c[k][m]: coef[m, r + k] (times the row's block scale, per block, for q8_0)
+            for (int k = 0; k < 4; k++) f[k] = row(r + (k < n ? k : 0));  // short group: row r again, coef 0
+            for (int64_t k = 0; k < 4 && r + 4 + k < r1; k++)
+                for (int64_t j = j0; j < j1; j += 64) _mm_prefetch((const char *)(q + row(r + 4 + k) * dm + j), _MM_HINT_T0);
+            for (int64_t j = j0; j < j1; j += 32) {
+                __m512 w[4][2];
+                for (int k = 0; k < 4; k++) {
+                    const int8_t *p = q + f[k] * dm + j;
+                    w[k][0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+                    w[k][1] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
+                    float s = d ? _cvtsh_ss(d[f[k] * B + j / 32]) : 1.f;
+                    for (int64_t m = 0; m < M; m++) c[k][m] = k < n ? coef[m * R + r + k] * s : 0.f;
+                }
+                for (int64_t m = 0; m < M; m++) {
+                    float *a = acc + m * dm + j;
+                    __m512 a0 = _mm512_loadu_ps(a), a1 = _mm512_loadu_ps(a + 16);
+                    for (int k = 0; k < 4; k++) {
+                        __m512 ck = _mm512_set1_ps(c[k][m]);
+                        a0 = _mm512_fmadd_ps(ck, w[k][0], a0);
+                        a1 = _mm512_fmadd_ps(ck, w[k][1], a1);
+                    }
+                    _mm512_storeu_ps(a, a0);
+                    _mm512_storeu_ps(a + 16, a1);
+                }
+            }
+        }
+    }
+}
+
+/* out [M, dm] (zeroed) = coef [M, R] @ W[rows], times scale [dm] where scale is not null */
+static void rows_sum(const float *coef, int64_t M, int64_t R, const int8_t *q, const uint16_t *d, int64_t dm,
+                     const int64_t *rows, const float *scale, float *out) {
+    int64_t shares = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), R / 32));
+    std::vector<float> partial((shares - 1) * M * dm, 0.f);
+    at::parallel_for(0, shares, 1, [&](int64_t t0, int64_t t1) {
+        for (int64_t t = t0; t < t1; t++)
+            add_rows(coef, M, R, R * t / shares, R * (t + 1) / shares, q, d, dm, rows,
+                     t ? &partial[(t - 1) * M * dm] : out);
+    });
+    for (int64_t t = 1; t < shares; t++)
+        for (int64_t i = 0; i < M * dm; i++) out[i] += partial[(t - 1) * M * dm + i];
+    if (scale)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t j = 0; j < dm; j++) out[m * dm + j] *= scale[j];
+}
+
+static bool supported() { return true; }
+#else
+static void rows_sum(const float *, int64_t, int64_t, const int8_t *, const uint16_t *, int64_t, const int64_t *,
+                     const float *, float *) {}
+static bool supported() { return false; }
+#endif
+
+/* The checks both operators share -> rows' data (null for all rows in order) */
+static const int64_t *checked_rows(const char *op, const at::Tensor &coef, const at::Tensor &q,
+                                   const std::optional<at::Tensor> &rows, at::Tensor &rows_c) {
+    TORCH_CHECK(supported(), "coreinfer::", op, " needs AVX512-VNNI");
+    TORCH_CHECK(coef.dim() == 2 && q.dim() == 2 && q.scalar_type() == at::kChar && q.size(1) % 32 == 0 &&
+                    coef.size(0) >= 1 && coef.size(0) <= 16,
+                "coreinfer::", op, ": coef [M, R] with 1 <= M <= 16, int8 weights [F, dm], dm % 32 == 0");
+    if (!rows.has_value()) {
+        TORCH_CHECK(coef.size(1) == q.size(0), "coreinfer::", op, ": without rows, coef [M, F]");
+        return nullptr;
+    }
+    TORCH_CHECK(rows->dim() == 1 && rows->scalar_type() == at::kLong && rows->numel() == coef.size(1),
+                "coreinfer::", op, ": rows int64 [R] for coef [M, R]");
+    rows_c = rows->contiguous();
+    const int64_t *p = rows_c.data_ptr<int64_t>();
+    for (int64_t r = 0; r < rows_c.numel(); r++)
+        TORCH_CHECK(p[r] >= 0 && p[r] < q.size(0), "coreinfer::", op, ": row ", p[r], " outside 0..", q.size(0) - 1);
+    return p;
+}
+
+static at::Tensor int8_rows(const at::Tensor &coef, const at::Tensor &q, const at::Tensor &scale,
+                            const std::optional<at::Tensor> &rows) {
+    at::Tensor rows_c;
+    const int64_t *r = checked_rows("int8_rows", coef, q, rows, rows_c);
+    TORCH_CHECK(scale.numel() == q.size(1), "coreinfer::int8_rows: scale [dm]");
+    at::Tensor cf = coef.to(at::kFloat).contiguous(), qc = q.contiguous(), sc = scale.to(at::kFloat).contiguous();
+    at::Tensor out = at::zeros({coef.size(0), q.size(1)}, cf.options());
+    rows_sum(cf.data_ptr<float>(), coef.size(0), coef.size(1), qc.data_ptr<int8_t>(), nullptr, q.size(1), r,
+             sc.data_ptr<float>(), out.data_ptr<float>());
+    return out;
+}
+
+static at::Tensor q8_0_rows(const at::Tensor &coef, const at::Tensor &qs, const at::Tensor &d,
+                            const std::optional<at::Tensor> &rows) {
+    at::Tensor rows_c;
+    const int64_t *r = checked_rows("q8_0_rows", coef, qs, rows, rows_c);
+    TORCH_CHECK(d.dim() == 2 && d.size(0) == qs.size(0) && d.size(1) == qs.size(1) / 32 && d.scalar_type() == at::kHalf,
+                "coreinfer::q8_0_rows: float16 d [F, dm / 32]");
+    at::Tensor cf = coef.to(at::kFloat).contiguous(), qc = qs.contiguous(), dc = d.contiguous();
+    at::Tensor out = at::zeros({coef.size(0), qs.size(1)}, cf.options());
+    rows_sum(cf.data_ptr<float>(), coef.size(0), coef.size(1), qc.data_ptr<int8_t>(),
+             reinterpret_cast<const uint16_t *>(dc.data_ptr()), qs.size(1), r, nullptr, out.data_ptr<float>());
+    return out;
+}
+
+TORCH_LIBRARY_FRAGMENT(coreinfer, m) {
+    m.def("int8_rows(Tensor coef, Tensor q, Tensor scale, Tensor? rows) -> Tensor");
+    m.def("q8_0_rows(Tensor coef, Tensor qs, Tensor d, Tensor? rows) -> Tensor");
+    m.def("neuron_rows_supported() -> bool");
+}
+TORCH_LIBRARY_IMPL(coreinfer, CPU, m) {
+    m.impl("int8_rows", &int8_rows);
+    m.impl("q8_0_rows", &q8_0_rows);
+}
+TORCH_LIBRARY_IMPL(coreinfer, CatchAll, m) { m.impl("neuron_rows_supported", &supported); }
