@@ -4,25 +4,21 @@
     out[m] = sum_r coef[m, r] * q[rows[r]] * scale   (rows None: R == F, every row in order)
 
 It is the weight-format contract's `int8_rows` (a neuron is one contiguous row of q, so a step reads
-only the rows it names). The native operator (`torch.ops.coreinfer.int8_rows`, the kernels helper's)
-runs where it is registered; elsewhere the PyTorch reference below. The reference gathers a float copy
-of the rows: correct, but ~10x slower than reading every row with the int8 GEMV (SmolLM2's down at
-80% of its rows: 107 us against 10.5 us on 2 cores), so refinement without the native operator
-decodes through masked coefficients and the dense GEMV instead (`reads_rows`; engine/adaptive.py).
+only the rows it names): the native operator of kernels/rows.py where it runs, else its PyTorch
+reference. The reference gathers a float copy of the rows: correct, but ~10x slower than reading
+every row with the int8 GEMV (SmolLM2's down at 80% of its rows: 107 us against 10.5 us on 2 cores),
+so without the operator refinement decodes through masked coefficients and the dense GEMV instead
+(`reads_rows`; engine/adaptive.py).
 """
 
 import torch
 
-
-@torch.compiler.assume_constant_result  # dynamo takes the answer as a constant instead of tracing it
-def native() -> bool:
-    """Whether the native int8_rows operator is registered in this process."""
-    return hasattr(torch.ops.coreinfer, "int8_rows")
+from ..kernels import rows as kernels
 
 
 def reads_rows() -> bool:
     """Whether refinement should read chosen int8 rows (the native operator) rather than mask them."""
-    return native()
+    return kernels.available()
 
 
 def reference(coef: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
@@ -32,7 +28,7 @@ def reference(coef: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, rows: to
 
 
 def int8_rows(coef: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    """See the module docstring: the native operator where it is registered, else the reference."""
-    if native():
+    """See the module docstring: the native operator where it takes these shapes, else the reference."""
+    if kernels.fits(coef, q):
         return torch.ops.coreinfer.int8_rows(coef, q, scale, rows)
     return reference(coef, q, scale, rows)
