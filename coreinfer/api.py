@@ -265,9 +265,10 @@ class LLM:
         if not profile.layers:
             return None, (f"core neurons: {path.name} found no sparse setting that keeps top-1 agreement >= "
                           f"{target:g} on this model, decoding dense")
-        cannot = [why for why, yes in ((f"{self.runtime.weights} weights", self.model.ffns()[0].quantized),
+        # per-token plans run eager and compiled on float and int8 CPU weights (engine/adaptive.py)
+        cannot = [why for why, yes in ((f"{self.runtime.weights} weights", self.model.ffns()[0].format == "int4"),
                                        ("a memory-limited GPU", self.budget is not None),
-                                       ("a compiled or graphed decode step", self.compiled is not None)) if yes]
+                                       ("a graphed GPU decode step", isinstance(self.compiled, GraphedStep))) if yes]
         if profile.per_token and cannot:
             return None, (f"core neurons: the calibrated profile {path.name} picks rows per token, which "
                           f"{cannot[0]} cannot run yet: decoding dense")

@@ -9,10 +9,13 @@ import torch
 import transformers
 
 from coreinfer.api import RuntimeConfig, default_threads, physical_cores
+from coreinfer.engine import rows
+from coreinfer.engine.adaptive import AdaptiveFFN, AdaptivePolicy, Plan
 from coreinfer.engine.compact import CoreWeights
 from coreinfer.engine.compiled import CompiledStep, batch_bucket, use_cache_dir
-from coreinfer.engine.policy import CoreConfig
+from coreinfer.engine.policy import CoreConfig, StabilityPolicy
 from coreinfer.engine.quant import quantize_model
+from coreinfer.engine.selection import keep_count
 from coreinfer.engine.session import Session, stability_policy
 from oracle import hf_pair
 
@@ -56,6 +59,25 @@ def test_compiled_equals_eager_across_prompts_and_batch(model):
     assert not torch.equal(sets[0], sets[1])  # the two prompts did need different rows
     assert compiled.failed is None and compiled.compile_s > 0
     assert len(compiled.seen) == 2  # batch 1 and batch 2: the second prompt reused the first's graph
+
+
+@pytest.mark.parametrize("by_rows", [False, True], ids=["masked", "rows"])
+def test_compiled_default_equals_eager_default_on_two_prompts(model, by_rows, monkeypatch):
+    """A calibrated profile's plans (the whole FFN as superset, per-token down rows and input
+    sparsity) on int8, compiled: two prompts one after the other, token for token against eager."""
+    monkeypatch.setattr(rows, "reads_rows", lambda: by_rows)
+    width = model.ffns()[0].width
+    base = StabilityPolicy({1: 1.0, 2: 1.0}, width)
+    policy = AdaptivePolicy(base, {1: Plan(keep_count(0.6, width), 0.75), 2: Plan(keep_count(0.5, width))})
+    compiled, cores = CompiledStep(model), CoreWeights()
+    for prompts in ([PROMPTS[0]], [PROMPTS[1]]):
+        eager, ref = greedy(model, prompts, policy, None, CoreWeights())
+        fast, session = greedy(model, prompts, policy, compiled, cores)
+        print(f"eager {eager.tolist()} compiled {fast.tolist()}")
+        assert torch.equal(fast, eager)
+        assert isinstance(session.cores.get(1), AdaptiveFFN)
+        assert (session.stats.share < 1) == by_rows  # masked coefficients read every row, and say so
+    assert compiled.failed is None and len(compiled.seen) == 1
 
 
 def test_compiled_int4_equals_eager_across_prompts():
@@ -152,10 +174,13 @@ import json, sys
 sys.path.insert(0, {tests!r})
 import torch, transformers
 from torch._dynamo.utils import counters
+from coreinfer.engine import rows
+from coreinfer.engine.adaptive import AdaptiveFFN, AdaptivePolicy, Plan
 from coreinfer.engine.compact import CoreWeights
 from coreinfer.engine.compiled import CompiledStep
-from coreinfer.engine.policy import CoreConfig
+from coreinfer.engine.policy import CoreConfig, StabilityPolicy
 from coreinfer.engine.quant import quantize_model
+from coreinfer.engine.selection import keep_count
 from coreinfer.engine.session import Session, stability_policy
 from oracle import hf_pair
 _, model = hf_pair(transformers.LlamaConfig(**{tiny!r}))

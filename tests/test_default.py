@@ -53,26 +53,31 @@ def test_the_default_takes_the_profile_calibrated_on_the_model(tiny_model_dir, f
     assert dense.stats is None
 
 
-def test_a_profile_that_met_no_target_or_cannot_run_decodes_dense(tiny_model_dir, folder):
+def test_a_profile_that_met_no_target_or_cannot_run_decodes_dense_int8_runs_it(tiny_model_dir, folder):
     llm = fresh(tiny_model_dir)
     Profile.for_model(llm.model, {}, {**MET, "meets_target": False}).save(folder / "tiny.json")
     path, line = llm.default_core()
     assert path is None and "no sparse setting" in line
     Profile.for_model(llm.model, {1: LayerBudget(refine=0.5)}, MET).save(folder / "tiny.json")
-    int8 = fresh(tiny_model_dir, weights="int8", compile=False)  # per-token plans run on float weights only
-    path, line = int8.default_core()
-    assert path is None and "int8 weights" in line
-    [auto] = int8.generate("The capital", GEN, AUTO_CORE)
+    int4 = fresh(tiny_model_dir, weights="int4", compile=False)  # per-token plans run on float and int8 weights
+    path, line = int4.default_core()
+    assert path is None and "int4 weights" in line
+    [auto] = int4.generate("The capital", GEN, AUTO_CORE)
     assert auto.stats is None
+    int8 = fresh(tiny_model_dir, weights="int8", compile=False)
+    assert int8.default_core()[0] == str(folder / "tiny.json")
+    [auto] = int8.generate("The capital", GEN, AUTO_CORE)
+    assert auto.stats is not None
 
 
-def test_the_server_serves_plain_profiles_and_per_token_ones_dense(tiny_model_dir, folder):
+def test_the_server_serves_plain_and_per_token_profiles(tiny_model_dir, folder):
     assert server_core(fresh(tiny_model_dir), AUTO_CORE) is None  # no profile
     llm = fresh(tiny_model_dir)
     Profile.for_model(llm.model, {1: LayerBudget(keep=0.5)}, MET).save(folder / "tiny.json")
     assert server_core(llm, AUTO_CORE) == CoreConfig(profile=str(folder / "tiny.json"))
     Profile.for_model(llm.model, {1: LayerBudget(keep=0.5, refine=0.25)}, MET).save(folder / "tiny.json")
-    assert server_core(fresh(tiny_model_dir), AUTO_CORE) is None  # continuous batching: no per-token plans
+    per_token = server_core(fresh(tiny_model_dir), AUTO_CORE)  # continuous batching runs per-token plans
+    assert per_token == CoreConfig(profile=str(folder / "tiny.json"))
     assert server_core(llm, CoreConfig(beta=0.5)) == CoreConfig(beta=0.5)
 
 

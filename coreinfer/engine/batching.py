@@ -18,6 +18,10 @@ How each layer's FFN runs is chosen whenever the rows change, by the weight byte
 - "masked": the dense FFN, each row's activations times its 0/1 core mask (reads F rows once for the
   whole batch; the same math as compaction, summed in another order); a row with no core set at
   that layer (a dense request, a dense layer) gets all ones;
+- "plan": some row decodes the layer by a per-token plan (adaptive.Plan: refinement, input
+  sparsity; a calibrated profile's): each row alone, a planned row through its own AdaptiveFFN (one
+  shared by every row whose superset is the whole FFN, which does not depend on the prompt), the
+  others dense or masked, so each reads what it would read alone;
 - dense (no entry): no row has a core set at that layer.
 With n rows of k core neurons, compact reads less while n * k < F: at the default keep 0.85 only a
 batch of one.
@@ -32,7 +36,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..models.common import KVCache
-from .adaptive import DriftPolicy
+from .adaptive import AdaptiveFFN, DriftPolicy
 from .compact import CompactFFN
 from .generate import GenerationConfig, sample
 from .observe import Observer
@@ -68,14 +72,14 @@ def prefill_group(model, prompts: list[list[int]], policy: SelectionPolicy | Non
         return session, logits, None, [None] * len(prompts)
     t0 = time.perf_counter()
     selection = policy.select(observer.layers)
-    if selection.plans:
-        raise ValueError("per-token refinement inside the core set (refine, input_keep, a profile's plans) is "
-                         "not decoded in a continuous batch: it runs plain core sets")
-    select_ms = (time.perf_counter() - t0) * 1e3 / len(prompts)
     sizes = {l: ix.shape[1] for l, ix in selection.index.items()}
-    bytes_core = round(core_bytes(model.ffns(), session.dense_bytes, sizes))
-    stats = [CoreStats(core_sizes=sizes, ffn_width=model.ffns()[0].width, select_ms=select_ms,
-                       bytes_dense=session.dense_bytes, bytes_core=bytes_core,
+    ffns = model.ffns()
+    step_bytes = core_bytes(ffns, session.dense_bytes, sizes)
+    for l, plan in selection.plans.items():  # planned layers: the bytes a session alone counts
+        step_bytes += AdaptiveFFN.planned_bytes(ffns[l], sizes[l], plan) - ffns[l].neuron_bytes() * sizes[l] / ffns[l].width
+    select_ms = (time.perf_counter() - t0) * 1e3 / len(prompts)
+    stats = [CoreStats(core_sizes=sizes, ffn_width=ffns[0].width, select_ms=select_ms,
+                       bytes_dense=session.dense_bytes, bytes_core=round(step_bytes),
                        cluster=None if selection.cluster is None else selection.cluster[b:b + 1],
                        cluster_score=None if selection.cluster_score is None else selection.cluster_score[b:b + 1])
              for b in range(len(prompts))]
@@ -121,12 +125,15 @@ class RowStats:
 
 
 class Row:
-    """One sequence of the batch: its sampling state, its core ids {layer: [k]} and its costs."""
+    """One sequence of the batch: its sampling state, its core ids {layer: [k]}, its per-token plans
+    {layer: Plan} and their loaded layers {layer: AdaptiveFFN}, and its costs."""
 
     def __init__(self, gen: GenerationConfig, prompt: torch.Tensor, core: dict[int, torch.Tensor],
-                 eos_ids: set[int], constraint: "Constraint | None" = None):
+                 eos_ids: set[int], constraint: "Constraint | None" = None, plans: dict | None = None):
         T0 = prompt.shape[0]
         self.gen, self.core, self.eos_ids, self.prompt_len = gen, core, eos_ids, T0
+        self.plans = plans or {}
+        self.refined: dict[int, AdaptiveFFN] = {}
         self.history = prompt.new_empty(1, T0 + gen.max_new_tokens)  # [1, T0 + max_new]: what the penalty sees
         self.history[0, :T0] = prompt
         self.length = T0
@@ -192,6 +199,7 @@ class DecodeBatch:
         self.step_bytes = 0  # weight bytes one step of the current rows reads
         self.dense_bytes = model.weight_bytes()  # of one dense decode step: the start of every plan's count
         self.layer_paths: Counter = Counter()  # FFN layers per path in the current plan
+        self.shared: dict[tuple, AdaptiveFFN] = {}  # (layer, Plan) -> the whole-FFN superset's, for every row
         self.logits: torch.Tensor | None = None  # the last step's logits [n, V], rows in batch order
 
     def __len__(self) -> int:
@@ -237,7 +245,9 @@ class DecodeBatch:
         self.key_valid[i, :T] = True
         self.slot[i] = T - 1  # advanced before each step
         core = {} if selection is None else {l: ix[seq] for l, ix in selection.index.items()}
-        row = Row(gen, b.ids[seq, T0 - T:], core, eos_ids, constraint)
+        row = Row(gen, b.ids[seq, T0 - T:], core, eos_ids, constraint, None if selection is None else selection.plans)
+        for layer, plan in row.plans.items():
+            row.refined[layer] = self._refined(self.model.ffns()[layer], plan, core[layer])
         logits = logits[seq:seq + 1]
         token = row.choose(logits)
         row.record(logits, token)
@@ -271,7 +281,8 @@ class DecodeBatch:
         for ffn in self.model.ffns():
             layer, F = ffn.layer_id, ffn.width
             ks = {row.core[layer].numel() if layer in row.core else F for row in self.rows}
-            path = "dense" if ks <= {F} else "masked"
+            planned = any(layer in row.refined for row in self.rows)
+            path = "plan" if planned else "dense" if ks <= {F} else "masked"
             if path == "masked" and len(ks) == 1 and self.ffn_path != "masked":
                 k = ks.pop()
                 if self.ffn_path == "compact" or n * k < F:
@@ -283,9 +294,26 @@ class DecodeBatch:
                 step_bytes += core.nbytes() - ffn.neuron_bytes()
             elif path == "masked":
                 self._load_mask(ffn)
+            elif path == "plan":  # each row alone: its plan's bytes, or the whole layer's
+                self._load_mask(ffn)
+                step_bytes += sum(row.refined[layer].nbytes() if layer in row.refined else ffn.neuron_bytes()
+                                  for row in self.rows) - ffn.neuron_bytes()
             if path != "dense":
                 paths[layer] = path
         self.paths, self.layer_paths, self.step_bytes = paths, layer_paths, step_bytes
+
+    def _refined(self, ffn, plan, ids: torch.Tensor) -> AdaptiveFFN:
+        """The AdaptiveFFN a row decodes layer `ffn` with: the batch's shared one where its superset `ids`
+        [k] is the whole FFN, else its own."""
+        whole = ids.shape[0] == ffn.width
+        key = (ffn.layer_id, plan)
+        if whole and key in self.shared:
+            return self.shared[key]
+        core = plan.build()
+        core.load(ffn, ids[None])  # [1, k]
+        if whole:
+            self.shared[key] = core
+        return core
 
     def _load_mask(self, ffn) -> None:
         ref = self.model.embed_tokens.weight
@@ -307,8 +335,23 @@ class DecodeBatch:
             return ffn(x)
         if path == "compact":
             return self.compact[ffn.layer_id](x)
+        if path == "plan":
+            return self._run_rows(ffn, x)
         a = ffn.activations(x) * self.masks[ffn.layer_id][:x.shape[0], None]  # [n, 1, F] * [n, 1, F]
         return ffn.project(a)
+
+    def _run_rows(self, ffn, x: torch.Tensor) -> torch.Tensor:
+        """A "plan" layer, x [n, 1, d]: row by row, each as it decodes alone (module docstring)."""
+        out, mask = torch.empty_like(x), self.masks[ffn.layer_id]
+        for i, row in enumerate(self.rows):
+            core = row.refined.get(ffn.layer_id)
+            if core is not None:
+                out[i] = core(x[i:i + 1])[0]  # copied at once: a shared core reuses its output buffer
+            elif ffn.layer_id in row.core:
+                out[i] = ffn.project(ffn.activations(x[i:i + 1]) * mask[i])[0]
+            else:
+                out[i] = ffn(x[i:i + 1])[0]
+        return out
 
     @torch.inference_mode()
     def step(self) -> list[tuple[Row, int]]:

@@ -18,13 +18,12 @@ import resource
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 
 from ..api import Completion
 from ..engine.batching import DecodeBatch, Row, prefill_group
 from ..engine.generate import GenerationConfig
 from ..engine.policy import CoreConfig
-from ..engine.profile import AUTO, Profile
+from ..engine.profile import AUTO
 from ..engine.session import CoreStats, make_policy
 from ..io.text import TextStream
 
@@ -403,14 +402,9 @@ class Worker:
 
 def server_core(llm, core: CoreConfig | None) -> CoreConfig | None:
     """The server's default core setting with profile "auto" resolved (LLM.default_core), logged.
-    Continuous batching decodes plain core sets: a calibrated profile that picks rows per token is
-    served dense."""
+    Continuous batching runs a profile's per-token plans row by row (engine/batching.py)."""
     if core is None or core.profile != AUTO:
         return core
-    path, line = llm.default_core()
-    if path is not None and Profile.load(path).per_token:
-        log.warning("core neurons: the calibrated profile %s picks rows per token, which continuous batching "
-                    "does not do yet: serving dense (requests may still ask for core sets by beta)", Path(path).name)
-        return None
+    _, line = llm.default_core()
     log.info("%s", line)
     return llm.resolve(core)
