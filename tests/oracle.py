@@ -100,3 +100,18 @@ def compacted_vs_masked(model, prompts, continuations, policy) -> tuple[list[flo
         errs.append((got - ref[-len(c):]).abs().max().item())
         changes.append((got - dense[b][-len(c):]).abs().max().item())
     return errs, changes, session
+
+
+def hf_from_checkpoint(checkpoint, **kwargs):
+    """transformers' model of a loaded checkpoint, on the fp32 values our loader reads from it (a GGUF's
+    cache folder holds only its config and tokenizer: no weights transformers could load itself)."""
+    import transformers
+
+    from coreinfer.io.loading import float_weights
+
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**checkpoint.config),
+                                                       dtype=torch.float32, **kwargs).eval()
+    missing, unexpected = hf.load_state_dict(float_weights(checkpoint), strict=False)
+    assert set(missing) <= {"lm_head.weight"} and not unexpected, (missing, unexpected)
+    hf.tie_weights()
+    return hf

@@ -23,7 +23,8 @@ from coreinfer.engine.generate import GenerationConfig
 from coreinfer.engine.session import Session, make_policy
 from coreinfer.eval.report import setting_name
 from coreinfer.eval.scoring import continuation_logprobs
-from oracle import our_logits
+from coreinfer.io.loading import load_checkpoint
+from oracle import hf_from_checkpoint, our_logits
 
 SPARSE = CoreConfig(beta=0.5, layers="all")
 ITEMS = [
@@ -268,9 +269,7 @@ def test_cli_runs_user_files_and_is_deterministic(tiny_model_dir, tmp_path, caps
 
 def test_dense_eval_reproduces_transformers_on_the_embedded_model():
     llm = LLM(progress=False)
-    # The tokenizer folder of the embedded model is its converted HF checkpoint (config + safetensors).
-    hf = transformers.AutoModelForCausalLM.from_pretrained(llm.tokenizer.hf.name_or_path,
-                                                           attn_implementation="eager").eval()
+    hf = hf_from_checkpoint(load_checkpoint(None, progress=False), attn_implementation="eager")
     items = [item for task in ("piqa", "winogrande", "arc_easy", "copa") for item in data.load_mc(task, 1, seed=3)]
     lls = runner.mc_loglikelihoods(llm, items, None, batch_size=4)
     ref = hf_continuation_lls(hf, runner.mc_rows(llm.tokenizer.encode, items))

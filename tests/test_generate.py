@@ -9,6 +9,7 @@ from coreinfer import LLM, CoreConfig, GenerationConfig
 from coreinfer.cli.main import main
 from coreinfer.engine.generate import filter_logits
 from coreinfer.io.loading import load_checkpoint
+from oracle import hf_from_checkpoint
 
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 
@@ -25,7 +26,7 @@ def tiny(tiny_model_dir):
 
 def test_greedy_equals_transformers_on_embedded_model(smol):
     ckpt = load_checkpoint(None, progress=False)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt.tokenizer_dir, dtype=torch.float32).eval()
+    hf = hf_from_checkpoint(ckpt)
     for prompt in PROMPTS:
         ids = smol.tokenizer.encode(prompt)
         ref = hf.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False)[0, len(ids):].tolist()

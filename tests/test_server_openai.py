@@ -8,12 +8,13 @@ import json
 
 import pytest
 import torch
-from oracle import hf_logits, our_logits
+from oracle import hf_from_checkpoint, hf_logits, our_logits
 from test_server import client, running, wait_idle
 
 from coreinfer.engine.generate import GenerationConfig
 from coreinfer.engine.policy import CoreConfig
 from coreinfer.engine.session import make_policy
+from coreinfer.io.loading import load_checkpoint
 from coreinfer.serving.app import create_app
 from coreinfer.serving.server import Settings
 
@@ -37,8 +38,7 @@ def llm():
 def hf(llm):
     import transformers
 
-    return transformers.AutoModelForCausalLM.from_pretrained(llm.tokenizer.hf.name_or_path,
-                                                             dtype=torch.float32).eval()
+    return hf_from_checkpoint(load_checkpoint(None, progress=False))
 
 
 @pytest.fixture(scope="module")

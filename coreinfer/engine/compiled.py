@@ -119,7 +119,10 @@ class CompiledStep:
             return decode_forward(self.model, tokens, positions, slots, key_valid, caches, cores)
         key = self.key(tokens, key_valid, cores)
         if key in self.seen:
-            return self.fn(self.model, tokens, positions, slots, key_valid, caches, cores)
+            # under the raised limit too: every CompiledStep of a process shares decode_forward's cache
+            # entries, so a guard miss here (another model's step ran since) recompiles past dynamo's 8
+            with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
+                return self.fn(self.model, tokens, positions, slots, key_valid, caches, cores)
         B, S = key_valid.shape
         self.log(f"compiling the decode step (batch {B}, cache {S}, {len(key[2])} core layers, {self.mode}): "
                  "up to minutes the first time, seconds once the cache holds it (--no-compile: eager)")
