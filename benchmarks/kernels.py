@@ -19,30 +19,17 @@ half's columns [d, F/2] (what compaction would have stored).
 """
 
 import argparse
-import time
 
 import torch
 
 from coreinfer.bench.run import read_bandwidth_gb_s
 from coreinfer.engine import gemv
 from coreinfer.kernels import q4, q8_0, rows
+from int8_gemv import per_call_us  # the sibling script's timer: best round, contenders alternating
 
 # d, FFN width, q/k/v rows (d + 2 * kv heads * head dim): the decode GEMVs of each model
 MODELS = {"smollm2": ("SmolLM2-135M", 576, 1536, 960), "qwen1.5b": ("Qwen2.5-1.5B", 1536, 8960, 2048),
           "qwen7b": ("Qwen2.5-7B", 3584, 18944, 4608)}
-
-
-def best_us(fns: dict, calls: int, rounds: int) -> dict[str, float]:
-    """Best-round us per call of each fn(i), i < calls, the contenders alternating round by round."""
-    times = {name: [] for name in fns}
-    for r in range(rounds + 1):  # round 0 warms up
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            for i in range(calls):
-                fn(i)
-            if r:
-                times[name].append((time.perf_counter() - t) / calls * 1e6)
-    return {name: min(v) for name, v in times.items()}  # the least disturbed round: the machine is shared
 
 
 def copies(nbytes: int, working_set_mb: int) -> int:
@@ -83,7 +70,7 @@ def bench_gemv(name: str, N: int, K: int, M: int, args, bandwidth: float, g: tor
     mats = [one] + [gemv_weights(N, K, g) for _ in range(n - 1)]
     xs = [torch.randn(M, K, generator=g) for _ in range(n)]  # [M, K] each
     fns = {k: (lambda i, k=k: GEMV_CALLS[k](xs[i], mats[i][k][0])) for k in GEMV_CALLS}
-    us = best_us(fns, n, args.rounds)
+    us = per_call_us(fns, n, args.rounds)
     return f"| {name} [{N}, {K}] | {M} | " + " | ".join(cell(us[k], one[k][1], bandwidth) for k in GEMV_CALLS) + " |"
 
 
@@ -102,7 +89,7 @@ def bench_rows(F: int, d: int, M: int, half: bool, args, bandwidth: float, g: to
     fns = {"int8_rows": lambda i: torch.ops.coreinfer.int8_rows(coefs[i], mats[i][0], mats[i][2], index),
            "q8_0_rows": lambda i: torch.ops.coreinfer.q8_0_rows(coefs[i], mats[i][0], mats[i][1], index),
            "torch int8": lambda i: torch.ops.aten._weight_int8pack_mm(coefs[i].bfloat16(), mats[i][3], mats[i][4])}
-    us = best_us(fns, n, args.rounds)
+    us = per_call_us(fns, n, args.rounds)
     nbytes = {"int8_rows": R * d + 2 * d, "q8_0_rows": R * d + 2 * R * d // 32, "torch int8": R * d + 2 * d}
     what = f"down rows {'half' if half else 'all'} R={R} of [{F}, {d}]"
     return f"| {what} | {M} | " + " | ".join(cell(us[k], nbytes[k], bandwidth) for k in fns) + " |"

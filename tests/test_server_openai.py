@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from oracle import hf_from_checkpoint, hf_logits, our_logits
-from test_server import client, running, wait_idle
+from test_server import client, llm, running, wait_idle  # noqa: F401 (llm: the shared fixture)
 
 from coreinfer.engine.generate import GenerationConfig
 from coreinfer.engine.policy import CoreConfig
@@ -26,18 +26,7 @@ PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength
 
 
 @pytest.fixture(scope="module")
-def llm():
-    from coreinfer.api import LLM
-
-    threads = torch.get_num_threads()
-    yield LLM(progress=False, threads=1)
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def hf(llm):
-    import transformers
-
     return hf_from_checkpoint(load_checkpoint(None, progress=False))
 
 
