@@ -64,26 +64,28 @@ def assert_parity(name, hf_config, prompts, continuations, tol: float) -> None:
 def masked_dense_logits(model, prompt: list[int], cont: list[int], index: dict[int, torch.Tensor]) -> torch.Tensor:
     """The reference for compacted decoding: a dense prefill, then dense decode steps with every
     non-core neuron of each layer in `index` (ids [k]) switched off by zeroing its slice of `down`
-    (a row in float and in the block formats' neuron-major q8_0, a column in int8). Logits [len(prompt) + len(cont), V]; weights restored after."""
+    (a row in float and in the block formats' neuron-major tensors, q4's mins too; a column in int8).
+    Logits [len(prompt) + len(cont), V]; weights restored after."""
     session = Session(model, [prompt], len(cont))
     rows = [session.prefill(all_logits=True)[0]]
     saved = {}
     with torch.inference_mode():
         for layer, ids in index.items():
-            tensors = model.ffns()[layer].neuron_tensors()
-            down, axis = tensors["down" if "down" in tensors else "down_qs"]
-            saved[layer] = down.clone()
-            keep = torch.zeros(down.shape[axis], dtype=torch.bool)
-            keep[ids] = True
-            down.index_fill_(axis, (~keep).nonzero()[:, 0], 0)
+            downs = {name: t for name, t in model.ffns()[layer].neuron_tensors().items() if name.startswith("down")}
+            saved[layer] = {name: t.clone() for name, (t, _) in downs.items()}
+            for down, axis in downs.values():
+                keep = torch.zeros(down.shape[axis], dtype=torch.bool)
+                keep[ids] = True
+                down.index_fill_(axis, (~keep).nonzero()[:, 0], 0)
     try:
         for token in cont:
             rows.append(session.step(torch.tensor([token])))
     finally:
         with torch.inference_mode():
-            for layer, w in saved.items():
+            for layer, held in saved.items():
                 tensors = model.ffns()[layer].neuron_tensors()
-                tensors["down" if "down" in tensors else "down_qs"][0].copy_(w)
+                for name, w in held.items():
+                    tensors[name][0].copy_(w)
     return torch.cat(rows)
 
 

@@ -125,7 +125,7 @@ GGUF_TYPES = {
     "blk.0.attn_q": Q.Q4_0, "blk.0.attn_k": Q.Q4_1, "blk.0.attn_v": Q.Q8_0, "blk.0.attn_output": Q.F16,
     "blk.0.ffn_gate": Q.Q4_K, "blk.0.ffn_up": Q.Q4_K, "blk.0.ffn_down": Q.Q6_K,
     "blk.1.attn_q": Q.Q4_K, "blk.1.attn_k": Q.Q4_K, "blk.1.attn_v": Q.Q4_K, "blk.1.attn_output": Q.BF16,
-    "blk.1.ffn_gate": Q.Q4_0, "blk.1.ffn_up": Q.Q4_0, "blk.1.ffn_down": Q.Q8_0,
+    "blk.1.ffn_gate": Q.Q4_0, "blk.1.ffn_up": Q.Q4_0, "blk.1.ffn_down": Q.Q4_K,
 }
 
 
@@ -211,7 +211,7 @@ def held_weights(model) -> dict[str, torch.Tensor]:
         out[f"{p}self_attn.o_proj.weight"] = deq(attn.o_proj)
         out[f"{p}mlp.gate_proj.weight"] = FORMATS[ffn.format].dequantize(ffn.role("gate"))
         out[f"{p}mlp.up_proj.weight"] = FORMATS[ffn.format].dequantize(ffn.role("up"))
-        out[f"{p}mlp.down_proj.weight"] = FORMATS["q8_0"].dequantize(ffn.role("down")).t()
+        out[f"{p}mlp.down_proj.weight"] = FORMATS[ffn.down_format].dequantize(ffn.role("down")).t()
     return out
 
 
@@ -241,9 +241,10 @@ GGUF_IDS = [5, 17, 3, 88, 42, 9, 61, 2, 33, 200, 101]
 @pytest.mark.parametrize("kernels", [False, True], ids=["pytorch", "native"])
 def test_gguf_loads_into_file_formats_and_matches_transformers(tiny_gguf, kernels, monkeypatch):
     """Each tensor in the format the file implies; logits equal transformers' on the values those
-    formats hold (1e-4 with the PyTorch matmuls: float rounding only; 2% of the logits' scale with the
-    native GEMVs, which quantize activations per block of 32), and close to transformers' on the file's
-    own fp32 values (the q8_0 requantizations: down, layer 0's mixed q/k/v, Q5_K/F16/BF16)."""
+    formats hold (1e-4 with the PyTorch matmuls: float rounding only; 3% of the logits' scale with the
+    native GEMVs, which quantize activations per block of 32: 2.1% measured, nearly all of it q8_0_gemv's;
+    the neuron-row sums are float), and close to transformers' on the file's
+    own fp32 values (the requantizations: down, layer 0's mixed q/k/v, Q5_K/F16/BF16)."""
     from coreinfer.formats import native
 
     if not kernels:
@@ -258,6 +259,7 @@ def test_gguf_loads_into_file_formats_and_matches_transformers(tiny_gguf, kernel
     assert (model.embed_tokens.fmt, model.lm_head.fmt) == ("q4", "q8_0")
     assert (l0.self_attn.qkv_proj.fmt, l1.self_attn.qkv_proj.fmt, l0.self_attn.o_proj.fmt) == ("q8_0", "q4", "q8_0")
     assert (l0.mlp.format, l1.mlp.format) == ("q4", "q4")
+    assert (l0.mlp.down_format, l1.mlp.down_format) == ("q8_0", "q4")  # the file's Q6_K and Q4_K downs
     assert not any(t.dtype == torch.float32 and t.dim() == 2 for t in model.state_dict().values())
     ours, _ = our_logits(model, [GGUF_IDS[:7]], [GGUF_IDS[7:]])
     held = hf_logits(transformers_model(tiny_gguf.config, held_weights(model)), GGUF_IDS)
@@ -267,7 +269,7 @@ def test_gguf_loads_into_file_formats_and_matches_transformers(tiny_gguf, kernel
     scale = exact.abs().max().item()
     print(f"tiny GGUF: max |ours - hf on held values| {err:.2e}; vs hf on the file's fp32 values {drift:.2e} "
           f"(logits up to {scale:.2f}); top-1 agreement {(ours[0].argmax(-1) == exact.argmax(-1)).float().mean():.2f}")
-    assert err < (2e-2 if kernels else 1e-4) * max(1.0, scale)
+    assert err < (3e-2 if kernels else 1e-4) * max(1.0, scale)
     assert drift < 0.05 * scale
 
 
@@ -284,9 +286,25 @@ def test_dense_gguf_equals_file_values(tiny_gguf):
     assert torch.equal(ours["layers.0.self_attn.qkv_proj.weight"][:q.shape[0]], q)
 
 
+@pytest.mark.parametrize("fmt", ["q4", "q8_0"])
+@pytest.mark.parametrize("name", ["layers.0.mlp.down", "layers.1.mlp.down", "lm_head.weight"])
+def test_chunked_conversion_equals_the_whole_tensor(tiny_gguf, name, fmt):
+    """A file tensor converted a few rows at a time (down: a few of the file's columns at a time, turned
+    neuron-major) holds what the whole tensor converted at once holds."""
+    from coreinfer.models import adopt
+    from coreinfer.models.llama import LlamaConfig, sanitize
+
+    w = sanitize(tiny_gguf.weights, LlamaConfig.from_dict(tiny_gguf.config))[name]
+    whole = FORMATS[fmt].pack(w.dequantize())
+    chunked = adopt.convert(w, fmt, "cpu", chunk_weights=100 * w.model_shape[1])  # 2-3 chunks
+    assert chunked.keys() == whole.keys()
+    for key in whole:
+        assert torch.equal(chunked[key], whole[key]), key
+
+
 @pytest.mark.parametrize("formats", ["auto", "q8_0"])
 def test_compacted_equals_masked_on_block_formats(tiny_gguf, formats):
-    """Core neurons on q4 / q8_0 up and gate and neuron-major q8_0 down: compaction gathers rows, and
+    """Core neurons on q4 / q8_0 up and gate and neuron-major q4 / q8_0 down: compaction gathers rows, and
     the compacted decode equals the masked dense one (same kernels on the same rows: float rounding)."""
     from coreinfer.engine.policy import CoreConfig
     from coreinfer.engine.session import stability_policy

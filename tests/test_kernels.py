@@ -133,7 +133,7 @@ ROW_SHAPES = [(1, 96, 64, None), (1, 1536, 576, 700), (3, 40, 32, 5), (16, 300, 
 @needs(rows)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("M,F,dm,R", ROW_SHAPES)  # R None: all rows in order
-@pytest.mark.parametrize("fmt", ["int8", "q8_0"])
+@pytest.mark.parametrize("fmt", ["int8", "q8_0", "q4"])
 def test_neuron_rows_match_the_reference(fmt, M, F, dm, R, threads):
     """Float arithmetic on both sides (no activation quantization): float32 summation order only. Rows
     are chosen at random, with repeats, out of order; R % 4 != 0 exercises the short last group."""
@@ -145,9 +145,13 @@ def test_neuron_rows_match_the_reference(fmt, M, F, dm, R, threads):
     if fmt == "int8":
         out = with_threads(threads, lambda: torch.ops.coreinfer.int8_rows(coef, qs, scale, index))
         ref = rows.int8_rows_reference(coef.double(), qs, scale.double(), index)
-    else:
+    elif fmt == "q8_0":
         out = with_threads(threads, lambda: torch.ops.coreinfer.q8_0_rows(coef, qs, d, index))
         ref = coef.double() @ q8_0.dequantize(qs, d).double()[slice(None) if index is None else index]
+    else:
+        q4s, q4d, q4m = random_q4(F, dm, g)
+        out = with_threads(threads, lambda: torch.ops.coreinfer.q4_rows(coef, q4s, q4d, q4m, index))
+        ref = coef.double() @ q4.dequantize(q4s, q4d, q4m).double()[slice(None) if index is None else index]
     err = relative_max(out, ref)
     print(f"{fmt}_rows M={M} F={F} dm={dm} R={R} threads={threads}: max |kernel - reference| / max|ref| {err:.2e}")
     assert out.shape == (M, dm) and out.dtype == torch.float32
@@ -170,6 +174,9 @@ def test_neuron_rows_fall_back_to_the_reference(monkeypatch):
     assert torch.allclose(rows.q8_0_rows(coef, qs, d, index), coef @ w[index], rtol=1e-6, atol=1e-6)
     scale = torch.rand(64, generator=g)
     assert torch.allclose(rows.int8_rows(coef, qs, scale, index), coef @ (qs.float() * scale)[index],
+                          rtol=1e-6, atol=1e-6)
+    q4s, q4d, q4m = random_q4(10, 64, g)
+    assert torch.allclose(rows.q4_rows(coef, q4s, q4d, q4m, index), coef @ q4.dequantize(q4s, q4d, q4m)[index],
                           rtol=1e-6, atol=1e-6)
 
 

@@ -3,7 +3,7 @@
 A neuron is one slice of each of the FFN's per-neuron tensors (`FFN.neuron_tensors`): a row of up
 and gate, a row of down in float ([F, d]) or a column in int8 ([d, F], the kernel's layout). int4 up
 and gate are gathered as columns of their `_src` copies, then packed into the int4 kernel's layout
-(int4.py). Block formats (q8_0/q4 up and gate, q8_0 neuron-major down; FFN.adopt_) are all rows:
+(int4.py). Block formats (q8_0/q4 up and gate, q8_0/q4 neuron-major down; FFN.adopt_) are all rows:
 compaction is row gathers of every tensor, with no padding, and the core runs through the formats'
 own matmuls (formats/).
 """
@@ -11,7 +11,7 @@ own matmuls (formats/).
 import numpy as np
 import torch
 
-from ..formats import FORMATS, q8_0
+from ..formats import FORMATS
 from . import int4, native
 from .quant import INT8_K_ALIGN, int8_matmul
 
@@ -33,6 +33,7 @@ class CompactFFN:
         self.gathered: dict[str, torch.Tensor] = {}  # int4 up/gate columns [B, d/2, k] on their way to `weights`
         self.quantized = self.int4 = False
         self.blocked = None  # the block format of up/gate (q8_0 or q4) when the FFN holds one, else None
+        self.down_format = None  # and of its neuron-major down
 
     def _buffer(self, store: dict, name: str, shape: tuple, like: torch.Tensor) -> torch.Tensor:
         """store[name], reused when it has this shape, dtype and device, else allocated."""
@@ -65,6 +66,7 @@ class CompactFFN:
         self.act, self.quantized, self.down_bias = ffn.act, ffn.quantized, ffn.down_bias
         self.int4 = ffn.format == "int4"
         self.blocked = ffn.format if ffn.blocked else None
+        self.down_format = ffn.down_format if ffn.blocked else None
         self.down_scale = getattr(ffn, "down_scale", None)
         k = index.shape[1]
         align = int4.BLOCK_N if self.int4 else INT8_K_ALIGN
@@ -130,7 +132,7 @@ class CompactFFN:
             up = up + self.weights["up_bias"][b]
         gate = self._role("gate", b)
         a = self.act(fmt.matmul(x, gate)) * up if gate else self.act(up)
-        return q8_0.rows_matmul(a, self._role("down", b))  # [T, k] @ [k, d]
+        return FORMATS[self.down_format].rows_matmul(a, self._role("down", b))  # [T, k] @ [k, d]
 
     def _int8(self, x: torch.Tensor, b: int) -> torch.Tensor:
         """One sequence: x [T, d] -> [T, d]; the int8 and int4 kernels take one weight matrix at a time."""

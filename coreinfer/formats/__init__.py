@@ -4,7 +4,7 @@ with, one module each with the same small interface:
     pack(w [N, K]) -> tensors             from_blocks(ggml type, bytes [N, row bytes], (N, K)) -> tensors
     dequantize(tensors, dtype) -> [N, K]  rows(tensors, index) -> tensors of those rows (neurons)
     matmul(x [..., K], tensors) -> x @ W.T   nbytes(tensors)
-    rows_matmul(coef [..., R], tensors, index) -> coef @ W[index]  (neuron-major down; q8_0, int8, dense)
+    rows_matmul(coef [..., R], tensors, index) -> coef @ W[index]  (neuron-major down; native for q8_0 and q4)
 
 `tensors` is a dict of plain tensors (the names each module's docstring gives), so modules hold them
 as buffers and compaction gathers them row by row without knowing the format.

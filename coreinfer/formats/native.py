@@ -10,7 +10,8 @@ from functools import cache
 
 import torch
 
-KERNEL_MODULES = {"q8_0_gemv": "q8_0", "q4_gemv": "q4", "q8_0_rows": "rows", "int8_rows": "rows"}
+KERNEL_MODULES = {"q8_0_gemv": "q8_0", "q4_gemv": "q4", "q8_0_rows": "rows", "q4_rows": "rows",
+                  "int8_rows": "rows"}
 
 
 @cache

@@ -85,6 +85,12 @@ def nbytes(t: dict[str, torch.Tensor]) -> int:
 
 
 def rows_matmul(coef: torch.Tensor, t: dict[str, torch.Tensor], index: torch.Tensor | None = None) -> torch.Tensor:
-    """coef [..., R] @ W[index] [R, K] -> [..., K] (index None: all rows); PyTorch only."""
-    w = t if index is None else rows(t, index)
-    return coef @ dequantize(w, coef.dtype)
+    """coef [..., R] @ W[index] [R, K] -> [..., K]: a neuron-major down projection (index None: all rows)."""
+    flat = coef.reshape(-1, coef.shape[-1])  # [M, R]
+    op = native.op("q4_rows")
+    if op is not None and native.usable(flat, t["qs"], t["d"], t["m"]):
+        out = op(flat.float().contiguous(), t["qs"], t["d"], t["m"], index)
+    else:
+        w = t if index is None else rows(t, index)
+        out = flat @ dequantize(w, flat.dtype)
+    return out.to(coef.dtype).view(*coef.shape[:-1], t["qs"].shape[1] * 2)

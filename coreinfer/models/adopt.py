@@ -2,15 +2,16 @@
 
 The model is built on the meta device; each weight is then converted from what the checkpoint holds
 (a GGUF FileTensor's blocks, or an HF tensor) straight into its format (formats/) and placed on its
-module, so the largest float tensor ever made is one matrix (down, which is stored transposed and so
-requantized; the file's other blocks mostly pass through), never the model.
+module, in chunks of rows (or, for down, which the model stores transposed, of the file's columns), so
+the largest float tensor ever made is one chunk (CHUNK_WEIGHTS values), never a matrix or the model.
 
 How each weight is held, for `formats`:
 - "auto": the file's own format per tensor (formats.file_format: Q4_0/Q4_1/Q4_K -> q4, else q8_0);
   an HF tensor -> q8_0.
 - "q8_0": q8_0 everywhere.
 q/k/v are fused into one projection in their common format (q8_0 where they differ), up and gate
-likewise; down is q8_0 neuron-major [F, d]; the embedding stays in its format (a lookup dequantizes
+likewise; down is neuron-major [F, d] (requantized along d: blocks of the file run along F) in its
+chosen format, q4 where the file's is 4-bit (as small as the file's), else q8_0; the embedding stays in its format (a lookup dequantizes
 its rows) and a tied head shares its tensors; norms and biases are dense in the compute dtype.
 """
 
@@ -22,7 +23,8 @@ from ..formats import FORMATS, common_format, file_format
 from .common import QEmbedding, QLinear
 
 QUANTIZED_FORMATS = ("auto", "q8_0")
-CHUNK_ROWS = 8192  # rows converted at a time: a vocabulary-sized table's float intermediates stay small
+CHUNK_WEIGHTS = 1 << 22  # values converted at a time (16 MB in fp32): the conversion's float intermediates
+# stay small next to the model, and no output is concatenated (a vocabulary table would be held twice)
 
 
 def _is_file_tensor(w) -> bool:
@@ -35,17 +37,35 @@ def choose(w, formats: str) -> str:
     return "q8_0"
 
 
-def convert(w, fmt: str, device) -> dict[str, torch.Tensor]:
+def convert(w, fmt: str, device, chunk_weights: int = CHUNK_WEIGHTS) -> dict[str, torch.Tensor]:
     """One weight [N, K] (FileTensor or tensor) -> the tensors of format `fmt` on `device`."""
     module = FORMATS[fmt]
-    if not (_is_file_tensor(w) and not w.transposed and not w.shift):
-        tensors = module.pack(w.dequantize() if _is_file_tensor(w) else w)
-        return {name: t.to(device).contiguous() for name, t in tensors.items()}
-    rows, parts = w.shape[0], []
-    for start in range(0, rows, CHUNK_ROWS):  # verbatim where the format allows, else requantized
-        stop = min(rows, start + CHUNK_ROWS)
-        parts.append(module.from_blocks(w.kind, w.read(start, stop), (stop - start, w.shape[1])))
-    return {name: torch.cat([p[name] for p in parts]).to(device).contiguous() for name in parts[0]}
+    if not _is_file_tensor(w):
+        return {name: t.to(device).contiguous() for name, t in module.pack(w).items()}
+    if w.shift:
+        return {name: t.to(device).contiguous() for name, t in module.pack(w.dequantize()).items()}
+    rows, cols = w.model_shape
+    if w.transposed:  # the file holds [K, N], blocks along N: take N in whole blocks, dequantized, turned
+        raw = w.read().view(cols, -1, w.kind.nbytes)  # [K, N / block, block bytes]
+        step = max(1, chunk_weights // cols // w.kind.block) * w.kind.block
+
+        def chunk(start: int, stop: int) -> dict[str, torch.Tensor]:
+            part = raw[:, start // w.kind.block:stop // w.kind.block].contiguous()
+            return module.pack(w.kind.dequantize(part, (cols, stop - start)).t())
+    else:  # verbatim where the format allows, else requantized
+        step = max(1, chunk_weights // cols)
+
+        def chunk(start: int, stop: int) -> dict[str, torch.Tensor]:
+            return module.from_blocks(w.kind, w.read(start, stop), (stop - start, cols))
+    out = None
+    for start in range(0, rows, step):
+        stop = min(rows, start + step)
+        part = chunk(start, stop)
+        if out is None:  # the whole tensors, filled chunk by chunk: no list of parts to concatenate
+            out = {name: torch.empty((rows, *t.shape[1:]), dtype=t.dtype, device=device) for name, t in part.items()}
+        for name, t in part.items():
+            out[name][start:stop] = t
+    return out
 
 
 def dense(w, dtype, device) -> torch.Tensor:
@@ -105,12 +125,13 @@ def adopt(model: nn.Module, state: dict, formats: str, device, dtype, progress: 
         gate = state.pop(f"{p}mlp.gate", None)
         up = state.pop(f"{p}mlp.up")
         ffn_fmt = common_format([choose(w, formats) for w in (up, gate) if w is not None])
-        down = state.pop(f"{p}mlp.down")  # [F, d] after sanitize: neuron-major, so requantized to q8_0
+        down = state.pop(f"{p}mlp.down")  # [F, d] after sanitize: neuron-major, so requantized
+        down_fmt = choose(down, formats)
         for name, w in (("up", up), ("gate", gate), ("down", down)):
             if w is not None:
                 check(f"{p}mlp.{name}", [w], getattr(ffn, name))
         ffn.adopt_(ffn_fmt, convert(up, ffn_fmt, device), None if gate is None else convert(gate, ffn_fmt, device),
-                   convert(down, "q8_0", device))
+                   down_fmt, convert(down, down_fmt, device))
     rest = {name: dense(w, dtype, device) for name, w in state.items()}  # norms, FFN biases
     expected = {name: t for name, t in model.state_dict().items() if t.is_meta}
     missing, unexpected = set(expected) - set(rest), set(rest) - set(model.state_dict())

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ..engine import int4
 from ..engine.quant import int8_matmul, quantize_int8
-from ..formats import BLOCKED, FORMATS, q8_0
+from ..formats import BLOCKED, FORMATS
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -169,8 +169,8 @@ class FFN(nn.Module):
     compaction (see int4.py); down stays int8.
 
     `adopt_` takes weights in a block format of the contract instead (formats/, as a GGUF holds them):
-    up/gate in q4 or q8_0 ([F, d] rows, blocks along d), down neuron-major [F, d] in q8_0 (blocks along
-    d), buffers `<role>_<tensor>` (up_qs, up_d, ...): a neuron is then a row of every tensor.
+    up/gate in q4 or q8_0 ([F, d] rows, blocks along d), down neuron-major [F, d] in q4 or q8_0
+    (`down_format`; blocks along d), buffers `<role>_<tensor>` (up_qs, up_d, ...): a neuron is then a row of every tensor.
     """
 
     def __init__(self, layer_id: int, dim: int, hidden: int, act: str, gated: bool, bias: bool):
@@ -178,6 +178,7 @@ class FFN(nn.Module):
         self.layer_id = layer_id  # what selection policies and the session key this layer's state by
         self.act_name, self.act, self.gated = act, activation(act), gated
         self.format = "dense"  # of up/gate: dense, int8 or int4 (`quantize_`), q8_0 or q4 (`adopt_`)
+        self.down_format = "q8_0"  # of a blocked FFN's neuron-major down (`adopt_`): q8_0 or q4
         self.hidden = hidden
         self.up = nn.Parameter(torch.empty(hidden, dim))  # [F, d]
         self.gate = nn.Parameter(torch.empty(hidden, dim)) if gated else None  # [F, d]
@@ -204,11 +205,11 @@ class FFN(nn.Module):
         return {key[len(prefix):]: t for key, t in self.named_buffers(recurse=False) if key.startswith(prefix)}
 
     @torch.no_grad()
-    def adopt_(self, fmt: str, up: dict, gate: dict | None, down: dict) -> None:
-        """Hold up/gate in block format `fmt` ({qs, d[, m]} of [F, d]) and down neuron-major in q8_0."""
-        if fmt not in BLOCKED:
-            raise ValueError(f"adopt_ takes {BLOCKED}, got {fmt!r}")
-        self.format = fmt
+    def adopt_(self, fmt: str, up: dict, gate: dict | None, down_fmt: str, down: dict) -> None:
+        """Hold up/gate in block format `fmt` ({qs, d[, m]} of [F, d]) and down neuron-major in `down_fmt`."""
+        if fmt not in BLOCKED or down_fmt not in BLOCKED:
+            raise ValueError(f"adopt_ takes {BLOCKED}, got {fmt!r} and {down_fmt!r}")
+        self.format, self.down_format = fmt, down_fmt
         for name, tensors in (("up", up), ("gate", gate), ("down", down)):
             delattr(self, name)
             for key, t in (tensors or {}).items():
@@ -277,7 +278,7 @@ class FFN(nn.Module):
 
     def project(self, a: torch.Tensor) -> torch.Tensor:
         if self.blocked:
-            out = q8_0.rows_matmul(a, self.role("down"))  # [B, T, F] @ [F, d]
+            out = FORMATS[self.down_format].rows_matmul(a, self.role("down"))  # [B, T, F] @ [F, d]
         elif self.quantized:
             out = int8_matmul(a, self.down, self.down_scale)  # [B, T, F] x [d, F]^T
         else:
