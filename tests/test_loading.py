@@ -180,8 +180,11 @@ _TO_GGUF_GEMMA3 = {
 }
 
 
+_TO_GGUF_QWEN3 = {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+
+
 def gguf_name(hf_name, arch):
-    names = {**_TO_GGUF, **(_TO_GGUF_GEMMA3 if arch == "gemma3" else {})}
+    names = {**_TO_GGUF, **{"gemma3": _TO_GGUF_GEMMA3, "qwen3": _TO_GGUF_QWEN3}.get(arch, {})}
     parts = hf_name.split(".")
     if parts[1] == "layers":  # model.layers.N.<module>.<weight|bias>
         return f"blk.{parts[2]}.{names['.'.join(parts[3:-1])]}.{parts[-1]}"
@@ -197,8 +200,9 @@ def write_tiny_gguf(path, arch, hf_weights, *, heads=2, kv_heads=1, hidden=8):
                        ("tokenizer_pre", "gpt2"), ("token_list", _byte_vocab()), ("token_merges", ["Ġ t"]),
                        ("token_types", [1] * 257 + [3]), ("bos_token_id", 257), ("eos_token_id", 257)]:
         getattr(writer, f"add_{add}")(value)
-    if arch == "gemma3":
+    if arch in ("gemma3", "qwen3"):
         writer.add_key_length(hidden // heads)
+    if arch == "gemma3":
         writer.add_sliding_window(4)
     for name, value in hf_weights.items():
         if arch == "llama" and ".q_proj." in name:
@@ -226,7 +230,7 @@ def random_hf_weights(model_type, config_overrides=None):
 
 
 @pytest.mark.parametrize("arch,model_type,tied", [("llama", "llama", True), ("qwen2", "qwen2", False),
-                                                   ("gemma3", "gemma3_text", True)])
+                                                   ("qwen3", "qwen3", True), ("gemma3", "gemma3_text", True)])
 def test_tiny_gguf_round_trip(tmp_path, arch, model_type, tied):
     weights = random_hf_weights(model_type, {"tie_word_embeddings": tied})
     if tied:
@@ -241,6 +245,24 @@ def test_tiny_gguf_round_trip(tmp_path, arch, model_type, tied):
         assert "model.layers.1.self_attn.q_proj.bias" in weights and checkpoint.config["attention_bias"]
     # the cache holds no weights: they are read from the file
     assert not [f for f in checkpoint.tokenizer_dir.iterdir() if f.suffix == ".safetensors"]
+
+
+def test_tiny_qwen3_gguf_matches_transformers(tmp_path):
+    """A Qwen3 GGUF (q/k RMSNorms, no q/k/v bias) decodes to transformers' logits on the same weights."""
+    from oracle import hf_logits, our_logits
+
+    from coreinfer.models import build_model
+
+    weights = random_hf_weights("qwen3", {"tie_word_embeddings": False})
+    assert "model.layers.0.self_attn.q_norm.weight" in weights
+    write_tiny_gguf(tmp_path / "tiny-qwen3.gguf", "qwen3", weights)
+    checkpoint = load_checkpoint(tmp_path / "tiny-qwen3.gguf", progress=False)
+    hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**checkpoint.config),
+                                                       attn_implementation="eager").eval()
+    hf.load_state_dict({name: torch.from_numpy(v) for name, v in weights.items()})
+    ids = [5, 17, 3, 88, 42, 9, 61, 2, 33]
+    ours, _ = our_logits(build_model(checkpoint.config, checkpoint.weights), [ids[:5]], [ids[5:]])
+    torch.testing.assert_close(ours[0], hf_logits(hf, ids), rtol=1e-4, atol=1e-4)
 
 
 def test_damaged_cache_entry_is_rebuilt(tmp_path):
@@ -291,7 +313,7 @@ def test_error_messages(tmp_path):
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.close()
-    expect_error(tmp_path / "mamba.gguf", "'mamba'", "llama, qwen2, gemma3")
+    expect_error(tmp_path / "mamba.gguf", "'mamba'", "llama, qwen2, qwen3, gemma3")
     for name in ("pytorch_model.bin", "model.pt"):
         (tmp_path / name).write_bytes(b"\x80\x04pickle")
         expect_error(tmp_path / name, "never unpickles", "safetensors")

@@ -4,12 +4,13 @@
 file, their GGML type (formats/ggml.py) and shape; nothing is read until the model adopts it, one
 tensor at a time (models/adopt.py), so no float copy of the model is ever made. What
 `coreinfer.io.loading` caches is only `config.json` and the tokenizer files. Supported GGUF
-architectures are `llama`, `qwen2` and `gemma3`.
+architectures are `llama`, `qwen2`, `qwen3` (q/k RMSNorms) and `gemma3`.
 
 llama.cpp's `convert_hf_to_gguf.py` does not store weights verbatim, and this module undoes what it
 changes: it permutes the rows of q/k projections for `llama` (for its rotary layout; undone as a row
 order, which every block type allows: a row is whole blocks), and it stores Gemma's RMSNorm weights
-as `1 + w` (Gemma computes `x * (1 + w)`). Qwen2 and Gemma3 are not permuted.
+as `1 + w` (Gemma computes `x * (1 + w)`). Qwen2, Qwen3 and Gemma3 are not permuted, and Qwen3's q/k
+norms are stored as they are (it computes `x * w`).
 """
 
 from __future__ import annotations
@@ -26,10 +27,11 @@ import torch
 
 from ..formats.ggml import GGMLType, ggml_type
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 
-_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "gemma3": "gemma3_text"}
-_HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}
+_MODEL_TYPE = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3_text"}
+_HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+             "gemma3": "Gemma3ForCausalLM"}
 
 # GGUF per-layer tensor names -> HF names (below `model.layers.N.`).
 _LAYER_NAMES = {
@@ -45,6 +47,8 @@ _LAYER_NAMES = {
 _ARCH_LAYER_NAMES = {
     "llama": {"ffn_norm": "post_attention_layernorm"},
     "qwen2": {"ffn_norm": "post_attention_layernorm"},
+    "qwen3": {"ffn_norm": "post_attention_layernorm", "attn_q_norm": "self_attn.q_norm",
+              "attn_k_norm": "self_attn.k_norm"},
     "gemma3": {
         "attn_q_norm": "self_attn.q_norm",
         "attn_k_norm": "self_attn.k_norm",

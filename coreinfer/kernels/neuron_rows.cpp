@@ -45,43 +45,54 @@ static inline void load_block(const Rows &W, int64_t f, int64_t j, __m512 *w0, _
     *w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + 16))));
 }
 
-/* acc [M, dm] += coef[:, r0:r1] @ W[rows[r0:r1]] */
+/* acc [M, dm] += coef[:, r0:r1] @ W[rows[r0:r1]]. Columns go in chunks of 16 blocks (512 entries): the
+   chunk's 16 block scales (and q4 mins) of a row are one fp16 vector, turned into the products with the
+   row's coefficients once per chunk, so the inner loop over blocks only broadcasts them from L1. */
 static void add_rows(const float *coef, int64_t M, int64_t R, int64_t r0, int64_t r1, const Rows &W, float *acc) {
     const int64_t dm = W.dm, B = dm / 32;
-    int64_t T = std::min<int64_t>(dm, std::max<int64_t>(32, 4096 / M / 32 * 32));  // M * T floats: 16 KiB
+    int64_t T = std::min<int64_t>(dm, std::max<int64_t>(512, 4096 / M / 512 * 512));  // M * T floats: 16 KiB
     auto row = [&](int64_t r) { return W.rows ? W.rows[r] : r; };
+    alignas(64) float c[4][16][16], cm[16][16];  // [k][m][b]: coef[m, r + k] * scale of block b; [m][b]: the mins' sum
     for (int64_t j0 = 0; j0 < dm; j0 += T) {
         int64_t j1 = std::min(dm, j0 + T);
         for (int64_t r = r0; r < r1; r += 4) {
             int64_t n = std::min<int64_t>(4, r1 - r), f[4];
-            float c[4][16], cm[16];  // c[k][m]: coef[m, r + k] times the row's block scale (q8_0, q4); cm: q4's mins
             for (int k = 0; k < 4; k++) f[k] = row(r + (k < n ? k : 0));  // short group: row r again, coef 0
             for (int64_t k = 0; k < 4 && r + 4 + k < r1; k++)
                 for (int64_t j = j0; j < j1; j += W.qs ? 128 : 64)
                     _mm_prefetch(W.at(row(r + 4 + k), j), _MM_HINT_T0);
-            for (int64_t j = j0; j < j1; j += 32) {
-                __m512 w[4][2];
-                for (int64_t m = 0; m < M; m++) cm[m] = 0.f;
+            for (int64_t j = j0; j < j1; j += 512) {
+                int64_t nb = std::min<int64_t>(16, (j1 - j) / 32);
+                __mmask16 blocks = (__mmask16)((1u << nb) - 1);
+                __m512 mv[4];
                 for (int k = 0; k < 4; k++) {
-                    load_block(W, f[k], j, &w[k][0], &w[k][1]);
-                    float s = W.d ? _cvtsh_ss(W.d[f[k] * B + j / 32]) : 1.f;
-                    float mk = W.m ? _cvtsh_ss(W.m[f[k] * B + j / 32]) : 0.f;
-                    for (int64_t m = 0; m < M; m++) {
-                        float ck = k < n ? coef[m * R + r + k] : 0.f;
-                        c[k][m] = ck * s, cm[m] += ck * mk;
-                    }
+                    __m512 dv = W.d ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(blocks, W.d + f[k] * B + j / 32))
+                                    : _mm512_set1_ps(1.f);
+                    mv[k] = W.m ? _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(blocks, W.m + f[k] * B + j / 32))
+                                : _mm512_setzero_ps();
+                    for (int64_t m = 0; m < M; m++)
+                        _mm512_store_ps(c[k][m], _mm512_mul_ps(_mm512_set1_ps(k < n ? coef[m * R + r + k] : 0.f), dv));
                 }
                 for (int64_t m = 0; m < M; m++) {
-                    float *a = acc + m * dm + j;
-                    __m512 a0 = _mm512_add_ps(_mm512_loadu_ps(a), _mm512_set1_ps(cm[m]));
-                    __m512 a1 = _mm512_add_ps(_mm512_loadu_ps(a + 16), _mm512_set1_ps(cm[m]));
-                    for (int k = 0; k < 4; k++) {
-                        __m512 ck = _mm512_set1_ps(c[k][m]);
-                        a0 = _mm512_fmadd_ps(ck, w[k][0], a0);
-                        a1 = _mm512_fmadd_ps(ck, w[k][1], a1);
+                    __m512 s = _mm512_setzero_ps();
+                    for (int k = 0; k < 4; k++) s = _mm512_fmadd_ps(_mm512_set1_ps(k < n ? coef[m * R + r + k] : 0.f), mv[k], s);
+                    _mm512_store_ps(cm[m], s);
+                }
+                for (int64_t b = 0; b < nb; b++) {
+                    __m512 w[4][2];
+                    for (int k = 0; k < 4; k++) load_block(W, f[k], j + 32 * b, &w[k][0], &w[k][1]);
+                    for (int64_t m = 0; m < M; m++) {
+                        float *a = acc + m * dm + j + 32 * b;
+                        __m512 a0 = _mm512_add_ps(_mm512_loadu_ps(a), _mm512_set1_ps(cm[m][b]));
+                        __m512 a1 = _mm512_add_ps(_mm512_loadu_ps(a + 16), _mm512_set1_ps(cm[m][b]));
+                        for (int k = 0; k < 4; k++) {
+                            __m512 ck = _mm512_set1_ps(c[k][m][b]);
+                            a0 = _mm512_fmadd_ps(ck, w[k][0], a0);
+                            a1 = _mm512_fmadd_ps(ck, w[k][1], a1);
+                        }
+                        _mm512_storeu_ps(a, a0);
+                        _mm512_storeu_ps(a + 16, a1);
                     }
-                    _mm512_storeu_ps(a, a0);
-                    _mm512_storeu_ps(a + 16, a1);
                 }
             }
         }
