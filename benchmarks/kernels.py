@@ -12,8 +12,8 @@ same run (coreinfer.bench.run.read_bandwidth_gb_s: summing a 512 MiB buffer).
 GEMV contenders, W [N, K] times x [M, K]: the native q4_gemv (0.625 byte a weight), q8_0_gemv (1.0625)
 and int8_gemv (1 + a bf16 scale a row); PyTorch's `_weight_int8pack_mm` (bf16 x, int8 per channel) and
 `_weight_int4pack_mm_for_cpu` (group 32, 0.625 byte a weight, as engine/int4.py calls it).
-Down-projection rows, out [M, d] = coef [M, R] @ W[rows] for W [F, d] neuron-major: the native int8_rows
-and q8_0_rows over all F rows and over a random half (R = F / 2, sorted, as a core would be), against
+Down-projection rows, out [M, d] = coef [M, R] @ W[rows] for W [F, d] neuron-major: the native int8_rows,
+q8_0_rows and q4_rows (0.625 byte a weight: --weights auto's down where the file's is 4-bit) over all F rows and over a random half (R = F / 2, sorted, as a core would be), against
 PyTorch's `_weight_int8pack_mm` on the same down stored [d, F] (all rows: dense) and on its gathered
 half's columns [d, F/2] (what compaction would have stored).
 """
@@ -84,13 +84,17 @@ def bench_rows(F: int, d: int, M: int, half: bool, args, bandwidth: float, g: to
         dq = (torch.rand(F, d // 32, generator=g) * 0.01).half()
         scale = (torch.rand(d, generator=g) * 0.01).bfloat16()
         kept = qs.t().contiguous() if index is None else qs[index].t().contiguous()  # [d, R]: compacted
-        mats.append((qs, dq, scale, kept, (torch.rand(d, generator=g) * 0.01).bfloat16()))
+        q4s = torch.randint(0, 256, (F, d // 2), generator=g, dtype=torch.uint8)  # q4 nibbles [F, d / 2]
+        q4m = (torch.rand(F, d // 32, generator=g) * -0.08).half()
+        mats.append((qs, dq, scale, kept, (torch.rand(d, generator=g) * 0.01).bfloat16(), q4s, q4m))
     coefs = [torch.randn(M, R, generator=g) for _ in range(n)]
     fns = {"int8_rows": lambda i: torch.ops.coreinfer.int8_rows(coefs[i], mats[i][0], mats[i][2], index),
            "q8_0_rows": lambda i: torch.ops.coreinfer.q8_0_rows(coefs[i], mats[i][0], mats[i][1], index),
+           "q4_rows": lambda i: torch.ops.coreinfer.q4_rows(coefs[i], mats[i][5], mats[i][1], mats[i][6], index),
            "torch int8": lambda i: torch.ops.aten._weight_int8pack_mm(coefs[i].bfloat16(), mats[i][3], mats[i][4])}
     us = per_call_us(fns, n, args.rounds)
-    nbytes = {"int8_rows": R * d + 2 * d, "q8_0_rows": R * d + 2 * R * d // 32, "torch int8": R * d + 2 * d}
+    nbytes = {"int8_rows": R * d + 2 * d, "q8_0_rows": R * d + 2 * R * d // 32, "q4_rows": R * d // 2 + 4 * R * d // 32,
+              "torch int8": R * d + 2 * d}
     what = f"down rows {'half' if half else 'all'} R={R} of [{F}, {d}]"
     return f"| {what} | {M} | " + " | ".join(cell(us[k], nbytes[k], bandwidth) for k in fns) + " |"
 
@@ -116,7 +120,8 @@ def main() -> None:
         for name, N, K in (("qkv", qkv, d), ("gate/up", F, d), ("down", d, F)):
             for M in args.m:
                 print(bench_gemv(f"{model} {name}", N, K, M, args, bandwidth, g), flush=True)
-    print("\n| down projection | M | int8_rows | q8_0_rows | torch int8 (stored [d, R]) |\n|---|---:|---:|---:|---:|")
+    print("\n| down projection | M | int8_rows | q8_0_rows | q4_rows | torch int8 (stored [d, R]) |\n"
+          "|---|---:|---:|---:|---:|---:|")
     for key in args.models:
         model, d, F, _ = MODELS[key]
         for half in (False, True):
