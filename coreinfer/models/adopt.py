@@ -71,13 +71,21 @@ def fused(parts: list, formats: str, device) -> tuple[str, dict[str, torch.Tenso
     return fmt, {name: torch.cat([c[name] for c in converted]) for name in converted[0]}
 
 
+def ffn_formats(up, gate, formats: str) -> tuple[str, str]:
+    """(format of up and gate, format of the neuron-major down) of one FFN."""
+    return common_format([choose(w, formats) for w in (up, gate) if w is not None]), "q8_0"
+
+
 @torch.no_grad()
-def adopt(model: nn.Module, state: dict, formats: str, device, dtype, progress: bool = False) -> None:
+def adopt(model: nn.Module, state: dict, formats: str, device, dtype, progress: bool = False,
+          in_file: dict | None = None) -> None:
     """Fill `model` (meta device, a llama or gemma3 family) from `state` (its sanitized names; the
-    values FileTensors or tensors) in `formats` (see the module docstring); consumes `state`."""
+    values FileTensors or tensors) in `formats` (see the module docstring); consumes `state`.
+    `in_file` (a dict): the FFN weights are not converted but left as they are, in_file[layer] =
+    {"up", "gate", "down": checkpoint weight or None}, and the FFNs' own weights stay on the meta device."""
     if formats not in QUANTIZED_FORMATS:
         raise ValueError(f"formats must be one of {QUANTIZED_FORMATS}, got {formats!r}")
-    state = dict(state)
+    state, streamed = dict(state), set()
     embed = state.pop("embed_tokens.weight")
     head = state.pop("lm_head.weight")
     check("embed_tokens.weight", [embed], model.embed_tokens.weight)
@@ -102,17 +110,20 @@ def adopt(model: nn.Module, state: dict, formats: str, device, dtype, progress: 
         attn.o_proj = QLinear(choose(out, formats), convert(out, choose(out, formats), device),
                               None if out_bias is None else dense(out_bias, dtype, device))
         ffn = layer.mlp
-        gate = state.pop(f"{p}mlp.gate", None)
-        up = state.pop(f"{p}mlp.up")
-        ffn_fmt = common_format([choose(w, formats) for w in (up, gate) if w is not None])
-        down = state.pop(f"{p}mlp.down")  # [F, d] after sanitize: neuron-major, so requantized to q8_0
-        for name, w in (("up", up), ("gate", gate), ("down", down)):
+        roles = {name: state.pop(f"{p}mlp.{name}", None) for name in ("up", "gate", "down")}  # down [F, d] after sanitize
+        for name, w in roles.items():
             if w is not None:
                 check(f"{p}mlp.{name}", [w], getattr(ffn, name))
+        ffn_fmt, down_fmt = ffn_formats(roles["up"], roles["gate"], formats)
+        if in_file is not None:  # left in the file: the CPU memory-limited mode streams them (engine/ffn_file.py)
+            in_file[i] = roles
+            streamed |= {f"{p}mlp.{name}" for name, w in roles.items() if w is not None}
+            continue
+        up, gate, down = roles.values()
         ffn.adopt_(ffn_fmt, convert(up, ffn_fmt, device), None if gate is None else convert(gate, ffn_fmt, device),
-                   convert(down, "q8_0", device))
+                   convert(down, down_fmt, device))
     rest = {name: dense(w, dtype, device) for name, w in state.items()}  # norms, FFN biases
-    expected = {name: t for name, t in model.state_dict().items() if t.is_meta}
+    expected = {name: t for name, t in model.state_dict().items() if t.is_meta and name not in streamed}
     missing, unexpected = set(expected) - set(rest), set(rest) - set(model.state_dict())
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the model: missing {sorted(missing)[:5]}, "
