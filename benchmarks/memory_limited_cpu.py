@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 CGROUP = Path("/sys/fs/cgroup/memory")
-UNLIMITED = "1TiB"  # coreinfer's --max-memory in the rows without a group limit
+UNLIMITED = "1024GiB"  # coreinfer's --max-memory in the rows without a group limit
 TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
         "combined movable metal type, oil-based inks and a wooden screw press. ")
 

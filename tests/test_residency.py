@@ -194,7 +194,7 @@ def streamed(gguf_file):
     with open(path, "rb") as f:  # cold: loading the models read the file through the page cache
         os.fsync(f.fileno())
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    return model, GGUFStreamer(model, in_file, "auto"), in_ram
+    return model, GGUFStreamer(model, in_file, "auto", blocks=(192, 96)), in_ram  # blocks: uneven splits of 512, 256
 
 
 def file_ffn_bytes(streamer) -> int:

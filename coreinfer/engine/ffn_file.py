@@ -106,25 +106,52 @@ def streamed_from_file(model, in_file: dict, formats: str) -> dict[int, dict[str
     return chosen
 
 
+class StagingFFN(FFN):
+    """The staging FFN. Its matmuls run a block at a time, `row_block` neurons of up and gate and
+    `column_block` output columns of down (a multiple of the format's block of 32): a prefill-sized matmul dequantizes its weights to floats
+    (formats' PyTorch path), and so holds one block's floats, not a layer's (1.1 GB for Qwen2.5-7B's
+    up, gate and down). Each output element still sums over the whole of its input."""
+
+    def _rows(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        t = self.role(name)
+        F = t["qs"].shape[0]
+        return torch.cat([FORMATS[self.format].matmul(x, {k: v[a:a + self.row_block] for k, v in t.items()})
+                          for a in range(0, F, self.row_block)], -1)  # [B, T, F]
+
+    def project(self, a: torch.Tensor) -> torch.Tensor:
+        t, fmt = self.role("down"), FORMATS[self.down_format]
+        d = self.dim
+        outs = []
+        for c in range(0, d, self.column_block):  # the columns c..c+block of each tensor, in proportion
+            band = {k: v[:, c * v.shape[1] // d:min(d, c + self.column_block) * v.shape[1] // d].contiguous()
+                    for k, v in t.items()}
+            outs.append(fmt.rows_matmul(a, band))
+        out = torch.cat(outs, -1)  # [B, T, d]
+        return out if self.down_bias is None else out + self.down_bias
+
+
 def allocated(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
     return {name: torch.empty(t.shape, dtype=t.dtype) for name, t in tensors.items()} or None
 
 
 class GGUFStreamer:
-    """The Streamer of engine/offload.py for FFNs left in a GGUF file (see the module docstring).
+    """The Streamer of engine/offload.py for FFNs left in a GGUF file (see the module docstring);
+    `blocks`: the staging FFN's (row_block, column_block).
     `bytes_moved`: FFN bytes read from the file by fetches; `fetch_s`: seconds spent reading and
     converting them."""
 
     staging_layers = 2  # the converted layer computing, and the next layer's file pages read ahead
 
-    def __init__(self, model, in_file: dict, formats: str):
+    def __init__(self, model, in_file: dict, formats: str, blocks: tuple[int, int] = (2048, 1024)):
         self.chosen = streamed_from_file(model, in_file, formats)
         self.ffns, self.device, self.files = model.ffns(), torch.device("cpu"), in_file
         like = self.ffns[0]
+        dim = in_file[0]["up"].shape[-1]
         with torch.device("meta"):
-            self.staging = FFN(like.layer_id, in_file[0]["up"].shape[-1], like.width, like.act_name, like.gated,
-                               like.up_bias is not None)
+            self.staging = StagingFFN(like.layer_id, dim, like.width, like.act_name, like.gated, like.up_bias is not None)
         self.staging.adopt_(like.format, *(allocated(like.role(r)) for r in ("up", "gate", "down")))
+        self.staging.dim, self.staging.down_format = dim, self.chosen[0]["down"]
+        self.staging.row_block, self.staging.column_block = blocks
         self.bytes_moved, self.fetch_s = 0, 0.0
 
     def spans(self, layer: int) -> list[tuple[object, int, int]]:

@@ -41,11 +41,15 @@ def convert(w, fmt: str, device) -> dict[str, torch.Tensor]:
     if not (_is_file_tensor(w) and not w.transposed and not w.shift):
         tensors = module.pack(w.dequantize() if _is_file_tensor(w) else w)
         return {name: t.to(device).contiguous() for name, t in tensors.items()}
-    rows, parts = w.shape[0], []
+    rows, out = w.shape[0], None
     for start in range(0, rows, CHUNK_ROWS):  # verbatim where the format allows, else requantized
         stop = min(rows, start + CHUNK_ROWS)
-        parts.append(module.from_blocks(w.kind, w.read(start, stop), (stop - start, w.shape[1])))
-    return {name: torch.cat([p[name] for p in parts]).to(device).contiguous() for name in parts[0]}
+        part = module.from_blocks(w.kind, w.read(start, stop), (stop - start, w.shape[1]))
+        if out is None:  # filled in place: a vocabulary-sized table is never held twice
+            out = {name: torch.empty((rows, *t.shape[1:]), dtype=t.dtype, device=device) for name, t in part.items()}
+        for name, t in part.items():
+            out[name][start:stop].copy_(t)
+    return out
 
 
 def dense(w, dtype, device) -> torch.Tensor:
