@@ -1,8 +1,8 @@
 """llama.cpp (mmap) and coreinfer (`--max-memory`) decoding a model bigger than the memory they get.
 
     sudo python benchmarks/memory_limited_cpu.py --gguf MODEL.gguf --coreinfer-model MODEL --limit 3GiB
-    python benchmarks/memory_limited_cpu.py --gguf ~/.cache/coreinfer/synthetic/qwen2.5-7b-q4_k_m.gguf \\
-        --coreinfer-model none --limit 3GiB              # llama.cpp alone
+    python benchmarks/memory_limited_cpu.py --gguf /work/models/synthetic/qwen2.5-7b-q4_k_m.gguf \\
+        --coreinfer-model same --limit 3GiB --keep 0.2   # both on the GGUF (coreinfer: --weights auto)
 
 Each run is a fresh process inside its own child of the cgroup-v1 memory controller
 (/sys/fs/cgroup/memory), with memory.limit_in_bytes set (or no limit: the unconstrained row). Page
@@ -13,7 +13,11 @@ Runs alternate between the engines, `--rounds` times.
 Per run: load time, time to first token (the prompt's prefill and one token), decode tok/s (greedy,
 `--tokens` tokens), the group's peak memory (memory.max_usage_in_bytes: RSS and page cache) and the
 bytes read from disk (the worker's /proc/self/io read_bytes) during the prefill and per decoded token.
-coreinfer keeps `--keep` of each FFN layer's neurons (the paper's prompt-fixed core sets, `--beta`).
+coreinfer keeps `--keep` of each FFN layer's neurons (the paper's prompt-fixed core sets, `--beta`);
+on a GGUF it takes `--weights auto` and streams each FFN from the file at prefill (engine/ffn_file.py).
+Its unconstrained row is the same --max-memory run with no group limit (same keep, same code), so the
+ratio isolates what the memory limit costs. Each round also times reading the model file once, cold,
+in a group of the same limit (`cat FILE > /dev/null`): the yardstick of the TTFT target.
 """
 
 import argparse
@@ -25,6 +29,7 @@ import time
 from pathlib import Path
 
 CGROUP = Path("/sys/fs/cgroup/memory")
+UNLIMITED = "1024GiB"  # coreinfer's --max-memory in the rows without a group limit
 TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
         "combined movable metal type, oil-based inks and a wooden screw press. ")
 
@@ -78,10 +83,11 @@ def worker_coreinfer(args) -> dict:
     from coreinfer import LLM, CoreConfig
 
     t0, r0 = time.perf_counter(), read_bytes()
-    llm = LLM(args.coreinfer_model, threads=args.threads, progress=False,
-              max_memory=args.limit if args.limit != "none" else None)
+    model = args.gguf if args.coreinfer_model == "same" else args.coreinfer_model
+    llm = LLM(model, threads=args.threads, progress=False, weights=weights(model),
+              max_memory=args.limit if args.limit != "none" else UNLIMITED)
     ids = (llm.tokenizer.encode(TEXT) * 50)[:args.prompt_tokens]
-    core = CoreConfig(beta=args.keep) if args.keep < 1 else None
+    core = CoreConfig(beta=args.keep, layers=args.layers) if args.keep < 1 else None
     t1, r1 = time.perf_counter(), read_bytes()
     with torch.inference_mode():
         session = llm.session([ids], args.tokens, core)
@@ -91,7 +97,20 @@ def worker_coreinfer(args) -> dict:
             token = session.step(token).argmax(-1)
     t3, r3 = time.perf_counter(), read_bytes()
     return dict(load_s=t1 - t0, ttft_s=t2 - t1, decode_tps=(args.tokens - 1) / (t3 - t2),
-                load_read=r1 - r0, prefill_read=r2 - r1, read_per_token=(r3 - r2) / (args.tokens - 1))
+                load_read=r1 - r0, prefill_read=r2 - r1, read_per_token=(r3 - r2) / (args.tokens - 1),
+                fetch_s=getattr(llm.streamer, "fetch_s", 0.0), resident=session.plan.total)
+
+
+def weights(model: str) -> str:
+    """What coreinfer loads a model as: a GGUF in its file's formats, a safetensors folder as it is."""
+    return "auto" if model.endswith(".gguf") else "dense"
+
+
+def worker_read(args) -> dict:
+    """Read the model file once, as `cat FILE > /dev/null` does."""
+    t0 = time.perf_counter()
+    subprocess.run(["cat", args.gguf], stdout=subprocess.DEVNULL, check=True)
+    return dict(read_s=time.perf_counter() - t0, read_bytes=Path(args.gguf).stat().st_size)
 
 
 def evict(paths: list[Path]) -> None:
@@ -132,8 +151,13 @@ def run_in_group(engine: str, limit: int | None, argv: list[str], timeout: float
 def row(engine: str, limit: str, r: dict, file_bytes: int) -> str:
     if "error" in r:
         return f"| {engine} | {limit} | {r['error'][:90]} | | | | | | |"
-    return (f"| {engine} | {limit} | {r['load_s']:.1f} | {r['ttft_s']:.2f} | {r['decode_tps']:.2f} | "
-            f"{r['peak'] / 2**30:.2f} | {r['load_read'] / 1e9:.2f} | {r['prefill_read'] / 1e9:.2f} | {r['read_per_token'] / 1e6:.1f} "
+    if "read_s" in r:  # the yardstick: one cold read of the file
+        return (f"| cat file > /dev/null | {limit} | | {r['read_s']:.2f} | | {r['peak'] / 2**30:.2f} | | "
+                f"{r['read_bytes'] / 1e9:.2f} ({r['read_bytes'] / r['read_s'] / 1e9:.2f} GB/s) | |")
+    fetch = f" (FFN read+convert {r['fetch_s']:.1f})" if r.get("fetch_s") else ""
+    return (f"| {engine} | {limit} | {r['load_s']:.1f} | {r['ttft_s']:.2f}{fetch} | {r['decode_tps']:.2f} | "
+            f"{r['peak'] / 2**30:.2f} | {r['load_read'] / 1e9:.2f} | {r['prefill_read'] / 1e9:.2f} "
+            f"({r['prefill_read'] / r['ttft_s'] / 1e9:.2f} GB/s) | {r['read_per_token'] / 1e6:.1f} "
             f"({r['read_per_token'] / file_bytes:.1%}) |")
 
 
@@ -152,19 +176,24 @@ def main() -> None:
                    help="what coreinfer loads (a GGUF or HF folder of the same model; 'none': skip coreinfer)")
     p.add_argument("--limit", default="3GiB", help="the memory cgroup's limit, and coreinfer's --max-memory")
     p.add_argument("--keep", type=float, default=0.2, help="coreinfer's share of FFN neurons kept (1: dense)")
+    p.add_argument("--layers", default=None, help="coreinfer's sparse layers (CoreConfig.layers; default: its "
+                   "default layers, the others kept whole; 'all')")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--tokens", type=int, default=16, help="tokens decoded per run")
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds of every engine and limit")
     p.add_argument("--no-unconstrained", action="store_true", help="skip the rows without a memory limit")
+    p.add_argument("--unconstrained", choices=["all", "coreinfer"], default="all",
+                   help="which engines also run without a limit (coreinfer: its own ratio only; saves the time)")
     p.add_argument("--timeout", type=float, default=900, help="seconds a run may take")
     p.add_argument("--llama-repack", choices=["on", "off", "both"], default="both",
                    help="llama.cpp's weight repacking (its default: on; off: --no-repack, weights stay in the file)")
-    p.add_argument("--worker", choices=["llama", "llama-norepack", "coreinfer"], help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=["llama", "llama-norepack", "coreinfer", "read"], help=argparse.SUPPRESS)
     args, _ = p.parse_known_args()
     if args.worker:
-        result = worker_coreinfer(args) if args.worker == "coreinfer" else worker_llama(args, args.worker == "llama")
-        print(json.dumps(result))
+        workers = {"coreinfer": worker_coreinfer, "read": worker_read, "llama": lambda a: worker_llama(a, True),
+                   "llama-norepack": lambda a: worker_llama(a, False)}
+        print(json.dumps(workers[args.worker](args)))
         return
     if not (CGROUP / "memory.limit_in_bytes").is_file():
         p.error(f"no cgroup-v1 memory controller at {CGROUP}")
@@ -172,26 +201,31 @@ def main() -> None:
     llamas = {"on": ["llama"], "off": ["llama-norepack"], "both": ["llama", "llama-norepack"]}[args.llama_repack]
     engines = (llamas if args.gguf != "none" else []) + (["coreinfer"] if args.coreinfer_model != "none" else [])
     files = [Path(args.gguf)] if args.gguf != "none" else []
-    if args.coreinfer_model != "none":  # the files coreinfer maps: its checkpoint's (a GGUF's converted cache)
+    if args.coreinfer_model not in ("none", "same"):  # the files coreinfer reads: a GGUF, or a folder's safetensors
         from coreinfer.io.loading import load_checkpoint
 
-        files += sorted(load_checkpoint(args.coreinfer_model, progress=False).tokenizer_dir.glob("*.safetensors"))
+        model = Path(args.coreinfer_model)
+        files += [model] if model.suffix == ".gguf" else sorted(
+            load_checkpoint(args.coreinfer_model, progress=False).tokenizer_dir.glob("*.safetensors"))
     file_bytes = Path(args.gguf if args.gguf != "none" else files[0]).stat().st_size
     limits = [args.limit] + ([] if args.no_unconstrained else ["none"])
     print(f"model file {file_bytes / 1e9:.2f} GB; {args.threads} threads, prompt {args.prompt_tokens} tokens, "
-          f"{args.tokens} decoded; coreinfer keep {args.keep}")
+          f"{args.tokens} decoded; coreinfer keep {args.keep}, layers {args.layers or 'default'}")
     print("| engine | memory limit | load s | TTFT s | decode tok/s | peak group GiB | load read GB | "
           "prefill read GB | read per token MB (of file) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for _ in range(args.rounds):
         for limit in limits:
-            for engine in engines:
+            here = [e for e in engines if limit != "none" or args.unconstrained == "all" or e == "coreinfer"]
+            for engine in (["read"] if args.gguf != "none" and limit != "none" else []) + here:
                 evict(files)
                 run_argv = argv + (["--limit", limit] if engine == "coreinfer" else [])  # the last --limit wins
                 r = run_in_group(engine, parse_size(limit), run_argv, args.timeout)
                 name = {"llama": "llama.cpp (mmap)", "llama-norepack": "llama.cpp (mmap, --no-repack)",
-                        "coreinfer": f"coreinfer keep {args.keep}"}[engine]
+                        "coreinfer": f"coreinfer keep {args.keep}", "read": ""}[engine]
                 print(row(name, limit, r, file_bytes), flush=True)
+                if "error" in r:
+                    print(f"  {name}: {r['error']}", flush=True)
 
 
 if __name__ == "__main__":

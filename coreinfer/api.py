@@ -96,9 +96,9 @@ class RuntimeConfig:
                                  "in CPU memory and only their core rows on the GPU")
         if self.max_memory is not None:
             parse_bytes(self.max_memory)
-            if torch.device(self.device).type != "cpu" or self.weights != "dense" or self.max_gpu_memory is not None:
-                raise ValueError("--max-memory needs --device cpu and --weights dense: it keeps the checkpoint's FFN "
-                                 "weights in the file and only their core rows in RAM")
+            if torch.device(self.device).type != "cpu" or self.weights in ("int8", "int4") or self.max_gpu_memory is not None:
+                raise ValueError("--max-memory needs --device cpu and --weights dense, auto or q8_0: it keeps the "
+                                 "checkpoint's FFN weights in the file and only their core rows in RAM")
 
     def torch_dtype(self) -> torch.dtype:
         name = self.dtype or ("fp32" if torch.device(self.device).type == "cpu" else "bf16")
@@ -220,8 +220,9 @@ class LLM:
         self.config = ckpt.config
         limited = max_gpu_memory is not None
         formats = weights if weights in LOAD_FORMATS else "dense"  # block formats are adopted while loading
+        in_file = {} if max_memory is not None and formats != "dense" else None  # FFNs left in the GGUF, by layer
         self.model = build_model(ckpt.config, ckpt.weights, "cpu" if limited else device, self.runtime.torch_dtype(),
-                                 formats, progress, contiguous=max_memory is None)
+                                 formats, progress, contiguous=max_memory is None, in_file=in_file)
         # memory-limited: FFN weights stay in pinned CPU memory, the rest moves to the GPU
         self.budget = parse_bytes(max_gpu_memory) if limited else None
         if limited:
@@ -230,7 +231,7 @@ class LLM:
         self.streamer = Streamer(self.model, device) if limited else None
         if max_memory is not None:  # the CPU memory-limited mode: FFN weights stay in the mapped file
             self.budget = parse_bytes(max_memory)
-            self.streamer = residency.open_streamer(self.model, self.budget)
+            self.streamer = residency.open_streamer(self.model, self.budget, in_file, formats)
         if weights in ("int8", "int4"):
             quantize_model(self.model, weights)
         self.tokenizer = Tokenizer(ckpt.tokenizer_dir, ckpt.config)

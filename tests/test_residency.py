@@ -1,8 +1,9 @@
 """The CPU memory-limited mode (`--max-memory`, engine/residency.py) on a tiny random model saved as
-safetensors and memory-mapped back: its FFN tensors stay in the file, the plan counts what is
-resident, prefill evicts each layer's file pages once its core rows are gathered (mincore says so),
-decoding touches none of them, a budget too small says in one line which keep fits, and the output
-equals the ordinary session's at the same keep."""
+safetensors and memory-mapped back, and on a tiny random GGUF whose FFNs stay in the file and are
+converted layer by layer into block formats (engine/ffn_file.py): the FFN weights stay in the file,
+the plan counts what is resident, prefill evicts each layer's file pages once its core rows are
+gathered (mincore says so), decoding touches none of them, a budget too small says in one line which
+keep fits, and the output equals the ordinary session's at the same keep."""
 
 import os
 
@@ -69,7 +70,7 @@ def test_ffn_tensors_stay_in_the_file(mapped):
 def test_plan_counts_resident_weights_one_staged_layer_and_core_rows(mapped):
     m, _, path = mapped
     policy = stability_policy(CORE, m)
-    p = plan(m, 2, CACHE, policy.keep, BIG, staging_layers=ResidentSession.staging_layers, flag=ResidentSession.flag)
+    p = plan(m, 2, CACHE, policy.keep, BIG, staging_layers=FileStreamer.staging_layers, flag=ResidentSession.flag)
     ffn = m.ffns()[0]
     row = ffn.neuron_bytes() // ffn.width  # up, gate and down rows of one neuron, fp32
     assert row == 3 * 64 * 4
@@ -129,7 +130,7 @@ def test_budget_too_small_says_in_one_line_which_keep_fits(mapped):
 
 def test_in_ram_weights_are_refused_in_one_line(mapped):
     _, in_ram, _ = mapped
-    with pytest.raises(ValueError, match="memory-mapped checkpoint"):
+    with pytest.raises(ValueError, match="FFN weights are in RAM"):
         open_streamer(in_ram, BIG)
 
 
@@ -160,3 +161,122 @@ def test_cli_too_small_budget_is_one_line(tiny_model_dir, capsys):
     err = capsys.readouterr().err.strip()
     print(err)
     assert err.count("\n") == 0 and err.startswith("coreinfer: error: --max-memory 0.19 MiB is too small")
+
+
+# --- a GGUF: FFNs left in the file, converted into their block formats one layer at a time ---
+
+GGUF_PROMPTS = [[5, 17, 3, 88, 42, 9, 61, 2, 33], [7, 21, 64]]
+GGUF_CORE = CoreConfig(beta=0.3)  # every layer sparse
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory):
+    from test_formats import write_gguf
+
+    path = tmp_path_factory.mktemp("gguf") / "tiny-qwen2.gguf"
+    write_gguf(path)  # qwen2, 2 layers: Q4_K/Q4_K/Q6_K and Q4_0/Q4_0/Q8_0 FFNs -> q4 up/gate, q8_0 down
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("COREINFER_CACHE", str(path.parent / "cache"))
+        from coreinfer.io.loading import load_checkpoint
+
+        yield path, load_checkpoint(path, progress=False)
+
+
+@pytest.fixture
+def streamed(gguf_file):
+    """(the model with its FFNs left in the GGUF, its GGUFStreamer, the same model fully adopted in RAM)."""
+    from coreinfer.engine.ffn_file import GGUFStreamer
+
+    path, ckpt = gguf_file
+    in_file = {}
+    model = build_model(ckpt.config, ckpt.weights, formats="auto", in_file=in_file)
+    in_ram = build_model(ckpt.config, ckpt.weights, formats="auto")
+    with open(path, "rb") as f:  # cold: loading the models read the file through the page cache
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    return model, GGUFStreamer(model, in_file, "auto", blocks=(192, 96)), in_ram  # blocks: uneven splits of 512, 256
+
+
+def file_ffn_bytes(streamer) -> int:
+    return sum(n for layer in streamer.files for _, _, n in streamer.spans(layer))
+
+
+def test_gguf_plan_counts_block_formats_and_the_ffns_hold_no_values(streamed):
+    model, streamer, in_ram = streamed
+    policy = stability_policy(GGUF_CORE, model)
+    cache = cache_length(len(GGUF_PROMPTS[0]) + 5, model.max_context)
+    p = plan(model, 2, cache, policy.keep, BIG, staging_layers=streamer.staging_layers, flag="--max-memory")
+    ref = in_ram.ffns()[0]
+    assert [f.format for f in model.ffns()] == [f.format for f in in_ram.ffns()] == ["q4", "q4"]
+    assert [f.neuron_bytes() for f in model.ffns()] == [f.neuron_bytes() for f in in_ram.ffns()]
+    assert all(t.untyped_storage().nbytes() <= 8 for f in model.ffns() for t, _ in f.neuron_tensors().values())
+    ffn_bytes = sum(f.neuron_bytes() for f in in_ram.ffns())
+    held = {t.data_ptr(): t.nbytes for t in list(in_ram.parameters()) + list(in_ram.buffers())}  # tied once
+    assert p.resident == sum(held.values()) - ffn_bytes  # everything the RAM model holds but its FFN rows
+    assert p.staging == 2 * ref.neuron_bytes()  # the converted layer and the next one's file pages
+    assert p.cores == 2 * 2 * keep_count(0.3, ref.width) * (ref.neuron_bytes() // ref.width)
+    session = ResidentSession(model, GGUF_PROMPTS, 5, policy=policy, budget=BIG, streamer=streamer)
+    session.prefill()
+    assert sum(session.cores.get(l).nbytes() for l in range(2)) == p.cores  # the rows gathered are the planned
+
+
+def test_gguf_prefill_reads_each_ffn_once_and_decoding_reads_none(streamed):
+    model, streamer, _ = streamed
+    session = ResidentSession(model, GGUF_PROMPTS, 5, policy=stability_policy(GGUF_CORE, model), budget=BIG,
+                              streamer=streamer)
+    session.prefill()
+    after_prefill = streamer.cached_bytes()
+    for step in range(5):
+        session.step(torch.tensor([c[step] for c in CONTS]))
+    print(f"FFN file bytes {file_ffn_bytes(streamer)}, in the page cache after prefill {after_prefill}, "
+          f"after 5 decode steps {streamer.cached_bytes()}")
+    assert session.offload.prefill_bytes_moved == file_ffn_bytes(streamer)
+    assert session.offload.step_bytes_moved == 0
+    assert after_prefill == 0 and streamer.cached_bytes() == 0
+
+
+def test_gguf_memory_limited_output_equals_unlimited_at_the_same_keep(streamed):
+    model, streamer, in_ram = streamed
+    ref, ref_session = our_logits(in_ram, GGUF_PROMPTS, CONTS, policy=stability_policy(GGUF_CORE, in_ram))
+    session = ResidentSession(model, GGUF_PROMPTS, 5, policy=stability_policy(GGUF_CORE, model), budget=BIG,
+                              streamer=streamer)
+    pre = session.prefill(all_logits=True)
+    T0 = session.batch.prompt_len
+    got = [[pre[b, T0 - len(p):]] for b, p in enumerate(GGUF_PROMPTS)]
+    for step in range(5):
+        logits = session.step(torch.tensor([c[step] for c in CONTS]))
+        for b in range(len(GGUF_PROMPTS)):
+            got[b].append(logits[b:b + 1])
+    for layer, ids in ref_session.selection.index.items():
+        assert torch.equal(session.selection.index[layer], ids)
+    err = max((torch.cat(g) - r).abs().max().item() for g, r in zip(got, ref))
+    print(f"GGUF --max-memory vs the ordinary --weights auto session at keep 0.3: max|diff| {err:.2e}")
+    assert err < 1e-5
+
+
+def test_gguf_budget_too_small_says_in_one_line_which_keep_fits(streamed):
+    model, streamer, _ = streamed
+    policy = stability_policy(GGUF_CORE, model)
+    cache = cache_length(len(GGUF_PROMPTS[0]) + 5, model.max_context)
+    need = plan(model, 2, cache, policy.keep, BIG, staging_layers=2, flag="--max-memory")
+    budget = int((need.total - need.cores // 2) / 0.9)
+    with pytest.raises(MemoryError) as e:
+        ResidentSession(model, GGUF_PROMPTS, 5, policy=policy, budget=budget, streamer=streamer)
+    line = str(e.value)
+    print(line)
+    assert "\n" not in line and line.startswith("--max-memory") and "keep <= 0.1" in line
+    fits = float(line.split("keep <= ")[1].split()[0])
+    plan(model, 2, cache, {l: fits for l in policy.keep}, budget, staging_layers=2).check(budget)
+
+
+def test_llm_max_memory_on_a_gguf_decodes_what_the_unlimited_llm_decodes(gguf_file, monkeypatch):
+    from coreinfer import LLM, GenerationConfig
+
+    path, _ = gguf_file
+    monkeypatch.setenv("COREINFER_CACHE", str(path.parent / "cache"))
+    gen, core = GenerationConfig(max_new_tokens=6, ignore_eos=True), CoreConfig(beta=0.3)
+    [limited] = LLM(str(path), weights="auto", progress=False, max_memory="64MiB").generate("tt t", gen, core)
+    [unlimited] = LLM(str(path), weights="auto", progress=False).generate("tt t", gen, core)
+    assert limited.token_ids == unlimited.token_ids and len(limited.token_ids) == 6
+    with pytest.raises(MemoryError, match="^--max-memory 0.50 MiB is too small.*nothing fits below"):
+        LLM(str(path), weights="auto", progress=False, max_memory="512KiB")

@@ -52,7 +52,8 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights", default="dense",
                    help="dense (the dtype's), int8 (weight-only, per channel), int4 (group-wise, CPU only; FFN "
                         "down stays int8), auto (CPU: each tensor in the block format its GGUF holds, q4 or q8_0, "
-                        "loaded tensor by tensor without a float copy; an HF folder's in q8_0) or q8_0 (q8_0 throughout)")
+                        "loaded tensor by tensor without a float copy; an HF folder's in q8_0; FFN down re-blocked to q8_0), small (as "
+                        "auto, with down in q4 where the file's is 4-bit: least memory, less faithful) or q8_0 (q8_0 throughout)")
     g.add_argument("--max-gpu-memory", default=None, metavar="SIZE",
                    help="memory-limited mode, e.g. 2GiB: FFN weights stay in CPU memory, only core rows on the GPU")
     g.add_argument("--max-memory", default=None, metavar="SIZE",

@@ -9,7 +9,7 @@ counted (`HEADROOM` leaves room for them).
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -73,6 +73,7 @@ class Plan:
     dense_layers: list[int]
     streamed: list[int]
     flag: str = "--max-gpu-memory"
+    sparse: list[tuple[int, int]] = field(default_factory=list)  # per sparse layer: (width, bytes of a row, all sequences)
 
     @property
     def total(self) -> int:
@@ -86,12 +87,24 @@ class Plan:
         parts = (f"resident weights {size(self.resident)}, KV cache {size(self.kv_cache)}, FFN staging "
                  f"{size(self.staging)}, dense layers' FFNs {size(self.dense_ffns)}, core rows {size(self.cores)}")
         fixed = self.total - self.cores
-        if self.core_row_bytes and fixed < usable:
-            hint = f"keep <= {math.floor((usable - fixed) / self.core_row_bytes * 100) / 100:.2f} would fit"
+        keep = self.keep_that_fits(usable - fixed)
+        if keep is not None:
+            hint = f"keep <= {keep:.2f} would fit"
         else:
             hint = f"nothing fits below {size(fixed / HEADROOM)}"
         raise BudgetError(f"{self.flag} {size(budget)} is too small: this request needs "
                           f"{size(self.total / HEADROOM)} ({parts}; {HEADROOM:.0%} of the budget usable); {hint}")
+
+
+    def keep_that_fits(self, room: int) -> float | None:
+        """The largest keep ratio, in hundredths, whose core rows (counted as keep_count rounds them)
+        take at most `room` bytes; None when not even 0.01 fits."""
+        if not self.core_row_bytes or room <= 0:
+            return None
+        keep = math.floor(room / self.core_row_bytes * 100) / 100
+        while keep >= 0.01 and sum(keep_count(keep, w) * row for w, row in self.sparse) > room:
+            keep = round(keep - 0.01, 2)
+        return keep if keep >= 0.01 else None
 
 
 def plan(model, batch: int, cache_len: int, keep: dict[int, float] | None, budget: int, *,
@@ -108,11 +121,9 @@ def plan(model, batch: int, cache_len: int, keep: dict[int, float] | None, budge
         dense_layers, keep = list(range(min(len(ffns), fits))), {}
     else:
         dense_layers = [f.layer_id for f in ffns if f.layer_id not in keep]
-    cores = per_neuron = 0
-    for layer, beta in keep.items():
-        row = ffns[layer].neuron_bytes() // ffns[layer].width
-        cores += batch * keep_count(beta, ffns[layer].width) * row
-        per_neuron += batch * ffns[layer].width * row
+    sparse = [(ffns[layer].width, batch * (ffns[layer].neuron_bytes() // ffns[layer].width)) for layer in keep]
+    cores = sum(keep_count(beta, w) * row for beta, (w, row) in zip(keep.values(), sparse))
     return Plan(resident_bytes(model), kv_bytes(model, batch, cache_len), staging,
-                batch * sum(ffns[l].neuron_bytes() for l in dense_layers), cores, per_neuron, dense_layers,
-                [f.layer_id for f in ffns if f.layer_id not in keep and f.layer_id not in dense_layers], flag)
+                batch * sum(ffns[l].neuron_bytes() for l in dense_layers), cores, sum(w * row for w, row in sparse),
+                dense_layers, [f.layer_id for f in ffns if f.layer_id not in keep and f.layer_id not in dense_layers],
+                flag, sparse)

@@ -64,6 +64,8 @@ class Streamer:
     side stream on CUDA, so it overlaps the compute queued before it). `bytes_moved` counts
     host-to-device bytes. Slots keep what they hold across sessions: the model's weights never change."""
 
+    staging_layers = STAGING_BUFFERS  # FFNs staged at a time, as the budget plans them
+
     def __init__(self, model, device):
         self.ffns, self.device = model.ffns(), torch.device(device)
         self.slots = [staging_ffn(self.ffns[0], self.device) for _ in range(STAGING_BUFFERS)]
@@ -135,7 +137,7 @@ class OffloadSession(Session):
     across sessions of one model (its staging buffers are allocated once). A dense session runs as a
     policy with no sparse layers, so its decode steps too go through `run_ffn`."""
 
-    staging_layers, flag = STAGING_BUFFERS, "--max-gpu-memory"  # what the budget plans for, and its name
+    flag = "--max-gpu-memory"  # the budget's name in errors
 
     def __init__(self, model, prompts, max_new_tokens, pad_id=0, policy=None, cores=None, caches=None,
                  prefill_chunk=None, *, budget: int, streamer: Streamer, compiled=None):
@@ -147,7 +149,7 @@ class OffloadSession(Session):
         total = max(len(p) for p in prompts) + max_new_tokens
         cache_len = max(cache_length(total, model.max_context), total)
         self.plan = plan(model, len(prompts), cache_len, None if policy is None else policy.keep, budget,
-                         staging_layers=self.staging_layers, flag=self.flag)
+                         staging_layers=streamer.staging_layers, flag=self.flag)
         self.plan.check(budget)
         policy = policy or StabilityPolicy({}, model.ffns()[0].width)
         # prefill in one chunk by default: every chunk streams every FFN again

@@ -12,8 +12,8 @@ from . import gemv, int8_gpu
 
 # int4: group-wise, CPU only (int4.py). auto: each tensor in the block format its file holds (q4 or
 # q8_0, formats/), q8_0: q8_0 throughout; both are adopted while loading (models/adopt.py), not here.
-WEIGHT_FORMATS = ("dense", "int8", "int4", "auto", "q8_0")
-LOAD_FORMATS = ("auto", "q8_0")
+WEIGHT_FORMATS = ("dense", "int8", "int4", "auto", "small", "q8_0")
+LOAD_FORMATS = ("auto", "small", "q8_0")
 # The CPU int8 kernel reads K (the inner width) in blocks of 16: other widths crash it or return garbage
 # (seen with torch 2.13), so they take the dequantized path and compaction pads cores to a multiple.
 INT8_K_ALIGN = 16

@@ -23,6 +23,7 @@ import torch
 
 from ..models.common import FFN
 from .budget import plan, streamed_tensors
+from .ffn_file import GGUFStreamer
 from .offload import OffloadSession
 
 PAGE = mmap.PAGESIZE
@@ -98,14 +99,20 @@ def mapped_from_file(ffn: FFN) -> bool:
     return all(file_mapping(t) is not None for t in streamed_tensors(ffn).values())
 
 
-def open_streamer(model, budget: int) -> "FileStreamer":
-    """The streamer of a model whose FFN tensors lie in their checkpoint's mapped file, once the
-    weights that stay resident and one layer's pages fit `budget` (else one line naming what fits)."""
-    plan(model, 1, 1, None, 0, staging_layers=ResidentSession.staging_layers, flag=ResidentSession.flag).check(budget)
-    if not all(mapped_from_file(f) for f in model.ffns()):
-        raise ValueError("--max-memory reads FFN weights from a memory-mapped checkpoint in the model's own "
-                         "dtype: this checkpoint's FFN weights are in RAM (converted on loading; try --dtype fp32)")
-    return FileStreamer(model)
+def open_streamer(model, budget: int, in_file: dict | None = None, formats: str = "dense"):
+    """The streamer of a model whose FFN weights stay in their file: a GGUF's FileTensors left in
+    `in_file` by block-format loading (models/adopt.py), converted layer by layer (GGUFStreamer), or
+    tensors of a memory-mapped checkpoint in the model's own dtype (FileStreamer). The weights that
+    stay resident and the staging must fit `budget`, else one line naming what fits."""
+    if in_file is not None:
+        streamer = GGUFStreamer(model, in_file, formats)
+    elif all(mapped_from_file(f) for f in model.ffns()):
+        streamer = FileStreamer(model)
+    else:
+        raise ValueError("--max-memory reads FFN weights from their file: this checkpoint's FFN weights are in "
+                         "RAM (converted on loading; a GGUF takes --weights auto, a safetensors model --dtype fp32)")
+    plan(model, 1, 1, None, 0, staging_layers=streamer.staging_layers, flag=ResidentSession.flag).check(budget)
+    return streamer
 
 
 class FileStreamer:
@@ -119,6 +126,8 @@ class FileStreamer:
         if any(f.quantized for f in self.ffns):
             raise ValueError("--max-memory keeps the checkpoint's float FFN weights in the file: use --weights dense")
         self.bytes_moved = 0
+
+    staging_layers = 1  # the mapped pages of the layer being prefilled
 
     def prefetch(self, layer: int) -> None:
         for t in streamed_tensors(self.ffns[layer]).values():
@@ -145,7 +154,7 @@ class ResidentSession(OffloadSession):
     pages are dropped. Layers left streamed (a dense session over budget) are read from the file on
     every step, as llama.cpp's mmap does."""
 
-    staging_layers, flag = 1, "--max-memory"  # the mapped pages of the layer being prefilled
+    flag = "--max-memory"
 
     def keep_rows(self, layer: int, dev: FFN, index: torch.Tensor) -> None:
         super().keep_rows(layer, dev, index)

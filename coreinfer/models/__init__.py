@@ -18,12 +18,13 @@ FAMILIES = {
 
 
 def build_model(config: dict, weights: dict, device="cpu", dtype=torch.float32, formats: str = "dense",
-                progress: bool = False, contiguous: bool = True) -> CausalLM:
+                progress: bool = False, contiguous: bool = True, in_file: dict | None = None) -> CausalLM:
     """Instantiate on the meta device, then adopt the checkpoint tensors on `device`: `formats` "dense"
     casts them to `dtype`; "auto" or "q8_0" converts each into a weight format (models/adopt.py), the
     compute dtype `dtype`. Weights may be tensors or a GGUF's FileTensors (io/gguf.py). contiguous
     False adopts dense views as they are (the transposed FFN down too), so tensors of a memory-mapped
-    checkpoint stay in its file: the CPU memory-limited mode (engine/residency.py)."""
+    checkpoint stay in its file: the CPU memory-limited mode (engine/residency.py). `in_file` (block
+    formats): the FFN weights are left unconverted in it, by layer (models/adopt.py), for that mode."""
     model_type = validate.check(config, FAMILIES)  # one line naming the field or the architecture
     config_cls, model_cls, sanitize = FAMILIES[model_type]
     cfg = config_cls.from_dict(config)
@@ -33,7 +34,7 @@ def build_model(config: dict, weights: dict, device="cpu", dtype=torch.float32, 
         if model_type == "opt":
             raise UnsupportedModel(f"--weights {formats} takes llama, mistral, qwen2 and gemma3 models; "
                                    "OPT runs dense, int8 or int4")
-        adopt.adopt(model, sanitize(weights, cfg), formats, device, dtype, progress)
+        adopt.adopt(model, sanitize(weights, cfg), formats, device, dtype, progress, in_file)
         return model.eval()
     # one tensor at a time: a GGUF's FileTensors are dequantized as they are adopted
     weights = {name: w.dequantize(dtype) if adopt._is_file_tensor(w) else w for name, w in weights.items()}

@@ -8,11 +8,14 @@ the largest float tensor ever made is one chunk (CHUNK_WEIGHTS values), never a 
 How each weight is held, for `formats`:
 - "auto": the file's own format per tensor (formats.file_format: Q4_0/Q4_1/Q4_K -> q4, else q8_0);
   an HF tensor -> q8_0.
+- "small": as auto, but down in q4 too where the file's down is 4-bit (the least memory: a 7B-shape
+  Q4_K_M decodes at 1.29x the file's size; top-1 agreement with the file's weights 0.969 against
+  auto's 0.997 on Qwen2.5-Coder-1.5B, docs/quality.md).
 - "q8_0": q8_0 everywhere.
 q/k/v are fused into one projection in their common format (q8_0 where they differ), up and gate
-likewise; down is neuron-major [F, d] (requantized along d: blocks of the file run along F) in its
-chosen format, q4 where the file's is 4-bit (as small as the file's), else q8_0; the embedding stays in its format (a lookup dequantizes
-its rows) and a tied head shares its tensors; norms and biases are dense in the compute dtype.
+likewise; down is neuron-major [F, d], so it is requantized along d (the file's blocks run along F):
+q8_0, which keeps it faithful, except under "small"; the embedding stays in its format (a lookup
+dequantizes its rows) and a tied head shares its tensors; norms and biases are dense in the compute dtype.
 """
 
 import torch
@@ -22,7 +25,7 @@ from tqdm.auto import tqdm
 from ..formats import FORMATS, common_format, file_format
 from .common import QEmbedding, QLinear
 
-QUANTIZED_FORMATS = ("auto", "q8_0")
+QUANTIZED_FORMATS = ("auto", "small", "q8_0")
 CHUNK_WEIGHTS = 1 << 22  # values converted at a time (16 MB in fp32): the conversion's float intermediates
 # stay small next to the model, and no output is concatenated (a vocabulary table would be held twice)
 
@@ -32,7 +35,7 @@ def _is_file_tensor(w) -> bool:
 
 
 def choose(w, formats: str) -> str:
-    if formats == "auto" and _is_file_tensor(w):
+    if formats in ("auto", "small") and _is_file_tensor(w):
         return file_format(w.kind)
     return "q8_0"
 
@@ -91,13 +94,22 @@ def fused(parts: list, formats: str, device) -> tuple[str, dict[str, torch.Tenso
     return fmt, {name: torch.cat([c[name] for c in converted]) for name in converted[0]}
 
 
+def ffn_formats(up, gate, down, formats: str) -> tuple[str, str]:
+    """(format of up and gate, format of the neuron-major down) of one FFN."""
+    return (common_format([choose(w, formats) for w in (up, gate) if w is not None]),
+            choose(down, formats) if formats == "small" else "q8_0")
+
+
 @torch.no_grad()
-def adopt(model: nn.Module, state: dict, formats: str, device, dtype, progress: bool = False) -> None:
+def adopt(model: nn.Module, state: dict, formats: str, device, dtype, progress: bool = False,
+          in_file: dict | None = None) -> None:
     """Fill `model` (meta device, a llama or gemma3 family) from `state` (its sanitized names; the
-    values FileTensors or tensors) in `formats` (see the module docstring); consumes `state`."""
+    values FileTensors or tensors) in `formats` (see the module docstring); consumes `state`.
+    `in_file` (a dict): the FFN weights are not converted but left as they are, in_file[layer] =
+    {"up", "gate", "down": checkpoint weight or None}, and the FFNs' own weights stay on the meta device."""
     if formats not in QUANTIZED_FORMATS:
         raise ValueError(f"formats must be one of {QUANTIZED_FORMATS}, got {formats!r}")
-    state = dict(state)
+    state, streamed = dict(state), set()
     embed = state.pop("embed_tokens.weight")
     head = state.pop("lm_head.weight")
     check("embed_tokens.weight", [embed], model.embed_tokens.weight)
@@ -122,18 +134,20 @@ def adopt(model: nn.Module, state: dict, formats: str, device, dtype, progress: 
         attn.o_proj = QLinear(choose(out, formats), convert(out, choose(out, formats), device),
                               None if out_bias is None else dense(out_bias, dtype, device))
         ffn = layer.mlp
-        gate = state.pop(f"{p}mlp.gate", None)
-        up = state.pop(f"{p}mlp.up")
-        ffn_fmt = common_format([choose(w, formats) for w in (up, gate) if w is not None])
-        down = state.pop(f"{p}mlp.down")  # [F, d] after sanitize: neuron-major, so requantized
-        down_fmt = choose(down, formats)
-        for name, w in (("up", up), ("gate", gate), ("down", down)):
+        roles = {name: state.pop(f"{p}mlp.{name}", None) for name in ("up", "gate", "down")}  # down [F, d] after sanitize
+        for name, w in roles.items():
             if w is not None:
                 check(f"{p}mlp.{name}", [w], getattr(ffn, name))
+        ffn_fmt, down_fmt = ffn_formats(roles["up"], roles["gate"], roles["down"], formats)
+        if in_file is not None:  # left in the file: the CPU memory-limited mode streams them (engine/ffn_file.py)
+            in_file[i] = roles
+            streamed |= {f"{p}mlp.{name}" for name, w in roles.items() if w is not None}
+            continue
+        up, gate, down = roles.values()
         ffn.adopt_(ffn_fmt, convert(up, ffn_fmt, device), None if gate is None else convert(gate, ffn_fmt, device),
                    down_fmt, convert(down, down_fmt, device))
     rest = {name: dense(w, dtype, device) for name, w in state.items()}  # norms, FFN biases
-    expected = {name: t for name, t in model.state_dict().items() if t.is_meta}
+    expected = {name: t for name, t in model.state_dict().items() if t.is_meta and name not in streamed}
     missing, unexpected = set(expected) - set(rest), set(rest) - set(model.state_dict())
     if missing or unexpected:
         raise ValueError(f"checkpoint does not match the model: missing {sorted(missing)[:5]}, "
