@@ -1,0 +1,112 @@
+"""The fused sparse FFN op (kernels/sparse_ffn.cpp) against its PyTorch reference, on every gate/up and down
+format it takes: on the kernel's own arithmetic (x quantized per block of 32, as the op does) it chooses the
+same neurons and equals the reference up to float32 summation order; it runs inside torch.compile's graph."""
+
+import pytest
+import torch
+
+from coreinfer.formats import int8 as int8_format
+from coreinfer.formats import q4, q8_0
+from coreinfer.kernels import activations, sparse_ffn
+
+needs_op = pytest.mark.skipif(not sparse_ffn.available(), reason="optional: no AVX512-VNNI CPU or no C++ compiler")
+
+
+def pack(fmt: str, w: torch.Tensor) -> dict:
+    """w [F, d] in a gate/up format, int8's row scales as float32 (as the op takes them)."""
+    if fmt == "q8_0":
+        return q8_0.pack(w)
+    if fmt == "q4":
+        return q4.pack(w)
+    t = int8_format.pack(w)
+    return {"q": t["q"], "scale": t["scale"].float()}
+
+
+def pack_down(fmt: str, w: torch.Tensor) -> dict:
+    """down [F, d] neuron-major: q8_0 blocks along d, or int8 with a scale per output channel [d]."""
+    if fmt == "q8_0":
+        return q8_0.pack(w)
+    t = int8_format.pack(w.t().contiguous())  # a scale per column of [F, d]
+    return {"q": t["q"].t().contiguous(), "scale": t["scale"].float()}
+
+
+def layer(F: int, d: int, gated: bool, bias: bool, fmt: str, down_fmt: str, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    w = {name: torch.randn(F, d, generator=g) * 0.05 for name in ("gate", "up", "down")}
+    gate = pack(fmt, w["gate"]) if gated else None
+    down = pack_down(down_fmt, w["down"])
+    norm = sparse_ffn.dequantize(down, down=True).norm(dim=1)
+    up_bias = torch.randn(F, generator=g) * 0.1 if bias else None
+    return gate, pack(fmt, w["up"]), down, norm, up_bias, g
+
+
+def gap_threshold(score: torch.Tensor, share: float) -> float:
+    """A threshold that keeps about `share` of each row's scores and sits midway in the widest gap near
+    there, so that float32 summation order cannot move a neuron across it."""
+    s = score.flatten().sort().values
+    n = len(s)
+    lo, hi = int(n * (1 - share)) - n // 10, int(n * (1 - share)) + n // 10
+    gaps = s[lo + 1:hi] - s[lo:hi - 1]
+    i = lo + int(gaps.argmax())
+    return float((s[i] + s[i + 1]) / 2)
+
+
+@needs_op
+@pytest.mark.parametrize("fmt,down_fmt,act,gated,bias,M,F,d", [
+    ("q8_0", "q8_0", "silu", True, False, 1, 200, 96),
+    ("q4", "q8_0", "gelu_pytorch_tanh", True, False, 3, 130, 160),
+    ("int8", "int8", "silu", True, False, 1, 257, 576),
+    ("q8_0", "int8", "relu", False, True, 2, 64, 64),
+    ("q4", "q8_0", "gelu", True, False, 16, 96, 128),
+])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_op_equals_reference_on_its_own_arithmetic(fmt, down_fmt, act, gated, bias, M, F, d, threads):
+    gate, up, down, norm, up_bias, g = layer(F, d, gated, bias, fmt, down_fmt, seed=F * d + M)
+    x = torch.randn(M, d, generator=g)
+    xq = activations.dequantized(x).float()  # what the op's int8 activations stand for
+    a = sparse_ffn.scores(xq, gate, up, act, up_bias)
+    threshold = gap_threshold(a.abs() * norm, 0.4)
+    ref, ref_counts = sparse_ffn.reference(xq, gate, up, down, norm, threshold, act, up_bias)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, counts = sparse_ffn.sparse_ffn(x, gate, up, down, norm, threshold, act, up_bias)
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(counts, ref_counts)
+    assert 0 < int(counts.min()) and int(counts.max()) < F  # the threshold chose a real subset
+    err = ((out.double() - ref.double()).abs().max() / ref.double().abs().max()).item()
+    print(f"sparse_ffn {fmt}/{down_fmt} {act} M={M} F={F} d={d} threads={threads}: chose {counts.tolist()}, "
+          f"max |op - reference| / max|ref| {err:.2e}")
+    assert err < 1e-4
+
+
+@needs_op
+def test_op_is_close_to_the_float_ffn_and_zero_threshold_is_dense():
+    gate, up, down, norm, _, g = layer(256, 192, True, False, "q8_0", "q8_0", seed=7)
+    x = torch.randn(1, 192, generator=g)
+    out, counts = sparse_ffn.sparse_ffn(x, gate, up, down, norm, 0.0, "silu")
+    dense = sparse_ffn.scores(x, gate, up, "silu") @ sparse_ffn.dequantize(down, down=True)  # float x: no activation rounding
+    assert int(counts) == 256
+    assert ((out - dense).norm() / dense.norm()).item() < 0.02  # x's int8 rounding only
+
+
+@needs_op
+def test_op_runs_inside_a_compiled_graph():
+    gate, up, down, norm, _, g = layer(128, 64, True, False, "q8_0", "q8_0", seed=3)
+    x = torch.randn(1, 64, generator=g)
+
+    def step(x):
+        out, _ = sparse_ffn.sparse_ffn(x, gate, up, down, norm, 0.01, "silu")
+        return out * 2
+
+    compiled = torch.compile(step, fullgraph=True)
+    assert torch.allclose(compiled(x), step(x))
+
+
+def test_reference_takes_over_where_the_op_does_not_fit():
+    gate, up, down, norm, _, g = layer(64, 48, True, False, "int8", "int8", seed=5)  # d % 32 != 0: no op
+    x = torch.randn(1, 48, generator=g)
+    out, counts = sparse_ffn.sparse_ffn(x, gate, up, down, norm, 0.0, "silu")
+    dense = sparse_ffn.scores(x, gate, up, "silu") @ sparse_ffn.dequantize(down, down=True)
+    assert int(counts) == 64 and torch.allclose(out, dense, atol=1e-6)
