@@ -110,3 +110,75 @@ def test_reference_takes_over_where_the_op_does_not_fit():
     out, counts = sparse_ffn.sparse_ffn(x, gate, up, down, norm, 0.0, "silu")
     dense = sparse_ffn.scores(x, gate, up, "silu") @ sparse_ffn.dequantize(down, down=True)
     assert int(counts) == 64 and torch.allclose(out, dense, atol=1e-6)
+
+
+@pytest.fixture(scope="module", params=["q8_0", "int8"])
+def quantized(request, tiny_model_dir):
+    from coreinfer.api import LLM
+
+    return LLM(str(tiny_model_dir), weights=request.param, progress=False, compile=False)
+
+
+def dim(ffn) -> int:
+    from coreinfer.engine.threshold import neuron_rows
+
+    down = neuron_rows(ffn)["down"]
+    return down.get("qs", down.get("q")).shape[1]
+
+
+def threshold_budgets(llm, share: float = 0.5) -> dict:
+    """Sparse layers 1-2 at the threshold that keeps `share` of random FFN inputs' down rows."""
+    from coreinfer.eval.thresholds import threshold_errors
+
+    x = torch.randn(64, dim(llm.model.ffns()[1]), generator=torch.Generator().manual_seed(0))
+    return {l: next(b for b in threshold_errors(llm.model.ffns()[l], x) if b.refine == share) for l in (1, 2)}
+
+
+@needs_op
+def test_threshold_layer_equals_masked_dense_on_every_row(quantized):
+    from coreinfer.engine.threshold import ThresholdPlan, neuron_rows, row_norms
+
+    ffn = quantized.model.ffns()[1]
+    budget = threshold_budgets(quantized)[1]
+    core = ThresholdPlan(budget.threshold, budget.refine).build()
+    F, d = ffn.width, dim(ffn)
+    g = torch.Generator().manual_seed(2)
+    for index in (torch.arange(F)[None], torch.stack([torch.randperm(F, generator=g)[:96].sort().values
+                                                      for _ in range(2)])):
+        core.load(ffn, index)
+        x = torch.randn(index.shape[0], 20, d, generator=g)  # 20 rows: two calls of the op (16 + 4)
+        xq = activations.dequantized(x.reshape(-1, d)).float().view_as(x)
+        with torch.inference_mode():
+            out = core(x)
+            t = neuron_rows(ffn)  # the whole FFN's tensors: the oracle gathers nothing
+            norm = row_norms(t["down"])
+            oracle = []
+            for b in range(index.shape[0]):
+                a = sparse_ffn.scores(xq[b], t.get("gate"), t["up"], ffn.act_name) * torch.isin(torch.arange(F), index[b])
+                oracle.append((a * (a.abs() * norm >= budget.threshold)) @ sparse_ffn.dequantize(t["down"], down=True))
+        err = ((out - torch.stack(oracle)).norm() / torch.stack(oracle).norm()).item()
+        assert err < 1e-4, (ffn.format, index.shape, err)
+        if index.shape[0] == 1:  # the whole FFN: gate/up in full, half of down's rows (int8 down's scale aside)
+            whole = sum(t.nbytes for t, _ in ffn.neuron_tensors().values())
+            assert 0.75 * whole < core.nbytes() < 0.9 * whole
+
+
+@needs_op
+def test_a_threshold_profile_decodes_compiled_as_eager_on_two_prompts(tiny_model_dir, tmp_path):
+    from coreinfer.api import LLM
+    from coreinfer.engine.generate import GenerationConfig
+    from coreinfer.engine.policy import CoreConfig
+    from coreinfer.engine.profile import Profile
+
+    eager = LLM(str(tiny_model_dir), weights="q8_0", progress=False, compile=False)
+    compiled = LLM(str(tiny_model_dir), weights="q8_0", progress=False, compile=True)
+    path = tmp_path / "tiny.json"
+    Profile.for_model(eager.model, threshold_budgets(eager), {"meets_target": True}).save(path)
+    gen, core = GenerationConfig(max_new_tokens=8, ignore_eos=True), CoreConfig(profile=str(path))
+    for prompt in ("The capital of France", "Scholars argue about the press"):
+        [e] = eager.generate(prompt, gen, core)
+        [c] = compiled.generate(prompt, gen, core)
+        [dense] = eager.generate(prompt, gen, None)
+        assert e.stats is not None and e.stats.share < 1
+        assert c.token_ids == e.token_ids and c.stats.share == e.stats.share
+        assert len(dense.token_ids) == len(e.token_ids)
