@@ -182,3 +182,20 @@ def test_a_threshold_profile_decodes_compiled_as_eager_on_two_prompts(tiny_model
         assert e.stats is not None and e.stats.share < 1
         assert c.token_ids == e.token_ids and c.stats.share == e.stats.share
         assert len(dense.token_ids) == len(e.token_ids)
+
+
+@needs_op
+def test_calibrate_on_block_weights_writes_thresholds_that_generate_runs(tiny_model_dir, tmp_path):
+    from coreinfer.cli import main as cli
+    from coreinfer.engine.profile import Profile
+
+    out = tmp_path / "tiny.profile.json"
+    flags = ["--model", str(tiny_model_dir), "--weights", "q8_0", "--docs", "2", "--eval-docs", "2", "--max-tokens", "48",
+             "--layers", "all"]
+    assert cli.main(["calibrate", *flags, "--budgets", "0.8", "--target-agree", "0.01", "--output", str(out)]) == 0
+    profile = Profile.load(out)
+    assert profile.layers and all(b.threshold is not None and b.input_keep == 1 for b in profile.layers.values())
+    assert profile.info["tried"][0]["ffn_read"] <= 0.8 + 1e-9
+    gen = ["generate", "The capital", "--model", str(tiny_model_dir), "--weights", "q8_0", "--max-new-tokens", "3",
+           "--ignore-eos", "--no-compile"]
+    assert cli.main([*gen, "--profile", str(out)]) == 0

@@ -109,21 +109,32 @@ static inline float dot(const Rows &w, int64_t r, int64_t K, const XQ &x) {
     return w.q4() ? dot_q4(w, r, K, x) : dot_int8(w, r, K, x);
 }
 
-/* acc [K] += sum over chosen[c0:c1] of a_i * down[i] (down int8 [F, K], block scales dd or none) */
+/* acc [K] += sum over chosen[c0:c1] of a_i * down[i] (down int8 [F, K], block scales dd or none); rows
+   four at a time, so that each tile of acc is loaded and stored once per four rows; the next four prefetched */
 static void add_rows(const float *a, const int64_t *chosen, int64_t c0, int64_t c1, const int8_t *q,
                      const uint16_t *dd, int64_t K, float *acc) {
-    for (int64_t c = c0; c < c1; c++) {
-        int64_t i = chosen[c];
-        if (c + 2 < c1)
-            for (int64_t j = 0; j < K; j += 64) _mm_prefetch((const char *)(q + chosen[c + 2] * K + j), _MM_HINT_T0);
-        const int8_t *p = q + i * K;
+    for (int64_t c = c0; c < c1; c += 4) {
+        int n = (int)std::min<int64_t>(4, c1 - c);
+        const int8_t *p[4];
+        const uint16_t *s[4];
+        float coef[4];
+        for (int k = 0; k < 4; k++) {
+            int64_t i = chosen[c + (k < n ? k : 0)];  // a short group repeats its first row, with coef 0
+            p[k] = q + i * K, s[k] = dd ? dd + i * (K / 32) : nullptr, coef[k] = k < n ? a[i] : 0.f;
+        }
+        for (int64_t k = 0; k < 4 && c + 4 + k < c1; k++)
+            for (int64_t j = 0; j < K; j += 64) _mm_prefetch((const char *)(q + chosen[c + 4 + k] * K + j), _MM_HINT_T0);
         for (int64_t j = 0; j < K; j += 32) {
-            float s = a[i] * (dd ? _cvtsh_ss(dd[i * (K / 32) + j / 32]) : 1.f);
-            __m512 cs = _mm512_set1_ps(s);
-            __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + j))));
-            __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p + j + 16))));
-            _mm512_storeu_ps(acc + j, _mm512_fmadd_ps(cs, w0, _mm512_loadu_ps(acc + j)));
-            _mm512_storeu_ps(acc + j + 16, _mm512_fmadd_ps(cs, w1, _mm512_loadu_ps(acc + j + 16)));
+            __m512 a0 = _mm512_loadu_ps(acc + j), a1 = _mm512_loadu_ps(acc + j + 16);
+            for (int k = 0; k < 4; k++) {
+                __m512 cs = _mm512_set1_ps(coef[k] * (s[k] ? _cvtsh_ss(s[k][j / 32]) : 1.f));
+                __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p[k] + j))));
+                __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p[k] + j + 16))));
+                a0 = _mm512_fmadd_ps(cs, w0, a0);
+                a1 = _mm512_fmadd_ps(cs, w1, a1);
+            }
+            _mm512_storeu_ps(acc + j, a0);
+            _mm512_storeu_ps(acc + j + 16, a1);
         }
     }
 }
