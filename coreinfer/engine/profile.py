@@ -125,6 +125,11 @@ class Profile:
         eager float path runs (engine/adaptive.py)."""
         return any(b.refine is not None or b.input_keep < 1 or b.predict is not None for b in self.layers.values())
 
+    def runs_on(self, ffn) -> bool:
+        """Whether every sparse layer's plan runs on weights in `ffn`'s format: block formats decode only
+        by threshold (threshold.py), float and int8 by either."""
+        return not ffn.blocked or all(b.threshold is not None for b in self.layers.values())
+
     @property
     def measured(self) -> dict | None:
         """What the calibration measured for the chosen budget on held-out text (a `tried` entry)."""
