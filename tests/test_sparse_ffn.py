@@ -199,3 +199,27 @@ def test_calibrate_on_block_weights_writes_thresholds_that_generate_runs(tiny_mo
     gen = ["generate", "The capital", "--model", str(tiny_model_dir), "--weights", "q8_0", "--max-new-tokens", "3",
            "--ignore-eos", "--no-compile"]
     assert cli.main([*gen, "--profile", str(out)]) == 0
+
+
+@needs_op
+def test_threshold_plans_decode_in_the_continuous_batch_as_alone(tmp_path):
+    from test_batching import SEQS, alone, model_of, run_batch
+
+    from coreinfer.engine.policy import CoreConfig
+    from coreinfer.engine.profile import Profile
+    from coreinfer.engine.quant import quantize_model
+    from coreinfer.eval.thresholds import threshold_errors
+
+    model = model_of()
+    quantize_model(model)
+    x = torch.randn(64, 64, generator=torch.Generator().manual_seed(0))
+    budgets = {l: next(b for b in threshold_errors(model.ffns()[l], x) if b.refine == 0.5) for l in (1, 2)}
+    path = tmp_path / "tiny.json"
+    Profile.for_model(model, budgets, {"meets_target": True}).save(path)
+    core = CoreConfig(profile=str(path))
+    seqs = [(SEQS[0][0], core, 6, 0), (SEQS[1][0], None, 3, 0), (SEQS[2][0], core, 5, 1)]
+    tokens, logits, _, _ = run_batch(model, seqs)
+    for s, (prompt, c, max_new, _) in enumerate(seqs):
+        ref = alone(model, prompt, c, tokens[s])
+        assert len(tokens[s]) == max_new and (logits[s] - ref).abs().max().item() < 1e-4
+        assert tokens[s][1:] == ref.argmax(-1).tolist()

@@ -109,6 +109,16 @@ class ThresholdFFN(CompactFFN):
                 total += int(part * self.plan.share) if name == "down" else part
         return total
 
+    @staticmethod
+    def planned_bytes(ffn, k: int, plan: ThresholdPlan) -> int:
+        """What `nbytes` counts for one sequence once k neurons of `ffn` are loaded, without loading them
+        (the continuous batch's prefill reports it): the k neurons' slices, down's at `share`."""
+        total = 0
+        for name, (t, axis) in ffn.neuron_tensors().items():
+            per = t.nbytes // t.shape[axis] * k
+            total += int(per * plan.share) if name.startswith("down") else per
+        return total
+
     def _ffn(self, x: torch.Tensor, b: int) -> torch.Tensor:
         """Rows x [N, d] of sequence b (the shared weights when b is None) -> [N, d]."""
         tensors, norms = self.seqs[0 if b is None else b]
