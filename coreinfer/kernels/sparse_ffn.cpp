@@ -9,7 +9,7 @@
    x is quantized per block of 32 to int8 (x_quant.h), as the dense GEMVs do, so on the superset this op
    computes what q8_0_gemv/q4_gemv/int8_gemv followed by neuron_rows' rows sum compute. The dot routines
    follow q8_0_gemv.cpp and q4_gemv.cpp (kept here so that this file builds on its own); gate/up's rows
-   stream four at a time split across threads, then down's chosen rows in per-thread shares. Scratch (a,
+   stream four at a time (each chunk of x loaded once for four rows), groups split across threads, then down's chosen rows in per-thread shares. Scratch (a,
    the chosen ids, partial sums) is per call on the stack of std::vector: a few KiB, no weight copies. */
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -57,56 +57,68 @@ static inline __m512 pair_scales(const uint16_t *d, int64_t b, bool pair) {
     return _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_cvtph_ps(h)));
 }
 
-/* Row r of an int8 matrix (block scales d, or none: the row scale rs applies at the end) . x */
-static inline float dot_int8(const Rows &w, int64_t r, int64_t K, const XQ &x) {
+/* Rows r..r+R-1 of an int8 matrix (block scales d, or none: the row scale rs applies at the end) . x -> out [R] */
+template <int R>
+static inline void dot_int8(const Rows &w, int64_t r, int64_t K, const XQ &x, float *out) {
     const __m512i z = _mm512_setzero_si512();
     const int8_t *q = w.q + r * K;
     const uint16_t *d = w.d ? w.d + r * (K / 32) : nullptr;
-    __m512 f = _mm512_setzero_ps();
-    _mm_prefetch((const char *)(q + 4 * K), _MM_HINT_T0);
+    __m512 f[R];
+    for (int i = 0; i < R; i++) f[i] = _mm512_setzero_ps();
     for (int64_t c = 0; c < K; c += 64) {
         bool full = c + 64 <= K;
         __mmask64 load = full ? ~(__mmask64)0 : ((__mmask64)1 << 32) - 1;
         __m512i xv = _mm512_loadu_si512(&x.u[c]);
-        __m512i wv = _mm512_maskz_loadu_epi8(load, q + c);
-        wv = _mm512_mask_sub_epi8(wv, x.neg[c / 64], z, wv);
-        __m512 s = _mm512_insertf32x8(_mm512_set1_ps(x.xs[c / 32]), _mm256_set1_ps(x.xs[c / 32 + 1]), 1);
-        if (d) s = _mm512_mul_ps(s, pair_scales(d, c / 32, full));
-        f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(z, xv, wv)), s, f);
+        __mmask64 neg = x.neg[c / 64];
+        __m512 sx = _mm512_insertf32x8(_mm512_set1_ps(x.xs[c / 32]), _mm256_set1_ps(x.xs[c / 32 + 1]), 1);
+        for (int i = 0; i < R; i++) {
+            _mm_prefetch((const char *)(q + (R + i) * K + c), _MM_HINT_T0);
+            __m512i wv = _mm512_maskz_loadu_epi8(load, q + i * K + c);
+            wv = _mm512_mask_sub_epi8(wv, neg, z, wv);
+            __m512 s = d ? _mm512_mul_ps(sx, pair_scales(d + i * (K / 32), c / 32, full)) : sx;
+            f[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(z, xv, wv)), s, f[i]);
+        }
     }
-    return hsum(f) * (w.rs ? w.rs[r] : 1.f);
+    for (int i = 0; i < R; i++) out[i] = hsum(f[i]) * (w.rs ? w.rs[r + i] : 1.f);
 }
 
-/* Row r of a q4 matrix . x (x in nibble order) */
-static inline float dot_q4(const Rows &w, int64_t r, int64_t K, const XQ &x) {
+/* Rows r..r+R-1 of a q4 matrix . x (x in nibble order) -> out [R] */
+template <int R>
+static inline void dot_q4(const Rows &w, int64_t r, int64_t K, const XQ &x, float *out) {
     const __m512i z = _mm512_setzero_si512(), low = _mm512_set1_epi8(0x0F);
     const __m512i quarters = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
     const int64_t B = K / 32, H = K / 2;
     const uint8_t *qs = (const uint8_t *)w.q + r * H;
     const uint16_t *d = w.d + r * B, *m = w.m + r * B;
-    __m512 f = _mm512_setzero_ps();
-    __m128 fm = _mm_setzero_ps();
-    _mm_prefetch((const char *)(qs + 4 * H), _MM_HINT_T0);
+    __m512 f[R];
+    __m128 fm[R];
+    for (int i = 0; i < R; i++) f[i] = _mm512_setzero_ps(), fm[i] = _mm_setzero_ps();
     for (int64_t b = 0; b < B; b += 4) {
         int64_t nb = B - b < 4 ? B - b : 4;
         __mmask64 bytes = nb == 4 ? ~(__mmask64)0 : ((__mmask64)1 << 16 * nb) - 1;
         __mmask8 blocks = (__mmask8)((1 << nb) - 1);
         __m512i xlo = _mm512_loadu_si512(&x.nq[b * 32]), xhi = _mm512_loadu_si512(&x.nq[b * 32 + 64]);
         __m128 sx = _mm_loadu_ps(&x.ns[b]), sum = _mm_loadu_ps(&x.nsum[b]);
-        __m512i wv = _mm512_maskz_loadu_epi8(bytes, qs + b * 16);
-        __m512i lo = _mm512_and_si512(wv, low), hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low);
-        __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, lo, xlo), hi, xhi);
-        __m128 dv = _mm_cvtph_ps(_mm_maskz_loadu_epi16(blocks, d + b));
-        __m128 mv = _mm_cvtph_ps(_mm_maskz_loadu_epi16(blocks, m + b));
-        __m512 s = _mm512_permutexvar_ps(quarters, _mm512_castps128_ps512(_mm_mul_ps(dv, sx)));
-        f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, f);
-        fm = _mm_fmadd_ps(mv, sum, fm);
+        for (int i = 0; i < R; i++) {
+            _mm_prefetch((const char *)(qs + (R + i) * H + b * 16), _MM_HINT_T0);
+            __m512i wv = _mm512_maskz_loadu_epi8(bytes, qs + i * H + b * 16);
+            __m512i lo = _mm512_and_si512(wv, low), hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low);
+            __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, lo, xlo), hi, xhi);
+            __m128 dv = _mm_cvtph_ps(_mm_maskz_loadu_epi16(blocks, d + i * B + b));
+            __m128 mv = _mm_cvtph_ps(_mm_maskz_loadu_epi16(blocks, m + i * B + b));
+            __m512 sc = _mm512_permutexvar_ps(quarters, _mm512_castps128_ps512(_mm_mul_ps(dv, sx)));
+            f[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, f[i]);
+            fm[i] = _mm_fmadd_ps(mv, sum, fm[i]);
+        }
     }
-    return hsum(_mm512_add_ps(f, _mm512_castps128_ps512(fm)));
+    for (int i = 0; i < R; i++) out[i] = hsum(_mm512_add_ps(f[i], _mm512_castps128_ps512(fm[i])));
 }
 
-static inline float dot(const Rows &w, int64_t r, int64_t K, const XQ &x) {
-    return w.q4() ? dot_q4(w, r, K, x) : dot_int8(w, r, K, x);
+/* Rows f..f+R-1 of one gate/up matrix . x -> out [R] */
+template <int R>
+static inline void dots(const Rows &w, int64_t f, int64_t K, const XQ &x, float *out) {
+    if (w.q4()) dot_q4<R>(w, f, K, x, out);
+    else dot_int8<R>(w, f, K, x, out);
 }
 
 /* acc [K] += sum over chosen[c0:c1] of a_i * down[i] (down int8 [F, K], block scales dd or none); rows
@@ -156,13 +168,27 @@ static void sparse_ffn(const float *x, int64_t M, int64_t K, int64_t F, const Ro
         }
     }
     std::vector<float> a(M * F);
-    int64_t grain = std::max<int64_t>(1, (1 << 15) / K);  // a thread's share: at least ~32 KiB of weights
-    at::parallel_for(0, F, grain, [&](int64_t f0, int64_t f1) {
-        for (int64_t f = f0; f < f1; f++)
+    int64_t grain = std::max<int64_t>(1, (1 << 15) / (4 * K));  // a thread's share: at least ~32 KiB of weights
+    at::parallel_for(0, (F + 3) / 4, grain, [&](int64_t g0, int64_t g1) {
+        float u[4], v[4];
+        for (int64_t g = g0; g < g1; g++) {
+            int64_t f = 4 * g, n = std::min<int64_t>(4, F - f);
             for (int64_t m = 0; m < M; m++) {
-                float u = dot(up, f, K, xq[m]) + (up_bias ? up_bias[f] : 0.f);
-                a[m * F + f] = gate ? activate(dot(*gate, f, K, xq[m]), act) * u : activate(u, act);
+                if (n == 4) {
+                    dots<4>(up, f, K, xq[m], u);
+                    if (gate) dots<4>(*gate, f, K, xq[m], v);
+                } else {
+                    for (int64_t i = 0; i < n; i++) {
+                        dots<1>(up, f + i, K, xq[m], u + i);
+                        if (gate) dots<1>(*gate, f + i, K, xq[m], v + i);
+                    }
+                }
+                for (int64_t i = 0; i < n; i++) {
+                    float ui = u[i] + (up_bias ? up_bias[f + i] : 0.f);
+                    a[m * F + f + i] = gate ? activate(v[i], act) * ui : activate(ui, act);
+                }
             }
+        }
     });
     std::vector<int64_t> chosen(F);
     for (int64_t m = 0; m < M; m++) {
