@@ -174,9 +174,11 @@ class Profile:
 
 
 def find_profile(model, folders: list[Path]) -> tuple[Path, Profile] | None:
-    """The first profile in `folders` (each in name order) calibrated on `model`; other JSON files and
-    missing folders are skipped."""
-    mine = model_fingerprint(model)
+    """The profile in `folders` (each in name order) calibrated on `model`, preferring one calibrated on
+    the format its FFNs hold (info["weights"], which `coreinfer calibrate` records), then one that names
+    no format; other JSON files and missing folders are skipped."""
+    mine, fmt = model_fingerprint(model), model.ffns()[0].format
+    found = []
     for folder in folders:
         for path in sorted(Path(folder).glob("*.json")):
             try:
@@ -184,8 +186,9 @@ def find_profile(model, folders: list[Path]) -> tuple[Path, Profile] | None:
             except ValueError:
                 continue
             if same_model(profile.fingerprint, mine):
-                return path, profile
-    return None
+                found.append((path, profile))
+    rank = lambda item: {fmt: 0, None: 1}.get(item[1].info.get("weights"), 2)  # noqa: E731
+    return min(found, key=rank) if found else None  # min keeps the first of equal rank
 
 
 @dataclass

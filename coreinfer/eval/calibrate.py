@@ -179,7 +179,7 @@ def calibrate(llm, budgets: list[float], target: float, docs: int, eval_docs: in
         chosen = Profile.for_model(model, {}, prior=prior)
     chosen.info = {"target_top1_agree": target, "meets_target": met, "tried": tried, "calibration_docs": docs,
                    "heldout_docs": len(rows), "max_tokens": max_tokens, "dense_ppl": round(dense_ppl, 3),
-                   "corpus": f"SQuAD paragraphs {EVAL_OFFSET}.. of the seed-0 shuffle"}
+                   "corpus": f"SQuAD paragraphs {EVAL_OFFSET}.. of the seed-0 shuffle", "weights": ffns[0].format}
     return chosen
 
 
