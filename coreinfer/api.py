@@ -266,8 +266,11 @@ class LLM:
         if not profile.layers:
             return None, (f"core neurons: {path.name} found no sparse setting that keeps top-1 agreement >= "
                           f"{target:g} on this model, decoding dense")
-        # per-token plans run eager and compiled on float and int8 CPU weights (engine/adaptive.py)
-        cannot = [why for why, yes in ((f"{self.runtime.weights} weights", self.model.ffns()[0].format == "int4"),
+        # per-token plans run eager and compiled on float and int8 CPU weights (engine/adaptive.py), and on
+        # block formats by per-layer thresholds (engine/threshold.py)
+        ffn = self.model.ffns()[0]
+        cannot = [why for why, yes in ((f"{self.runtime.weights} weights", ffn.format == "int4"),
+                                       (f"{self.runtime.weights} weights without per-layer thresholds", not profile.runs_on(ffn)),
                                        ("a memory-limited GPU", self.budget is not None),
                                        ("a graphed GPU decode step", isinstance(self.compiled, GraphedStep))) if yes]
         if profile.per_token and cannot:

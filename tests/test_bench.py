@@ -71,3 +71,14 @@ def test_table_shows_ratios_with_their_spread(tiny_model_dir, capsys):
 def test_bench_rejects_bad_flags(tiny_model_dir, capsys):
     assert main(["bench", "--model", str(tiny_model_dir), "--weights", "int3"]) == 2
     assert "--weights" in capsys.readouterr().err
+
+
+def test_a_profile_is_one_contender_whatever_the_beta_grid(tiny_model_dir, tmp_path, capsys):
+    path = tmp_path / "tiny.json"
+    llm = LLM(str(tiny_model_dir), progress=False)
+    Profile.for_model(llm.model, {1: LayerBudget(keep=0.5)}, {"meets_target": True}).save(path)
+    flags = ["bench", "--model", str(tiny_model_dir), "--profile", str(path), "--rounds", "1", "--new-tokens", "2",
+             "--prompt-tokens", "8", "--no-transformers", "--no-llama-cpp", "--no-default", "--json"]
+    assert main(flags) == 0  # bench's default --beta 0.5,0.7 named the profile's row twice
+    names = [r["name"] for r in json.loads(capsys.readouterr().out)["results"]]
+    assert len(names) == len(set(names)) == 2

@@ -128,3 +128,28 @@ def test_gemma_ships_a_profile_too():
     assert Profile.load(found).measured["top1_agree"] >= 0.95
     [c] = llm.generate("The capital of France is", GEN, AUTO_CORE)
     assert c.stats is not None and c.stats.share < 1
+
+
+def test_block_weights_run_a_threshold_profile_and_fall_back_from_a_top_k_one(tiny_model_dir, folder):
+    q8 = fresh(tiny_model_dir, weights="q8_0", compile=False)
+    Profile.for_model(q8.model, {1: LayerBudget(refine=0.5)}, MET).save(folder / "tiny.json")
+    path, line = q8.default_core()
+    assert path is None and "q8_0 weights without per-layer thresholds" in line
+    [auto] = q8.generate("The capital", GEN, AUTO_CORE)
+    assert auto.stats is None
+    Profile.for_model(q8.model, {1: LayerBudget(refine=0.5, threshold=0.01)}, MET).save(folder / "tiny.json")
+    q8 = fresh(tiny_model_dir, weights="q8_0", compile=False)
+    assert q8.default_core()[0] == str(folder / "tiny.json")
+    [auto] = q8.generate("The capital", GEN, AUTO_CORE)
+    assert auto.stats is not None and auto.stats.share < 1
+
+
+def test_the_default_prefers_the_profile_calibrated_on_the_weights_format(tiny_model_dir, folder):
+    q8 = fresh(tiny_model_dir, weights="q8_0", compile=False)
+    Profile.for_model(q8.model, {1: LayerBudget(refine=0.5, threshold=0.02)}, MET).save(folder / "b-any.json")
+    Profile.for_model(q8.model, {1: LayerBudget(refine=0.5, threshold=0.01)}, {**MET, "weights": "q8_0"}).save(
+        folder / "c-q8_0.json")
+    Profile.for_model(q8.model, {1: LayerBudget(refine=0.25)}, {**MET, "weights": "int8"}).save(folder / "a-int8.json")
+    assert q8.default_core()[0] == str(folder / "c-q8_0.json")  # over the first in name order, and the untagged
+    (folder / "c-q8_0.json").unlink()
+    assert fresh(tiny_model_dir, weights="q8_0", compile=False).default_core()[0] == str(folder / "b-any.json")

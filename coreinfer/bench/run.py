@@ -221,7 +221,8 @@ def contenders_for(args, ckpt, dtype):
         if torch.device(args.device).type == "cuda" and args.compile is not False:
             graphs = GraphedStep(compiled or partial(decode_forward, model), max_graphs=8)
         steps = [None] + [step for step in (compiled, graphs) if step is not None]
-        for core in core_grid(args):
+        # one contender per name: a profile replaces --beta, so bench's default beta grid names it twice
+        for core in {setting_name(c): c for c in core_grid(args)}.values():
             for step in steps:  # eager first: what compiling gains is measured against it
                 tail = step_name(fmt, step)
                 out.append(Ours(f"coreinfer {setting_name(core)}{tail}", model, core, compiled=step,

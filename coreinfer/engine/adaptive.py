@@ -32,6 +32,7 @@ from .quant import int8_matmul
 from .observe import RunningStats, Statistic
 from .policy import CoreConfig, Selection, SelectionPolicy
 from .selection import keep_count, rank_neurons
+from .threshold import ThresholdFFN, ThresholdPlan
 
 
 @dataclass(frozen=True)
@@ -181,6 +182,8 @@ class AdaptiveFFN(CompactFFN):
     def planned_bytes(ffn, k: int, plan: Plan) -> int:
         """What `nbytes` counts for one sequence once k neurons of `ffn` are loaded under `plan`,
         without loading them (a batch's prefill reports it before the row joins)."""
+        if isinstance(plan, ThresholdPlan):
+            return ThresholdFFN.planned_bytes(ffn, k, plan)
         by_rows = not ffn.quantized or rows.reads_rows()
         d = ffn.up.shape[1]
         d_in, m = keep_count(plan.input_keep, d), min(k, plan.down_rows or k)

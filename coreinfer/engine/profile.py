@@ -27,6 +27,8 @@ from .predictor import PredictPlan, fit_quantized
 from .observe import RunningStats
 from .policy import Selection, StabilityPolicy
 from .selection import keep_count, rank_neurons
+from .threshold import FORMATS as THRESHOLD_FORMATS
+from .threshold import ThresholdPlan
 
 FORMAT = "coreinfer.profile/1"
 AUTO = "auto"  # CoreConfig.profile: the model's calibrated profile (find_profile), or dense without one
@@ -43,6 +45,7 @@ class LayerBudget:
     input_keep: float = 1.0
     predict: float | None = None
     bits: int = 0
+    threshold: float | None = None  # on |a_i| * ||down_i||, read by the native op where it runs (threshold.py)
 
     def __post_init__(self):
         if not 0 < self.keep <= 1:
@@ -56,6 +59,11 @@ class LayerBudget:
             raise ValueError(f"a predicted layer reads a share in (0, 1] of its rows, scored by a 1-4 bit copy, "
                              f"with all input entries; got predict {self.predict}, bits {self.bits}, "
                              f"input keep {self.input_keep}")
+        if self.threshold is not None and (self.threshold < 0 or self.refine is None or self.input_keep < 1
+                                           or self.predict is not None):
+            raise ValueError(f"a layer's threshold is >= 0 and comes with the refine share it keeps on average, "
+                             f"all input entries and no predictor; got threshold {self.threshold}, refine "
+                             f"{self.refine}, input keep {self.input_keep}, predict {self.predict}")
 
     def ffn_share(self, gated: bool) -> float:
         """Share of the layer's dense FFN bytes one token reads (gate, up and down equal in size; a
@@ -66,8 +74,11 @@ class LayerBudget:
         scorer = 0.0 if self.predict is None else (2 if gated else 1) * self.keep * self.bits / 32
         return (inputs + down + scorer) / (3 if gated else 2)
 
-    def plan(self, ffn) -> Plan | PredictPlan:
-        """How the layer `ffn` decodes under this budget."""
+    def plan(self, ffn) -> Plan | PredictPlan | ThresholdPlan:
+        """How the layer `ffn` decodes under this budget: by its threshold in the native op on the formats
+        that op reads, else (float weights) by the refine share's top-k."""
+        if self.threshold is not None and ffn.format in THRESHOLD_FORMATS:
+            return ThresholdPlan(self.threshold, self.refine)
         if self.predict is not None:
             return PredictPlan("quant", self.predict, self.refine, fit_quantized(ffn, self.bits), self.bits)
         return Plan(keep_count(self.refine, ffn.width) if self.refine is not None else None, self.input_keep)
@@ -114,6 +125,11 @@ class Profile:
         eager float path runs (engine/adaptive.py)."""
         return any(b.refine is not None or b.input_keep < 1 or b.predict is not None for b in self.layers.values())
 
+    def runs_on(self, ffn) -> bool:
+        """Whether every sparse layer's plan runs on weights in `ffn`'s format: block formats decode only
+        by threshold (threshold.py), float and int8 by either."""
+        return not ffn.blocked or all(b.threshold is not None for b in self.layers.values())
+
     @property
     def measured(self) -> dict | None:
         """What the calibration measured for the chosen budget on held-out text (a `tried` entry)."""
@@ -128,7 +144,8 @@ class Profile:
     def save(self, path: str | Path) -> None:
         facts, probe = self.fingerprint
         doc = {"format": FORMAT, "model": facts, "probe": probe.tolist(), "info": self.info,
-               "layers": {str(l): vars(b) for l, b in sorted(self.layers.items())},
+               "layers": {str(l): {k: v for k, v in vars(b).items() if k != "threshold" or v is not None}
+                           for l, b in sorted(self.layers.items())},
                "prior": {str(l): [float(f"{v:.4g}") for v in p.tolist()] for l, p in sorted(self.prior.items())}}
         Path(path).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
 
@@ -157,9 +174,11 @@ class Profile:
 
 
 def find_profile(model, folders: list[Path]) -> tuple[Path, Profile] | None:
-    """The first profile in `folders` (each in name order) calibrated on `model`; other JSON files and
-    missing folders are skipped."""
-    mine = model_fingerprint(model)
+    """The profile in `folders` (each in name order) calibrated on `model`, preferring one calibrated on
+    the format its FFNs hold (info["weights"], which `coreinfer calibrate` records), then one that names
+    no format; other JSON files and missing folders are skipped."""
+    mine, fmt = model_fingerprint(model), model.ffns()[0].format
+    found = []
     for folder in folders:
         for path in sorted(Path(folder).glob("*.json")):
             try:
@@ -167,8 +186,9 @@ def find_profile(model, folders: list[Path]) -> tuple[Path, Profile] | None:
             except ValueError:
                 continue
             if same_model(profile.fingerprint, mine):
-                return path, profile
-    return None
+                found.append((path, profile))
+    rank = lambda item: {fmt: 0, None: 1}.get(item[1].info.get("weights"), 2)  # noqa: E731
+    return min(found, key=rank) if found else None  # min keeps the first of equal rank
 
 
 @dataclass

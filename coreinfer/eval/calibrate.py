@@ -10,7 +10,8 @@
 3. Greedy allocation across layers, as TEAL does: from dense, repeatedly take the one layer step (to
    its next cheaper Pareto candidate) with the least error per FFN byte saved, until the model reads
    at most `budget` of its dense FFN bytes per token.
-   The same prefills give the global prior: each neuron's share of the norm statistic
+   On int8 and block-format weights each candidate is a threshold on the WINA score instead, read
+   by the native sparse FFN (eval/thresholds.py). The same prefills give the global prior: each neuron's share of the norm statistic
    (engine/profile.PriorPolicy, `--prior FILE`).
 4. Each budget's profile is scored end to end on held-out calibration paragraphs (continuation
    perplexity and top-1 agreement with dense, sparse, as `coreinfer eval ppl`); the cheapest that
@@ -25,6 +26,7 @@ import math
 import re
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -36,7 +38,9 @@ from ..engine.predictor import fit_quantized
 from ..engine.profile import LayerBudget, Profile
 from ..engine.selection import keep_count
 from ..engine.session import Session
+from ..engine.threshold import FORMATS as THRESHOLD_FORMATS
 from . import data, runner
+from .thresholds import threshold_errors
 from .metrics import ratio_and_stderr
 
 REFINES = (None, 0.8, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2)
@@ -153,8 +157,9 @@ def calibrate(llm, budgets: list[float], target: float, docs: int, eval_docs: in
     gated, ffns = model.ffns()[0].gated, model.ffns()
     inputs = {l: torch.cat(x) for l, x in inputs.items()}  # [N, d] per sparse layer
     prior = {l: global_prior(ffns[l], x) for l, x in inputs.items()}
-    fronts = {l: pareto(layer_errors(ffns[l], inputs.pop(l), predictor_bits), gated)
-              for l in tqdm(sparse, desc="layer candidates", leave=False)}
+    # formats the native sparse FFN reads get per-layer thresholds (thresholds.py), others top-k shares
+    errors = threshold_errors if ffns[0].format in THRESHOLD_FORMATS else partial(layer_errors, bits=predictor_bits)
+    fronts = {l: pareto(errors(ffns[l], inputs.pop(l)), gated) for l in tqdm(sparse, desc="layer candidates", leave=False)}
     rows = runner.document_rows(encode, [pool[i] for i in order[docs:docs + eval_docs]], 0.5, max_tokens)
     spec = CoreConfig().statistic_for(gated)
     dense_ppl, _, dense_greedy = score(model, rows, None, llm.tokenizer.pad_id)
@@ -174,7 +179,7 @@ def calibrate(llm, budgets: list[float], target: float, docs: int, eval_docs: in
         chosen = Profile.for_model(model, {}, prior=prior)
     chosen.info = {"target_top1_agree": target, "meets_target": met, "tried": tried, "calibration_docs": docs,
                    "heldout_docs": len(rows), "max_tokens": max_tokens, "dense_ppl": round(dense_ppl, 3),
-                   "corpus": f"SQuAD paragraphs {EVAL_OFFSET}.. of the seed-0 shuffle"}
+                   "corpus": f"SQuAD paragraphs {EVAL_OFFSET}.. of the seed-0 shuffle", "weights": ffns[0].format}
     return chosen
 
 
