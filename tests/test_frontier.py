@@ -241,3 +241,53 @@ def test_calibrate_can_choose_predicted_layers(tiny_model_dir, tmp_path, capsys)
     # reading fewer predicted rows never lowers the error (same down share, nested sets)
     assert predicted[next(b for b in predicted if b.predict == 0.9 and b.refine is None)] <= \
         predicted[next(b for b in predicted if b.predict == 0.4 and b.refine is None)]
+
+
+def trained_oracle(ffn, x, plan: PredictPlan) -> torch.Tensor:
+    """Masked dense math for the trained scorer: the net's logits pick the rows, |a|*||down|| the down rows."""
+    from coreinfer.engine.trained import logits
+
+    F, dn = ffn.width, ffn.down.norm(dim=1)
+    a = ffn.activations(x[None])[0]  # [T, F]
+    a = a * top(logits(plan.factors, x), keep_count(plan.keep, F))
+    a = a * top(a.abs() * dn, keep_count(plan.down, F))
+    return ffn.project(a[None])[0]
+
+
+def test_trained_decode_equals_reference_and_masked_dense_inside_a_superset(tiny):
+    from coreinfer.engine.trained import TrainConfig, train_predictor
+
+    ffn = tiny.model.ffns()[1]
+    factors = train_predictor(ffn, inputs(ffn), TrainConfig(hidden=16, steps=20))
+    plan = PredictPlan("trained", 0.5, 0.3, factors)
+    core = plan.build()
+    core.load(ffn, torch.arange(ffn.width)[None].expand(2, -1))
+    x = inputs(ffn, 2, seed=1)[:, None]  # [B=2, T=1, d]
+    with torch.inference_mode():
+        fast, ref = core(x), core.reference(x)
+        oracle = torch.stack([trained_oracle(ffn, x[b], plan) for b in range(2)])
+    print(f"max|fast-ref| {(fast - ref).abs().max():.2e}, max|ref-oracle| {(ref - oracle).abs().max():.2e}")
+    assert torch.allclose(fast, ref, atol=1e-5) and torch.allclose(ref, oracle, atol=1e-5)
+    F, d = ffn.up.shape
+    net = 16 * (d + F) + 16 + F
+    assert core.nbytes() == 2 * net * 4 + 2 * (2 * 64 + keep_count(0.3, F)) * d * 4  # its own net, per sequence
+    # inside a superset of half the width the net's columns are gathered with the rows
+    half = torch.arange(0, F, 2)
+    core.load(ffn, half[None])
+    with torch.inference_mode():
+        assert torch.allclose(core(x[:1]), core.reference(x[:1]), atol=1e-5)
+    assert core.scorer["net_b"].shape == (1, 16, F // 2) and core.scorer["prior_b"].shape == (1, F // 2)
+
+
+def test_a_trained_predictor_beats_a_random_one(tiny):
+    from coreinfer.engine.trained import TrainConfig, random_predictor, train_predictor
+
+    ffn = tiny.model.ffns()[2]
+    x = inputs(ffn, 800)  # one distribution: the seed also draws its correlation
+    train, held = x[:600], x[600:]
+    F, d = ffn.width, ffn.up.shape[1]
+    trained = predictor_quality(ffn, held, PredictPlan("trained", 0.5, 0.5, train_predictor(
+        ffn, train, TrainConfig(hidden=32, label_keep=0.5, steps=200))))
+    untrained = predictor_quality(ffn, held, PredictPlan("trained", 0.5, 0.5, random_predictor(d, F, 32)))
+    print(f"recall trained {trained['recall']:.3f}, random {untrained['recall']:.3f}")
+    assert trained["recall"] > untrained["recall"] + 0.1 and trained["mass"] > untrained["mass"]
