@@ -138,9 +138,9 @@ def allocate(fronts: dict[int, list], num_layers: int, budget: float) -> dict[in
     return {l: fronts[l][at[l]][2] for l in fronts}
 
 
-def score(model, rows, policy, pad_id: int, dense=None) -> tuple[float, float, list]:
+def score(model, rows, policy, pad_id: int, dense=None, batch_size: int = 4) -> tuple[float, float, list]:
     """(perplexity, top-1 agreement with `dense`'s greedy tokens, greedy tokens) of rows, sparse."""
-    scored = runner.score_rows(model, rows, policy, pad_id, batch_size=4)
+    scored = runner.score_rows(model, rows, policy, pad_id, batch_size=batch_size)
     counts = [len(s.logprobs) for s in scored]
     ppl = math.exp(ratio_and_stderr([-s.loglikelihood for s in scored], counts)[0])
     greedy = [s.greedy for s in scored]
