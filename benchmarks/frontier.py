@@ -199,7 +199,15 @@ def main():
     p.add_argument("--no-grid", action="store_true", help="score only --profiles: no fits, no per-layer report")
     p.add_argument("--png", default=None, help="write the frontier plot here")
     p.add_argument("--json", default=None, help="write the points here")
+    p.add_argument("--from-json", default="", help="comma-separated --json files of runs on one model and the "
+                   "same rows (e.g. split by --policies): only plot their points together into --png")
     args = p.parse_args()
+    if args.from_json:
+        runs = [json.load(open(path)) for path in args.from_json.split(",")]
+        if len({round(r["dense_ppl"], 6) for r in runs}) != 1:
+            raise SystemExit("--from-json: the runs scored different rows (their dense perplexities differ)")
+        plot([point for r in runs for point in r["points"]], runs[0]["dense_ppl"], args.png)
+        return
     t0 = time.perf_counter()
     llm = LLM(args.model, threads=args.threads)
     model, report = llm.model, []

@@ -44,7 +44,7 @@ from ..engine.session import Session
 from . import data, runner
 from .metrics import ratio_and_stderr
 
-REFINES = (None, 0.8, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2)
+REFINES = (None, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2)
 INPUT_KEEPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 PREDICTS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)  # gate/up rows per token a predictor picks (--predictor-bits)
 EVAL_OFFSET = 400  # calibration paragraphs start here in the seed-0 shuffle (see the module docstring)
