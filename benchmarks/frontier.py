@@ -204,7 +204,7 @@ def main():
     args = p.parse_args()
     if args.from_json:
         runs = [json.load(open(path)) for path in args.from_json.split(",")]
-        if len({round(r["dense_ppl"], 6) for r in runs}) != 1:
+        if len({round(r["dense_ppl"], 2) for r in runs}) != 1:  # to the printed 2 decimals
             raise SystemExit("--from-json: the runs scored different rows (their dense perplexities differ)")
         plot([point for r in runs for point in r["points"]], runs[0]["dense_ppl"], args.png)
         return
@@ -231,12 +231,13 @@ def main():
         points.append({"policy": family, "setting": name, "ffn_read": ffn_read, "ppl": ppl, "agree": agree})
         print(f"| {family} | {name} | {ffn_read:.1%} | {ppl:.2f} (x{ppl / dense_ppl:.3f}) | {agree:.1%} |",
               flush=True)
+        if args.json:  # after every point: a run cut short by its time limit keeps what it measured
+            with open(args.json, "w") as f:
+                json.dump({"dense_ppl": dense_ppl, "rows": len(rows), "points": points, "layers": report}, f,
+                          indent=1)
     print(f"\n{time.perf_counter() - t0:.0f} s", file=sys.stderr)
     if args.png:
         plot(points, dense_ppl, args.png)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"dense_ppl": dense_ppl, "rows": len(rows), "points": points, "layers": report}, f, indent=1)
     for target, limit_ppl, limit_agree in ((0.70, 1.03, 0.95), (0.50, 1.10, 0.90)):
         ok = [p for p in points if p["ffn_read"] <= target + 1e-9 and "oracle" not in p["policy"]
               and p["ppl"] / dense_ppl <= limit_ppl and p["agree"] >= limit_agree]

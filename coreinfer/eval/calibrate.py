@@ -152,7 +152,7 @@ def score(model, rows, policy, pad_id: int, dense=None, batch_size: int = 4) -> 
 def uniform_front(errors: dict[int, dict[LayerBudget, float]], gated: bool) -> list[tuple[float, float, LayerBudget]]:
     """The budgets every sparse layer has, each as one setting for all of them: the Pareto front of
     (layer FFN share, error summed over the layers, budget), share descending."""
-    common = set.intersection(*(set(e) for e in errors.values()))
+    common = set.intersection(*(set(e) for e in errors.values())) if errors else set()
     return pareto({b: sum(e[b] for e in errors.values()) for b in common}, gated)
 
 
