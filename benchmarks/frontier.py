@@ -46,7 +46,7 @@ def policy(model, layers: list[int], plans: dict, superset: float = 1.0) -> Adap
     return AdaptivePolicy(StabilityPolicy({l: superset for l in layers}, model.ffns()[0].width, spec), plans)
 
 
-FAMILIES = ("oracle", "refine", "input", "gate", "lowrank", "quant4", "quant2", "trained", "rotated", "superset")
+FAMILIES = ("oracle", "refine", "input", "gate", "lowrank", "quant4", "quant2", "rotated", "trained", "superset")
 
 
 def settings(model, layers, fits, width, families, points=None):
@@ -77,15 +77,15 @@ def settings(model, layers, fits, width, families, points=None):
             out += [(f"{bits}-bit predictor", f"keep {k}, down {m}",
                      uniform(lambda l: PredictPlan("quant", k, m, fits[bits][l], bits)))  # noqa: B023
                     for k, m in pair(((0.8, 0.7), (0.7, 0.6), (0.6, 0.5)))]
-    if "trained" in families:
-        out += [(f"trained predictor (h {fits['hidden']})", f"keep {k}, down {m}",
-                 uniform(lambda l: PredictPlan("trained", k, m, fits["trained"][l])))  # noqa: B023
-                for k, m in pair(((0.8, 0.7), (0.7, 0.6), (0.6, 0.5), (0.5, 0.4)))]
     if "rotated" in families:
         out += [("rotated input (LaRoSA)", f"input {i}" + (f", down {m}" if m else ""),
                  uniform(lambda l: RotatePlan(fits["rotation"][l], i, m)))  # noqa: B023
                 for i, m in ((0.9, None), (0.7, None), (0.5, None), (0.9, 0.7), (0.7, 0.5)) if points is None
                 or i in points and m is None]
+    if "trained" in families:
+        out += [(f"trained predictor (h {fits['hidden']})", f"keep {k}, down {m}",
+                 uniform(lambda l: PredictPlan("trained", k, m, fits["trained"][l])))  # noqa: B023
+                for k, m in pair(((0.8, 0.7), (0.7, 0.6), (0.6, 0.5), (0.5, 0.4)))]
     if "superset" in families:
         out.append(("paper superset + 4-bit predictor", "superset 0.85, keep 0.7, down 0.6",
                     policy(model, layers, {l: PredictPlan("quant", 0.7, 0.6, fits[4][l], 4) for l in layers},
