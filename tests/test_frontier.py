@@ -241,3 +241,113 @@ def test_calibrate_can_choose_predicted_layers(tiny_model_dir, tmp_path, capsys)
     # reading fewer predicted rows never lowers the error (same down share, nested sets)
     assert predicted[next(b for b in predicted if b.predict == 0.9 and b.refine is None)] <= \
         predicted[next(b for b in predicted if b.predict == 0.4 and b.refine is None)]
+
+
+def trained_oracle(ffn, x, plan: PredictPlan) -> torch.Tensor:
+    """Masked dense math for the trained scorer: the net's logits pick the rows, |a|*||down|| the down rows."""
+    from coreinfer.engine.trained import logits
+
+    F, dn = ffn.width, ffn.down.norm(dim=1)
+    a = ffn.activations(x[None])[0]  # [T, F]
+    a = a * top(logits(plan.factors, x), keep_count(plan.keep, F))
+    a = a * top(a.abs() * dn, keep_count(plan.down, F))
+    return ffn.project(a[None])[0]
+
+
+def test_trained_decode_equals_reference_and_masked_dense_inside_a_superset(tiny):
+    from coreinfer.engine.trained import TrainConfig, train_predictor
+
+    ffn = tiny.model.ffns()[1]
+    factors = train_predictor(ffn, inputs(ffn), TrainConfig(hidden=16, steps=20))
+    plan = PredictPlan("trained", 0.5, 0.3, factors)
+    core = plan.build()
+    core.load(ffn, torch.arange(ffn.width)[None].expand(2, -1))
+    x = inputs(ffn, 2, seed=1)[:, None]  # [B=2, T=1, d]
+    with torch.inference_mode():
+        fast, ref = core(x), core.reference(x)
+        oracle = torch.stack([trained_oracle(ffn, x[b], plan) for b in range(2)])
+    print(f"max|fast-ref| {(fast - ref).abs().max():.2e}, max|ref-oracle| {(ref - oracle).abs().max():.2e}")
+    assert torch.allclose(fast, ref, atol=1e-5) and torch.allclose(ref, oracle, atol=1e-5)
+    F, d = ffn.up.shape
+    net = 16 * (d + F) + 16 + F
+    assert core.nbytes() == 2 * net * 4 + 2 * (2 * 64 + keep_count(0.3, F)) * d * 4  # its own net, per sequence
+    # inside a superset of half the width the net's columns are gathered with the rows
+    half = torch.arange(0, F, 2)
+    core.load(ffn, half[None])
+    with torch.inference_mode():
+        assert torch.allclose(core(x[:1]), core.reference(x[:1]), atol=1e-5)
+    assert core.scorer["net_b"].shape == (1, 16, F // 2) and core.scorer["prior_b"].shape == (1, F // 2)
+
+
+def test_a_trained_predictor_beats_a_random_one(tiny):
+    from coreinfer.engine.trained import TrainConfig, random_predictor, train_predictor
+
+    ffn = tiny.model.ffns()[2]
+    x = inputs(ffn, 800)  # one distribution: the seed also draws its correlation
+    train, held = x[:600], x[600:]
+    F, d = ffn.width, ffn.up.shape[1]
+    trained = predictor_quality(ffn, held, PredictPlan("trained", 0.5, 0.5, train_predictor(
+        ffn, train, TrainConfig(hidden=32, label_keep=0.5, steps=200))))
+    untrained = predictor_quality(ffn, held, PredictPlan("trained", 0.5, 0.5, random_predictor(d, F, 32)))
+    print(f"recall trained {trained['recall']:.3f}, random {untrained['recall']:.3f}")
+    assert trained["recall"] > untrained["recall"] + 0.1 and trained["mass"] > untrained["mass"]
+
+
+def test_a_trained_profile_round_trips_and_refuses_another_models_nets(tiny, tmp_path):
+    import shutil
+
+    import transformers
+
+    from coreinfer.engine.policy import CoreConfig
+    from coreinfer.engine.profile import LayerBudget, Profile, nets_path
+    from coreinfer.engine.session import make_policy
+    from coreinfer.engine.trained import TrainConfig, predictor_bytes, train_predictor
+    from oracle import hf_pair
+
+    model = tiny.model
+    ffn = model.ffns()[1]
+    net = train_predictor(ffn, inputs(ffn), TrainConfig(hidden=8, steps=5))
+    share = predictor_bytes(net) / ffn.neuron_bytes()
+    layers = {1: LayerBudget(1.0, 0.25, 1.0, 0.5, 0, share), 2: LayerBudget(1.0, 0.5)}
+    path = tmp_path / "p.json"
+    Profile.for_model(model, layers, {"meets_target": True}, nets={1: net, 2: net}).save(path)
+    loaded = Profile.load(path)
+    assert loaded.layers == layers and set(loaded.nets) == {1}  # only the layer that uses a net keeps one
+    assert all(torch.equal(loaded.nets[1][k], net[k]) for k in net)
+    session = Session(model, [tiny.tokenizer.encode("The capital of France is")], 1,
+                      policy=make_policy(CoreConfig(profile=str(path)), model))
+    session.prefill()
+    core = session.cores.get(1)
+    assert isinstance(core, PredictedFFN) and core.plan.scorer == "trained" and core.sizes() == (64, 32)
+    F, d = ffn.up.shape
+    # the profile's share estimate is what the decode step counts
+    assert core.nbytes() / ffn.neuron_bytes() == pytest.approx(layers[1].ffn_share(True) * 1.0, abs=1e-9)
+    config = transformers.LlamaConfig(vocab_size=model.embed_tokens.weight.shape[0], hidden_size=64,
+                                      intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                                      num_key_value_heads=2, max_position_embeddings=256)
+    _, other = hf_pair(config, seed=3)
+    theirs = tmp_path / "theirs.json"
+    Profile.for_model(other, layers, {"meets_target": True}, nets={1: net}).save(theirs)
+    shutil.copy(nets_path(theirs), nets_path(path))
+    with pytest.raises(ValueError, match="another model's predictors"):
+        Profile.load(path)
+    nets_path(path).unlink()
+    with pytest.raises(ValueError, match="cannot be read"):
+        Profile.load(path)
+    with pytest.raises(ValueError, match="trained net"):
+        LayerBudget(1.0, None, 1.0, 0.5, 4, share)  # a copy's bits and a net at once
+
+
+def test_calibrate_trains_predictors_and_scores_uniform_settings(tiny_model_dir, tmp_path):
+    from coreinfer.cli import main as cli
+    from coreinfer.engine.profile import Profile
+
+    out = tmp_path / "tiny.profile.json"
+    flags = ["--model", str(tiny_model_dir), "--docs", "2", "--eval-docs", "2", "--max-tokens", "48", "--layers", "all"]
+    assert cli.main(["calibrate", *flags, "--budgets", "0.5", "--target-agree", "0.01", "--predictor-hidden", "8",
+                     "--output", str(out)]) == 0
+    profile = Profile.load(out)
+    kinds = {t["kind"] for t in profile.info["tried"]}
+    assert kinds == {"mix", "uniform"} and profile.info["tried"][-1]["ffn_read"] <= 0.5 + 1e-9
+    uses_net = {l for l, b in profile.layers.items() if b.net}
+    assert set(profile.nets) == uses_net and (out.with_suffix(".nets.safetensors").exists() == bool(uses_net))

@@ -13,6 +13,8 @@ Per decoded token and sparse layer:
      it reads its own factors, 2 r (d + F) values;
    - "gate": gate in full, score |act(g)| * ||down_i|| (CATS-like); it reads all gate rows, and the
      predicted rows then read only up;
+   - "trained": a small MLP trained on calibration tokens against the oracle's top set
+     (engine/trained.py), score its logits; it reads its own net, h (d + F) + h + F values;
    - "oracle": the exact |a_i| * ||down_i||, the bound no predictor can beat; its scoring is free in
      the byte count, which makes it the frontier's reference, not a policy to decode with.
 2. gate and up run over the top `keep` share (of the FFN width) of those scores;
@@ -31,7 +33,7 @@ from .adaptive import top_mask
 from .compact import CompactFFN
 from .selection import keep_count
 
-SCORERS = ("quant", "lowrank", "gate", "oracle")
+SCORERS = ("quant", "lowrank", "trained", "gate", "oracle")
 # Uniform midrise quantizer steps for a unit Gaussian at 1-4 bits (Max, 1960): w ~ (floor(w / s) + 1/2) s
 GAUSS_STEP = {1: 1.596, 2: 0.996, 3: 0.586, 4: 0.335}
 
@@ -83,8 +85,9 @@ class PredictPlan:
             raise ValueError(f"scorer must be one of {SCORERS}, got {self.scorer!r}")
         if not 0 < self.keep <= 1 or (self.down is not None and not 0 < self.down <= 1):
             raise ValueError(f"keep and down are shares of the FFN width in (0, 1], got {self.keep}, {self.down}")
-        if self.scorer in ("lowrank", "quant") and not self.factors:
-            raise ValueError(f"a {self.scorer} scorer needs its factors (fit_{self.scorer.replace('quant', 'quantized')})")
+        if self.scorer in ("lowrank", "quant", "trained") and not self.factors:
+            fit = {"quant": "fit_quantized", "lowrank": "fit_lowrank", "trained": "trained.train_predictor"}
+            raise ValueError(f"a {self.scorer} scorer needs its factors ({fit[self.scorer]})")
         if self.scorer == "quant" and self.bits not in GAUSS_STEP:
             raise ValueError(f"a quant scorer takes 1-4 bits a weight, got {self.bits}")
 
@@ -100,7 +103,7 @@ class PredictedFFN(CompactFFN):
         self.plan = plan
         self.down_norm: torch.Tensor | None = None  # [B, k]
         self.width = 0  # F of the loaded FFN
-        self.scorer: dict[str, torch.Tensor] = {}  # lowrank factors over the superset: *_a [d, r], *_b [B, r, k]
+        self.scorer: dict[str, torch.Tensor] = {}  # factors over the superset: *_a shared, *_b [B, ..., k]
 
     @torch.inference_mode()
     def load(self, ffn, index: torch.Tensor) -> None:
@@ -109,9 +112,9 @@ class PredictedFFN(CompactFFN):
         super().load(ffn, index)
         self.width = ffn.width
         self.down_norm = self.weights["down"].norm(dim=-1)
-        # per sequence, the superset's part: lowrank *_b columns [B, r, k], quant rows [B, k, d]
+        # per sequence, the superset's part: *_b along the neuron (last) dim [B, r, k] or [B, k], quant rows [B, k, d]
         self.scorer = {name: (t if name.endswith("_a") else
-                              torch.stack([t[ids] if name.endswith("_q") else t[:, ids] for ids in index]))
+                              torch.stack([t[ids] if name.endswith("_q") else t[..., ids] for ids in index]))
                        for name, t in self.plan.factors.items()}
 
     def sizes(self) -> tuple[int, int]:
@@ -145,6 +148,9 @@ class PredictedFFN(CompactFFN):
             return self._activations(x, seq).abs() * self.down_norm[seq, None, :]
         if kind == "gate":
             return self.act(torch.bmm(x, w["gate"][seq].transpose(1, 2))).abs() * self.down_norm[seq, None, :]
+        if kind == "trained":
+            hidden = torch.relu(x @ s["net_a"] + s["shift_a"])  # [B, T, h]
+            return torch.bmm(hidden, s["net_b"][seq]) + s["prior_b"][seq, None, :]  # [B, T, k]
         approx = {name: torch.bmm(x, s[f"{name}_q"][seq].transpose(1, 2)) if kind == "quant"
                   else torch.bmm(x @ s[f"{name}_a"], s[f"{name}_b"][seq])
                   for name in ("up", "gate") if f"{name}_q" in s or f"{name}_a" in s}  # [B, T, k] each

@@ -38,7 +38,8 @@ AUTO = "auto"  # CoreConfig.profile: the model's calibrated profile (find_profil
 class LayerBudget:
     """One sparse layer's budget: superset keep ratio, down rows per token, input share of gate/up;
     or, with `predict`, the share of the FFN width whose gate/up rows a token reads, chosen before
-    gate and up run by a `bits`-bit copy of them (engine/predictor.py)."""
+    gate and up run by a `bits`-bit copy of them (engine/predictor.py), or with `bits` 0 by the
+    profile's trained net (engine/trained.py) whose own bytes are `net` of the layer's."""
 
     keep: float = 1.0
     refine: float | None = None
@@ -46,6 +47,7 @@ class LayerBudget:
     predict: float | None = None
     bits: int = 0
     threshold: float | None = None  # on |a_i| * ||down_i||, read by the native op where it runs (threshold.py)
+    net: float = 0.0  # a trained predictor's bytes per token, as a share of the layer's dense FFN bytes
 
     def __post_init__(self):
         if not 0 < self.keep <= 1:
@@ -54,11 +56,11 @@ class LayerBudget:
             raise ValueError(f"a layer's refine share must be in (0, 1], got {self.refine}")
         if not 0 < self.input_keep <= 1:
             raise ValueError(f"a layer's input keep must be in (0, 1], got {self.input_keep}")
-        if self.predict is not None and (not 0 < self.predict <= 1 or self.bits not in (1, 2, 3, 4)
-                                         or self.input_keep < 1):
-            raise ValueError(f"a predicted layer reads a share in (0, 1] of its rows, scored by a 1-4 bit copy, "
-                             f"with all input entries; got predict {self.predict}, bits {self.bits}, "
-                             f"input keep {self.input_keep}")
+        if self.predict is not None and (not 0 < self.predict <= 1 or self.input_keep < 1
+                                         or (self.bits not in (1, 2, 3, 4) if self.net == 0 else self.bits)):
+            raise ValueError(f"a predicted layer reads a share in (0, 1] of its rows, scored by a 1-4 bit copy "
+                             f"or a trained net, with all input entries; got predict {self.predict}, bits "
+                             f"{self.bits}, net {self.net}, input keep {self.input_keep}")
         if self.threshold is not None and (self.threshold < 0 or self.refine is None or self.input_keep < 1
                                            or self.predict is not None):
             raise ValueError(f"a layer's threshold is >= 0 and comes with the refine share it keeps on average, "
@@ -72,13 +74,18 @@ class LayerBudget:
         down = min(rows, self.refine) if self.refine is not None else rows
         inputs = (2 if gated else 1) * rows * self.input_keep
         scorer = 0.0 if self.predict is None else (2 if gated else 1) * self.keep * self.bits / 32
-        return (inputs + down + scorer) / (3 if gated else 2)
+        return (inputs + down + scorer) / (3 if gated else 2) + self.net * self.keep
 
-    def plan(self, ffn) -> Plan | PredictPlan | ThresholdPlan:
-        """How the layer `ffn` decodes under this budget: by its threshold in the native op on the formats
-        that op reads, else (float weights) by the refine share's top-k."""
+    def plan(self, ffn, net: dict[str, torch.Tensor] | None = None) -> Plan | PredictPlan | ThresholdPlan:
+        """How the layer `ffn` decodes under this budget (`net`: the layer's trained predictor): by its
+        threshold in the native op on the formats that op reads, else (float weights) by the refine
+        share's top-k, or by a predictor."""
         if self.threshold is not None and ffn.format in THRESHOLD_FORMATS:
             return ThresholdPlan(self.threshold, self.refine)
+        if self.predict is not None and self.net:
+            if net is None:
+                raise ValueError("the profile names a trained predictor it does not hold")
+            return PredictPlan("trained", self.predict, self.refine, net)
         if self.predict is not None:
             return PredictPlan("quant", self.predict, self.refine, fit_quantized(ffn, self.bits), self.bits)
         return Plan(keep_count(self.refine, ffn.width) if self.refine is not None else None, self.input_keep)
@@ -93,11 +100,15 @@ class Profile:
     layers: dict[int, LayerBudget]
     info: dict = field(default_factory=dict)
     prior: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [F], sums to 1 (see PriorPolicy)
+    # layer -> trained predictor factors (engine/trained.py), saved beside the JSON (`nets_path`)
+    nets: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @classmethod
     def for_model(cls, model, layers: dict[int, LayerBudget], info: dict | None = None,
-                  prior: dict[int, torch.Tensor] | None = None) -> "Profile":
-        return cls(model_fingerprint(model), dict(layers), info or {}, dict(prior or {}))
+                  prior: dict[int, torch.Tensor] | None = None,
+                  nets: dict[int, dict[str, torch.Tensor]] | None = None) -> "Profile":
+        used = {l: n for l, n in (nets or {}).items() if l in layers and layers[l].net}
+        return cls(model_fingerprint(model), dict(layers), info or {}, dict(prior or {}), used)
 
     def check(self, model, path: str = "the profile") -> None:
         """Refuse a model other than the one the profile was calibrated on."""
@@ -109,6 +120,11 @@ class Profile:
         bad = [l for l in self.layers if not 0 <= l < len(model.ffns())]
         if bad:
             raise ValueError(f"{path} names layers {bad} the model does not have")
+        ffns = model.ffns()
+        bad = [l for l, n in self.nets.items() if n["net_a"].shape[0] != ffns[l].up.shape[1]
+               or n["net_b"].shape[1] != ffns[l].width]
+        if bad:
+            raise ValueError(f"{path}: the trained predictors of layers {bad} do not fit this model")
 
     def policy(self, model, spec) -> AdaptivePolicy | None:
         """The stability policy at the profile's keep ratios, each layer decoding by its plan; None
@@ -117,7 +133,7 @@ class Profile:
             return None
         width = model.ffns()[0].width
         base = StabilityPolicy({l: b.keep for l, b in self.layers.items()}, width, spec)
-        return AdaptivePolicy(base, {l: b.plan(model.ffns()[l]) for l, b in self.layers.items()})
+        return AdaptivePolicy(base, {l: b.plan(model.ffns()[l], self.nets.get(l)) for l, b in self.layers.items()})
 
     @property
     def per_token(self) -> bool:
@@ -148,6 +164,11 @@ class Profile:
                            for l, b in sorted(self.layers.items())},
                "prior": {str(l): [float(f"{v:.4g}") for v in p.tolist()] for l, p in sorted(self.prior.items())}}
         Path(path).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        if self.nets:  # the fingerprint rides along, so a file from another profile is refused
+            from safetensors.torch import save_file
+
+            save_file({f"{l}.{k}": t.contiguous() for l, n in self.nets.items() for k, t in n.items()},
+                      str(nets_path(path)), metadata={"model": json.dumps(facts), "probe": json.dumps(probe.tolist())})
 
     @classmethod
     def load(cls, path: str | Path) -> "Profile":
@@ -170,7 +191,36 @@ class Profile:
             raise ValueError(f"--profile {path}: bad layer budgets: {e}") from None
         if not layers and doc.get("info", {}).get("meets_target", True):
             raise ValueError(f"--profile {path}: no sparse layers")
-        return cls(fingerprint, layers, doc.get("info", {}), prior)
+        return cls(fingerprint, layers, doc.get("info", {}), prior, load_nets(path, fingerprint, layers))
+
+
+def nets_path(path: str | Path) -> Path:
+    """Where a profile's trained predictors live: beside it, `x.json` -> `x.nets.safetensors`."""
+    return Path(path).with_suffix(".nets.safetensors")
+
+
+def load_nets(path, fingerprint, layers: dict[int, LayerBudget]) -> dict[int, dict[str, torch.Tensor]]:
+    """The trained predictors of the profile at `path` for its layers that use one; refused when the
+    file is missing, lacks a layer, or was written for another model."""
+    wanted = sorted(l for l, b in layers.items() if b.net)
+    if not wanted:
+        return {}
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(nets_path(path)), "pt") as f:
+            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+    except (FileNotFoundError, OSError) as e:
+        raise ValueError(f"--profile {path}: its trained predictors ({nets_path(path).name}) cannot be read: "
+                         f"{e}") from None
+    theirs = (json.loads(meta.get("model", "{}")), torch.tensor(json.loads(meta.get("probe", "[]"))))
+    if not same_model(fingerprint, theirs):
+        raise ValueError(f"--profile {path}: {nets_path(path).name} holds another model's predictors")
+    nets = {l: {k.split(".", 1)[1]: t for k, t in tensors.items() if k.split(".", 1)[0] == str(l)} for l in wanted}
+    missing = [l for l, n in nets.items() if not n]
+    if missing:
+        raise ValueError(f"--profile {path}: {nets_path(path).name} lacks the predictors of layers {missing}")
+    return nets
 
 
 def find_profile(model, folders: list[Path]) -> tuple[Path, Profile] | None:

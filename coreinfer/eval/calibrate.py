@@ -13,10 +13,14 @@
    On int8 and block-format weights each candidate is a threshold on the WINA score instead, read
    by the native sparse FFN (eval/thresholds.py). The same prefills give the global prior: each neuron's share of the norm statistic
    (engine/profile.PriorPolicy, `--prior FILE`).
-4. Each budget's profile is scored end to end on held-out calibration paragraphs (continuation
-   perplexity and top-1 agreement with dense, sparse, as `coreinfer eval ppl`); the cheapest that
-   keeps agreement >= --target-agree is written, or, when none does, a profile with no sparse
-   layers that says so: it decodes dense.
+   Beside each budget's greedy mix, the uniform setting (one candidate for every sparse layer) with
+   the least summed layer error within the budget: layer-wise error undervalues misses that compound
+   across layers (docs/quality.md, issue 21), and the uniform setting is what the frontier measures.
+   `--predictor-hidden H` first trains each layer's predictor net on the same inputs (engine/trained.py).
+4. Each budget's mix and uniform setting are scored end to end on held-out calibration paragraphs
+   (continuation perplexity and top-1 agreement with dense, sparse, as `coreinfer eval ppl`); the
+   cheapest that keeps agreement >= --target-agree is written, or, when none does, a profile with no
+   sparse layers that says so: it decodes dense.
 
 Calibration paragraphs are SQuAD's, taken from the far end of the seed-0 shuffle that
 `coreinfer eval ppl` samples from, so they are disjoint from any evaluation of up to 400 paragraphs.
@@ -26,7 +30,6 @@ import math
 import re
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -35,6 +38,7 @@ from tqdm.auto import tqdm
 from ..cli.args import add_runtime_args, runtime_kwargs
 from ..engine.policy import CoreConfig
 from ..engine.predictor import fit_quantized
+from ..engine.trained import TrainConfig, logits, predictor_bytes, train_predictors
 from ..engine.profile import LayerBudget, Profile
 from ..engine.selection import keep_count
 from ..engine.session import Session
@@ -43,7 +47,7 @@ from . import data, runner
 from .thresholds import threshold_errors
 from .metrics import ratio_and_stderr
 
-REFINES = (None, 0.8, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2)
+REFINES = (None, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.25, 0.2)
 INPUT_KEEPS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4)
 PREDICTS = (0.9, 0.8, 0.7, 0.6, 0.5, 0.4)  # gate/up rows per token a predictor picks (--predictor-bits)
 EVAL_OFFSET = 400  # calibration paragraphs start here in the seed-0 shuffle (see the module docstring)
@@ -64,9 +68,9 @@ class Capture(Session):
         return run
 
 
-def layer_errors(ffn, x: torch.Tensor, bits: int = 0) -> dict[LayerBudget, float]:
+def layer_errors(ffn, x: torch.Tensor, bits: int = 0, net: dict | None = None) -> dict[LayerBudget, float]:
     """Candidate budget -> relative error it adds to this FFN's output on x [N, d]: every (input keep,
-    refine) pair, and with `bits` every (predict, refine) pair of a `bits`-bit predictor."""
+    refine) pair, and every (predict, refine) pair of a `bits`-bit predictor and of a trained `net`."""
     with torch.inference_mode():
         y = ffn(x)
         energy = y.square().sum()
@@ -86,15 +90,20 @@ def layer_errors(ffn, x: torch.Tensor, bits: int = 0) -> dict[LayerBudget, float
             d_in = keep_count(i, x.shape[1])
             keep = torch.zeros_like(x).scatter_(1, (x.abs() * col_norm).topk(d_in, dim=1).indices, 1.0)
             refined(ffn.activations(x * keep), lambda r: LayerBudget(1.0, r, i))  # noqa: B023
+        scorers = []  # (score [N, F], LayerBudget's bits, net share)
         if bits:
             copy = fit_quantized(ffn, bits)
             up = x @ copy["up_q"].T if ffn.up_bias is None else x @ copy["up_q"].T + ffn.up_bias
             guess = ffn.act(up) if "gate_q" not in copy else ffn.act(x @ copy["gate_q"].T) * up  # [N, F]
-            a, score = ffn.activations(x), guess.abs() * down_norm
+            scorers.append((guess.abs() * down_norm, bits, 0.0))
+        if net is not None:
+            scorers.append((logits(net, x), 0, round(predictor_bytes(net) / ffn.neuron_bytes(), 5)))
+        a = ffn.activations(x)
+        for score, b, share in scorers:
             for p in PREDICTS:
                 rows = keep_count(p, a.shape[1])
                 picked = torch.zeros_like(a).scatter_(1, score.topk(rows, dim=1).indices, 1.0)
-                refined(a * picked, lambda r: LayerBudget(1.0, r if r is None or r < p else None, 1.0, p, bits))  # noqa: B023
+                refined(a * picked, lambda r: LayerBudget(1.0, r if r is None or r < p else None, 1.0, p, b, share))  # noqa: B023
     return out
 
 
@@ -132,9 +141,9 @@ def allocate(fronts: dict[int, list], num_layers: int, budget: float) -> dict[in
     return {l: fronts[l][at[l]][2] for l in fronts}
 
 
-def score(model, rows, policy, pad_id: int, dense=None) -> tuple[float, float, list]:
+def score(model, rows, policy, pad_id: int, dense=None, batch_size: int = 4) -> tuple[float, float, list]:
     """(perplexity, top-1 agreement with `dense`'s greedy tokens, greedy tokens) of rows, sparse."""
-    scored = runner.score_rows(model, rows, policy, pad_id, batch_size=4)
+    scored = runner.score_rows(model, rows, policy, pad_id, batch_size=batch_size)
     counts = [len(s.logprobs) for s in scored]
     ppl = math.exp(ratio_and_stderr([-s.loglikelihood for s in scored], counts)[0])
     greedy = [s.greedy for s in scored]
@@ -143,8 +152,25 @@ def score(model, rows, policy, pad_id: int, dense=None) -> tuple[float, float, l
     return ppl, agree, greedy
 
 
+def uniform_front(errors: dict[int, dict[LayerBudget, float]], gated: bool) -> list[tuple[float, float, LayerBudget]]:
+    """The budgets every sparse layer has, each as one setting for all of them: the Pareto front of
+    (layer FFN share, error summed over the layers, budget), share descending."""
+    common = set.intersection(*(set(e) for e in errors.values())) if errors else set()
+    return pareto({b: sum(e[b] for e in errors.values()) for b in common}, gated)
+
+
+def candidates(model, fronts, uniform, budget: float, prior, nets) -> list[tuple[str, Profile]]:
+    """At one FFN budget: the greedy per-layer mix, and the least-error uniform setting within it."""
+    n, sparse = len(model.ffns()), len(fronts)
+    out = [("mix", Profile.for_model(model, allocate(fronts, n, budget), prior=prior, nets=nets))]
+    fits = [b for share, _, b in uniform if (n - sparse + sparse * share) / n <= budget + 1e-9]
+    if fits:
+        out.append(("uniform", Profile.for_model(model, {l: fits[0] for l in fronts}, prior=prior, nets=nets)))
+    return out
+
+
 def calibrate(llm, budgets: list[float], target: float, docs: int, eval_docs: int, max_tokens: int,
-              layers: str | None, predictor_bits: int = 0) -> Profile:
+              layers: str | None, predictor_bits: int = 0, predictor_hidden: int = 0) -> Profile:
     model, encode = llm.model, llm.tokenizer.encode
     pool = data.squad_documents()
     order = data.sample(list(range(len(pool))), len(pool), 0)[EVAL_OFFSET:]  # the shuffle eval ppl samples
@@ -157,22 +183,31 @@ def calibrate(llm, budgets: list[float], target: float, docs: int, eval_docs: in
     gated, ffns = model.ffns()[0].gated, model.ffns()
     inputs = {l: torch.cat(x) for l, x in inputs.items()}  # [N, d] per sparse layer
     prior = {l: global_prior(ffns[l], x) for l, x in inputs.items()}
+    nets = train_predictors(ffns, inputs, TrainConfig(hidden=predictor_hidden)) if predictor_hidden else {}
     # formats the native sparse FFN reads get per-layer thresholds (thresholds.py), others top-k shares
-    errors = threshold_errors if ffns[0].format in THRESHOLD_FORMATS else partial(layer_errors, bits=predictor_bits)
-    fronts = {l: pareto(errors(ffns[l], inputs.pop(l)), gated) for l in tqdm(sparse, desc="layer candidates", leave=False)}
+    threshold = ffns[0].format in THRESHOLD_FORMATS
+    errors = {l: threshold_errors(ffns[l], inputs.pop(l)) if threshold
+              else layer_errors(ffns[l], inputs.pop(l), predictor_bits, nets.get(l))
+              for l in tqdm(sparse, desc="layer candidates", leave=False)}
+    fronts = {l: pareto(e, gated) for l, e in errors.items()}
+    uniform = uniform_front(errors, gated)
     rows = runner.document_rows(encode, [pool[i] for i in order[docs:docs + eval_docs]], 0.5, max_tokens)
     spec = CoreConfig().statistic_for(gated)
     dense_ppl, _, dense_greedy = score(model, rows, None, llm.tokenizer.pad_id)
     tried, chosen = [], None
     for budget in sorted(budgets):
-        profile = Profile.for_model(model, allocate(fronts, len(ffns), budget), prior=prior)
-        ppl, agree, _ = score(model, rows, profile.policy(model, spec), llm.tokenizer.pad_id, dense_greedy)
-        tried.append({"budget": budget, "ffn_read": round(profile.ffn_share(model), 4),
-                      "ppl_ratio": round(ppl / dense_ppl, 4), "top1_agree": round(agree, 4)})
-        print(f"budget {budget:g}: FFN read {profile.ffn_share(model):.3f}, ppl x{ppl / dense_ppl:.3f}, "
-              f"top-1 agreement {agree:.3f}", file=sys.stderr, flush=True)
-        if agree >= target:
-            chosen = profile
+        met = []
+        for kind, profile in candidates(model, fronts, uniform, budget, prior, nets):
+            ppl, agree, _ = score(model, rows, profile.policy(model, spec), llm.tokenizer.pad_id, dense_greedy)
+            tried.append({"budget": budget, "kind": kind, "ffn_read": round(profile.ffn_share(model), 4),
+                          "ppl_ratio": round(ppl / dense_ppl, 4), "top1_agree": round(agree, 4)})
+            print(f"budget {budget:g} {kind}: FFN read {profile.ffn_share(model):.3f}, ppl x{ppl / dense_ppl:.3f}, "
+                  f"top-1 agreement {agree:.3f}", file=sys.stderr, flush=True)
+            if agree >= target:
+                met.append((profile.ffn_share(model), len(tried) - 1, profile))
+        if met:  # the cheaper of the mix and the uniform setting; its entry goes last (Profile.measured)
+            _, at, chosen = min(met, key=lambda m: m[0])
+            tried.append(tried.pop(at))
             break
     met = chosen is not None
     if not met:  # no budget keeps the target: the profile decodes dense, and says so
@@ -198,8 +233,11 @@ def cmd_calibrate(args) -> None:
     llm = LLM(**runtime_kwargs(args))
     if args.predictor_bits not in (0, 1, 2, 3, 4):
         raise ValueError(f"--predictor-bits takes 0 (no predictor) or 1-4, got {args.predictor_bits}")
+    if args.predictor_hidden < 0:
+        raise ValueError(f"--predictor-hidden takes 0 (no trained predictor) or a width >= 1, got "
+                         f"{args.predictor_hidden}")
     profile = calibrate(llm, budgets, args.target_agree, args.docs, args.eval_docs, args.max_tokens, args.layers,
-                        args.predictor_bits)
+                        args.predictor_bits, args.predictor_hidden)
     name = re.sub(r"[^\w.-]+", "-", Path(llm.name).stem)  # the checkpoint's name, safe as a file name
     output = Path(args.output) if args.output else profile_folders()[0] / f"{name}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -222,6 +260,9 @@ def add_parser(sub) -> None:
     p.add_argument("--predictor-bits", type=int, default=0,
                    help="also try, per layer, predicted sparsity of gate/up/down scored by a copy of gate and up "
                         "at this many bits a weight (engine/predictor.py); 0: refine and input keep only")
+    p.add_argument("--predictor-hidden", type=int, default=0,
+                   help="also try, per layer, predicted sparsity scored by a trained MLP of this hidden width "
+                        "(engine/trained.py), trained on the calibration paragraphs; 0: none")
     p.add_argument("--output", default=None, help="the profile file to write (default: the cache folder's "
                    "profiles/, where the default core setting of generate, chat and serve finds it)")
     add_runtime_args(p)
