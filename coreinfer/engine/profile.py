@@ -46,8 +46,8 @@ class LayerBudget:
     input_keep: float = 1.0
     predict: float | None = None
     bits: int = 0
-    threshold: float | None = None  # on |a_i| * ||down_i||, read by the native op where it runs (threshold.py)
     net: float = 0.0  # a trained predictor's bytes per token, as a share of the layer's dense FFN bytes
+    threshold: float | None = None  # on |a_i| * ||down_i||, read by the native op where it runs (threshold.py)
 
     def __post_init__(self):
         if not 0 < self.keep <= 1:
