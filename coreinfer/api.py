@@ -17,6 +17,7 @@ import torch
 
 from .engine.clusters import ClusterSet
 from .engine.compact import CoreWeights
+from .engine.background import BackgroundStep
 from .engine.compiled import CompiledStep, batch_bucket, decode_forward, use_cache_dir
 from .engine.cuda_graphs import GraphedStep
 from .engine.generate import GenerationConfig, decode
@@ -49,7 +50,9 @@ class RuntimeConfig:
     """Where and how the model runs. dtype None: fp32 on CPU, bf16 on CUDA. threads None:
     `default_threads()`, the physical cores this process may use less those the load average shows busy.
     compile: a compiled decode step (engine/compiled.py); None: on where it pays: int8 and int4 weights on
-    the CPU (~1.7x decode) and float weights on CUDA (inside the CUDA graphs, ~1.4x), off elsewhere."""
+    the CPU (~1.7x decode) and float weights on CUDA (inside the CUDA graphs, ~1.4x), off elsewhere.
+    background_compile: on the CPU, decode eager while a new shape's compiled step builds in a worker
+    thread, and switch to it once built (engine/background.py); False: the first step of a shape waits."""
 
     model: str | None = None
     device: str = "cpu"
@@ -59,6 +62,7 @@ class RuntimeConfig:
     max_gpu_memory: str | int | None = None  # e.g. "2GiB": the memory-limited mode (engine/offload.py)
     max_memory: str | int | None = None  # e.g. "3GiB": the CPU memory-limited mode (engine/residency.py)
     compile: bool | None = None
+    background_compile: bool = True
 
     def compiles(self) -> bool:
         """Whether decode steps run compiled (engine/compiled.py). The memory-limited mode streams FFN
@@ -152,6 +156,8 @@ class Completion:
     decode_s: float = 0.0  # decoding alone: compile_s is not in it
     stats: CoreStats | None = None  # what the core selection did (None when dense)
     compile_s: float = 0.0  # compiling the decode step, or loading its graph from the cache, during this run
+    eager_steps: int = 0  # decode steps run eager while the compiled step built in the background
+    eager_s: float = 0.0  # the time they took (in decode_s)
 
     @property
     def completion_tokens(self) -> int:
@@ -201,6 +207,11 @@ def compile_seconds(step) -> float:
     return getattr(step, "compile_s", 0.0)
 
 
+def eager_steps(step) -> tuple[int, float]:
+    """Steps a background-compiling decode step has run eager so far, and their seconds ((0, 0) for others)."""
+    return (step.eager_steps, step.eager_s) if isinstance(step, BackgroundStep) else (0, 0.0)
+
+
 def first_divergence(a: list[int], b: list[int]) -> int | None:
     """The first index where two token lists differ (a list ending early differs there); None if equal."""
     n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
@@ -211,9 +222,9 @@ class LLM:
     def __init__(self, model: str | None = None, device: str = "cpu", dtype: str | None = None,
                  threads: int | None = None, weights: str = "dense", progress: bool = True,
                  max_gpu_memory: str | int | None = None, compile: bool | None = None,
-                 max_memory: str | int | None = None):
+                 max_memory: str | int | None = None, background_compile: bool = True):
         self.runtime = RuntimeConfig(model, device, dtype, threads, weights, max_gpu_memory=max_gpu_memory,
-                                     max_memory=max_memory, compile=compile)
+                                     max_memory=max_memory, compile=compile, background_compile=background_compile)
         torch.set_num_threads(threads or default_threads())
         ckpt = load_checkpoint(model, progress=progress)
         self.name = ckpt.source
@@ -241,6 +252,8 @@ class LLM:
         if self.runtime.compiles():
             use_cache_dir(cache_dir() / "inductor")  # a second process loads the kernels the first compiled
             self.compiled = CompiledStep(self.model)
+            if background_compile and torch.device(device).type == "cpu":  # CUDA graphs capture a compiled step
+                self.compiled = BackgroundStep(self.compiled)
         if torch.device(device).type == "cuda" and compile is not False:  # one launch per step, not hundreds
             self.compiled = GraphedStep(self.compiled or partial(decode_forward, self.model))
         self._clusters: dict[str, ClusterSet] = {}
@@ -330,6 +343,7 @@ class LLM:
         finished = [False] * len(ids)
         session = self.session(ids, gen.max_new_tokens, core)
         compiled_before = compile_seconds(self.compiled)
+        eager_before = eager_steps(self.compiled)
         t0 = time.perf_counter()
         t_first = None
         for token in decode(session, gen, self.tokenizer.eos_ids):
@@ -351,11 +365,12 @@ class LLM:
         t_first = t_first or t_end
         # the first step of a new shape compiles (minutes) or loads its graph (seconds): timed apart
         compile_s = compile_seconds(self.compiled) - compiled_before
+        eager = [now - before for now, before in zip(eager_steps(self.compiled), eager_before)]
         for b, s in enumerate(streams):
             tail = s.finish()
             done = Completion(s.text, s.ids, finished[b] or "length", len(ids[b]), prefill_s=t_first - t0,
                               decode_s=max(t_end - t_first - compile_s, 0.0), stats=session.stats,
-                              compile_s=compile_s)
+                              compile_s=compile_s, eager_steps=eager[0], eager_s=eager[1])
             yield StreamEvent(b, tail, done)
 
     def generate(self, prompts, gen: GenerationConfig | None = None, core: CoreConfig | SelectionPolicy | None = None,

@@ -1,6 +1,7 @@
 """The compiled decode step decodes what eager decodes: across prompts whose core sets differ (the
 per-prompt core rows are graph inputs, not constants frozen on the first prompt), in a batch of 2 and
-in a bucketed batch of 3, and eager again when compiling fails."""
+in a bucketed batch of 3, and eager again when compiling fails; compiled in the background, eager up to
+the switch and compiled after it."""
 
 import os
 
@@ -12,6 +13,7 @@ from coreinfer.api import RuntimeConfig, default_threads, physical_cores
 from coreinfer.engine import rows
 from coreinfer.engine.adaptive import AdaptiveFFN, AdaptivePolicy, Plan
 from coreinfer.engine.compact import CoreWeights
+from coreinfer.engine.background import BackgroundStep
 from coreinfer.engine.compiled import CompiledStep, batch_bucket, use_cache_dir
 from coreinfer.engine.policy import CoreConfig, StabilityPolicy
 from coreinfer.engine.quant import quantize_model
@@ -102,7 +104,7 @@ def test_batches_run_in_power_of_two_buckets(tiny_model_dir):
 
     assert [batch_bucket(n) for n in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 16]
     gen, texts = GenerationConfig(max_new_tokens=6, ignore_eos=True), ["The capital", "a b", "Scholars argue about"]
-    fast = LLM(str(tiny_model_dir), weights="int8", progress=False)
+    fast = LLM(str(tiny_model_dir), weights="int8", progress=False, background_compile=False)
     eager = LLM(str(tiny_model_dir), weights="int8", compile=False, progress=False)
     got = fast.generate(texts, gen, core=None)
     assert [c.token_ids for c in got] == [c.token_ids for c in eager.generate(texts, gen, core=None)]
@@ -130,6 +132,65 @@ def test_falls_back_to_eager_without_a_compiler(model):
     eager, _ = greedy(model, [PROMPTS[0]], None, None, CoreWeights())
     assert torch.equal(fast, eager)
     assert compiled.failed and any("decoding eager instead" in line for line in lines)
+
+
+def stepped(model, prompts, step, wait_after: int):
+    """Greedy tokens [B, STEPS] through a BackgroundStep, waiting for its compile after `wait_after`
+    steps, so that the switch comes at a step the test knows."""
+    session = Session(model, prompts, STEPS, compiled=step)
+    token, out = session.prefill().argmax(-1), []
+    for i in range(STEPS):
+        out.append(token)
+        token = session.step(token).argmax(-1)
+        if i + 1 == wait_after:
+            assert step.wait(600)
+    return torch.stack(out, 1)
+
+
+def test_background_compile_decodes_eager_then_compiled(model):
+    """The first steps run eager while the worker compiles, the rest compiled: the tokens are eager's
+    and compiled's (equal on this model), the decoding thread never waited, one line said so."""
+    lines = []
+    step = BackgroundStep(CompiledStep(model, log=lines.append))
+    got = stepped(model, [PROMPTS[0]], step, wait_after=3)
+    eager, _ = greedy(model, [PROMPTS[0]], None, None, CoreWeights())
+    fast, _ = greedy(model, [PROMPTS[0]], None, CompiledStep(model), CoreWeights())
+    print(f"background {got.tolist()}: {step.eager_steps} eager, {step.compiled_steps} compiled, "
+          f"compiled in {step.background_s:.1f} s")
+    assert torch.equal(got, eager) and torch.equal(got, fast)
+    assert 1 <= step.eager_steps <= 3 and step.eager_steps + step.compiled_steps == STEPS
+    assert step.failed is None and step.compile_s == 0 and step.background_s > 0 and len(step.seen) == 1
+    assert len(lines) == 1 and "in the background" in lines[0]
+
+
+def test_a_failing_background_compile_stays_eager_with_one_line(model):
+    lines = []
+    step = BackgroundStep(CompiledStep(model, log=lines.append))
+    # no C++ compiler, no cache entry to load instead (fx_graph_cache, and a batch of 3 no other test runs)
+    prompts = [*PROMPTS, PROMPTS[0]]
+    with torch._inductor.config.patch({"cpp.cxx": (None, "/nonexistent/c++"), "fx_graph_cache": False}), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        torch._dynamo.reset()
+        got = stepped(model, prompts, step, wait_after=1)
+    eager, _ = greedy(model, prompts, None, None, CoreWeights())
+    print(lines)
+    assert torch.equal(got, eager) and step.eager_steps == STEPS and step.compiled_steps == 0
+    assert step.failed and [line for line in lines if "decoding eager instead" in line] == lines[1:]
+    assert len(lines) == 2
+
+
+def test_stats_line_splits_the_rate_at_the_switch(capsys):
+    from coreinfer.api import Completion
+    from coreinfer.cli.args import report_speed
+
+    ids = list(range(11))  # 10 decode steps: 4 eager in 0.4 s, 6 compiled in 0.2 s
+    report_speed(Completion("x", ids, "length", 3, prefill_s=0.1, decode_s=0.6, eager_steps=4, eager_s=0.4))
+    line = capsys.readouterr().err
+    assert "decode 11 tok at 16.7 tok/s (4 eager at 10.0 tok/s while the compiled step built in the background, " \
+           "then 6 compiled at 30.0 tok/s)" in line
+    report_speed(Completion("x", ids, "length", 3, prefill_s=0.1, decode_s=0.6, eager_steps=10, eager_s=0.6))
+    assert "(10 eager at 16.7 tok/s while the compiled step built in the background, not ready before the end)" \
+        in capsys.readouterr().err
 
 
 def test_default_mode_follows_the_int8_kernel(model, monkeypatch):

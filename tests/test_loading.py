@@ -366,3 +366,27 @@ def test_gemma3_270m_logits_match_transformers(gemma, gemma_path):
         print(f"gemma3-270m {prompt[:20]!r}: max |ours - hf| {err:.2e}")
         assert err < 1e-3
     assert 106 in llm.tokenizer.eos_ids  # <end_of_turn> ends a chat turn
+
+
+# --- the fast GGUF header reader (io/gguf_header.py) against gguf-py's ---
+
+def test_header_reader_reads_what_gguf_py_reads():
+    """Every metadata value (string arrays decoded on request, arrays' lengths), the derived config and
+    every tensor's type, shape and absolute data offset, on the embedded model (49k-token vocabulary)."""
+    from coreinfer.io import gguf as conversion
+    from coreinfer.io.gguf_header import read_header
+
+    path = loading.embedded_model_path()
+    t = time.perf_counter()
+    ours = read_header(path)
+    t_ours = time.perf_counter() - t
+    theirs = gguf.GGUFReader(path)
+    print(f"read_header {t_ours:.3f} s")
+    keys = [k for k in theirs.fields if not k.startswith("GGUF.")]  # gguf-py's pseudo fields (version, counts)
+    assert sorted(keys) == sorted(ours.fields)
+    for key in keys:
+        assert ours.fields[key].contents() == theirs.fields[key].contents(), key
+        assert len(ours.fields[key].data) == len(theirs.fields[key].data), key
+    assert [(t.name, t.tensor_type, t.shape, t.data_offset) for t in ours.tensors] == \
+        [(t.name, int(t.tensor_type), tuple(int(d) for d in t.shape), int(t.data_offset)) for t in theirs.tensors]
+    assert conversion.hf_config(ours) == conversion.hf_config(theirs)

@@ -63,6 +63,9 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
                         "first compile of a shape takes about two minutes on the CPU (~20 s on CUDA), later starts "
                         "load it from the cache in seconds (default: on for int8 and int4 on the CPU and for dense "
                         "weights on CUDA, else off)")
+    g.add_argument("--background-compile", action=argparse.BooleanOptionalAction, default=True,
+                   help="on the CPU, decode eager while a new shape's compiled step builds in the background, and "
+                        "switch to it once built (default: on); --no-background-compile: the first token waits for it")
 
 
 def add_generation_args(p: argparse.ArgumentParser, max_new_tokens: int = 128) -> None:
@@ -137,7 +140,8 @@ def adaptive_kwargs(args, refine: float | None, input_keep: float) -> dict:
 
 def runtime_kwargs(args) -> dict:
     return dict(model=args.model, device=args.device, dtype=args.dtype, threads=args.threads, weights=args.weights,
-                max_gpu_memory=args.max_gpu_memory, max_memory=args.max_memory, compile=args.compile)
+                max_gpu_memory=args.max_gpu_memory, max_memory=args.max_memory, compile=args.compile,
+                background_compile=args.background_compile)
 
 
 def generation_config(args) -> GenerationConfig:
@@ -226,6 +230,9 @@ def report_speed(c) -> None:
            f"{decode_rate(c)} tok/s"
     if c.compile_s:
         line += f" (+ {c.compile_s:.1f} s compiling or loading the decode step, not counted)"
+    if c.eager_steps:
+        line += f" ({c.eager_steps} eager at {c.eager_steps / c.eager_s:.1f} tok/s while the compiled step built in " \
+                f"the background, {switched(c)})"
     line += f", {count(torch.get_num_threads(), 'thread')}"
     if c.stats is not None:
         line += f", core {c.stats.share:.0%} of weight bytes per token " \
@@ -235,6 +242,12 @@ def report_speed(c) -> None:
         if c.stats.peak_gpu_bytes:
             line += f", peak GPU memory {c.stats.peak_gpu_bytes / 2**30:.2f} GiB"
     print(line, file=sys.stderr)
+
+
+def switched(c) -> str:
+    """What followed a background compile's eager steps: the compiled steps' rate, or that none came."""
+    n, s = c.completion_tokens - 1 - c.eager_steps, c.decode_s - c.eager_s
+    return f"then {n} compiled at {n / s:.1f} tok/s" if n > 0 and s > 0 else "not ready before the end"
 
 
 def count(n: int, noun: str, plural: str | None = None) -> str:

@@ -86,6 +86,10 @@ def use_cache_dir(path) -> None:
     # The cpp-wrapper mode precompiles ATen's headers (~150 MB) into a folder that inductor fixes when
     # codecache is imported, from the system temp dir (default_cache_dir()/precompiled_headers), whatever
     # the variable says. Point it beside the other caches, where `coreinfer cache` lists and clears it.
+    # torch 2.13 has no supported setting for that folder (inductor's config has none, and the module
+    # reads no variable for it): the alternatives are TMPDIR, which must be set before torch is
+    # imported and moves every temporary file of the process, or `cpp_cache_precompile_headers=False`,
+    # which drops the headers and makes every first compile slower. So the two private names are set.
     from torch._inductor import codecache
 
     headers = os.path.join(os.environ["TORCHINDUCTOR_CACHE_DIR"], "precompiled_headers")
@@ -119,21 +123,34 @@ class CompiledStep:
             return decode_forward(self.model, tokens, positions, slots, key_valid, caches, cores)
         key = self.key(tokens, key_valid, cores)
         if key in self.seen:
-            # under the raised limit too: every CompiledStep of a process shares decode_forward's cache
-            # entries, so a guard miss here (another model's step ran since) recompiles past dynamo's 8
-            with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
-                return self.fn(self.model, tokens, positions, slots, key_valid, caches, cores)
+            return self.run(tokens, positions, slots, key_valid, caches, cores)
         B, S = key_valid.shape
         self.log(f"compiling the decode step (batch {B}, cache {S}, {len(key[2])} core layers, {self.mode}): "
                  "up to minutes the first time, seconds once the cache holds it (--no-compile: eager)")
+        out = self.build(key, tokens, positions, slots, key_valid, caches, cores)
+        return decode_forward(self.model, tokens, positions, slots, key_valid, caches, cores) if out is None else out
+
+    def run(self, tokens, positions, slots, key_valid, caches, cores=None) -> torch.Tensor:
+        """The compiled graph of a shape in `seen`."""
+        # under the raised limit too: every CompiledStep of a process shares decode_forward's cache
+        # entries, so a guard miss here (another model's step ran since) recompiles past dynamo's 8
+        with torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)):
+            return self.fn(self.model, tokens, positions, slots, key_valid, caches, cores)
+
+    def build(self, key, tokens, positions, slots, key_valid, caches, cores=None) -> torch.Tensor | None:
+        """Compile the shape `key` (or load it from inductor's caches) by running the step once on these
+        inputs -> its logits; None, with one line, when compiling fails (the step is eager from then on)."""
         t, limit = time.perf_counter(), max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
         try:
             with torch._dynamo.config.patch(recompile_limit=limit):
                 out = self.fn(self.model, tokens, positions, slots, key_valid, caches, cores)
         except (torch._dynamo.exc.BackendCompilerFailed, torch._dynamo.exc.Unsupported) as e:
-            self.failed = str(e).strip().splitlines()[0][:200]
-            self.log(f"compiling the decode step failed, decoding eager instead: {self.failed}")
-            return decode_forward(self.model, tokens, positions, slots, key_valid, caches, cores)
+            self.fail(e)
+            return None
         self.compile_s += time.perf_counter() - t
         self.seen.add(key)
         return out
+
+    def fail(self, error: BaseException) -> None:
+        self.failed = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        self.log(f"compiling the decode step failed, decoding eager instead: {self.failed}")
