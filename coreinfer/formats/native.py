@@ -6,7 +6,6 @@ here keeps a PyTorch reference for when an op is missing.
 """
 
 import importlib
-from functools import cache
 
 import torch
 
@@ -14,11 +13,23 @@ KERNEL_MODULES = {"q8_0_gemv": "q8_0", "q4_gemv": "q4", "q8_0_rows": "rows", "q4
                   "int8_rows": "rows"}
 
 
-@cache
+# name -> the op or None, filled on first ask; like torch.ops itself, a registry of what this process
+# loaded. A plain dict (not functools.cache) so that a compiled decode step traces `op` as a lookup:
+# dynamo refuses to trace into a cache wrapper, and the step then stayed eager on block formats.
+_LOADED: dict[str, object] = {}
+
+
 def op(name: str):
     """torch.ops.coreinfer.<name> if its kernels module (coreinfer.kernels.<module>) builds it and says it
     runs on this CPU, else None. Imported here, when first asked, not at import time: the kernels'
-    builder reads the cache folder from io.loading, which imports the formats."""
+    builder reads the cache folder from io.loading, which imports the formats. The eager prefill asks
+    first, so a compiled step finds the answer in the registry."""
+    if name not in _LOADED:
+        _LOADED[name] = _load(name)
+    return _LOADED[name]
+
+
+def _load(name: str):
     try:
         kernels = importlib.import_module(f"coreinfer.kernels.{KERNEL_MODULES[name]}")
     except ImportError:

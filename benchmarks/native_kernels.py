@@ -1,7 +1,7 @@
 """The native kernels of coreinfer/kernels/ at decode shapes, against PyTorch's int8 and int4 kernels.
 
-    python benchmarks/kernels.py --threads 2                 # all three models' shapes, M = 1
-    python benchmarks/kernels.py --models smollm2 --m 1 4    # a subset, more activation rows
+    python benchmarks/native_kernels.py --threads 2                 # all three models' shapes, M = 1
+    python benchmarks/native_kernels.py --models smollm2 --m 1 4    # a subset, more activation rows
 
 Per shape, enough distinct weight matrices (`--working-set` MB of each format, at least 2) are called in
 turn that they do not stay in the 32 MiB L3: the weights come from DRAM, as in a decode step. The
