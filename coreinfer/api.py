@@ -71,13 +71,14 @@ class RuntimeConfig:
             return False
         if self.compile is not None:
             return self.compile
-        # int8 and int4 on the CPU: the compiled step decodes ~1.7x faster; the first compile of a shape
+        # int8, int4 and the block formats on the CPU: the compiled step decodes ~1.7x faster (int8; the
+        # block formats' native ops run inside it the same way, docs/speed.md); the first compile of a shape
         # takes about two minutes, once: later processes load it from the on-disk cache (docs/speed.md).
         # fp32 and bf16 on the CPU gain little from it. On CUDA the graphed step is a chain of ~30 tiny
         # kernels a layer (norms, RoPE, casts) that inductor fuses: 1.4x on an H200 (docs/speed.md), for
         # ~20 s of compiling per shape; int8 there runs our Triton kernel, which is not verified compiled.
         cuda = torch.device(self.device).type == "cuda"
-        return self.weights in ("int8", "int4") if not cuda else self.weights == "dense"
+        return self.weights in ("int8", "int4", *LOAD_FORMATS) if not cuda else self.weights == "dense"
 
     def __post_init__(self):
         if self.weights not in WEIGHT_FORMATS:

@@ -164,15 +164,16 @@ def test_threshold_layer_equals_masked_dense_on_every_row(quantized):
 
 
 @needs_op
-def test_a_threshold_profile_decodes_compiled_as_eager_on_two_prompts(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("weights", ["int8", "q8_0"])
+def test_a_threshold_profile_decodes_compiled_as_eager_on_two_prompts(tiny_model_dir, tmp_path, weights):
     from coreinfer.api import LLM
     from coreinfer.engine.generate import GenerationConfig
     from coreinfer.engine.policy import CoreConfig
     from coreinfer.engine.profile import Profile
 
-    # int8: the weights the compiled step compiles today (block formats' dense matmuls fall back to eager)
-    eager = LLM(str(tiny_model_dir), weights="int8", progress=False, compile=False)
-    compiled = LLM(str(tiny_model_dir), weights="int8", progress=False, compile=True)
+    # q8_0: a block format, whose dense matmuls look their native ops up inside the traced step
+    eager = LLM(str(tiny_model_dir), weights=weights, progress=False, compile=False)
+    compiled = LLM(str(tiny_model_dir), weights=weights, progress=False, compile=True, background_compile=False)
     path = tmp_path / "tiny.json"
     Profile.for_model(eager.model, threshold_budgets(eager), {"meets_target": True}).save(path)
     gen, core = GenerationConfig(max_new_tokens=8, ignore_eos=True), CoreConfig(profile=str(path))
