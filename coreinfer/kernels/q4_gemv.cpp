@@ -13,40 +13,9 @@
 
 #include <vector>
 
-#include "x_quant.h"
+#include "q4_dot.h"
 
 #ifdef COREINFER_VNNI
-/* The dots of R weight rows (qs [R, K/2], d, m [R, K/32]) with one row of x in nibble order -> out [R] */
-template <int R>
-static inline void dot_rows(const uint8_t *qs, const uint16_t *d, const uint16_t *m, int64_t K, const int8_t *xq,
-                            const float *xs, const float *xsum, float *out) {
-    const __m512i z = _mm512_setzero_si512(), low = _mm512_set1_epi8(0x0F);
-    const __m512i quarters = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    const int64_t B = K / 32, H = K / 2;
-    __m512 f[R];
-    __m128 fm[R];
-    for (int r = 0; r < R; r++) f[r] = _mm512_setzero_ps(), fm[r] = _mm_setzero_ps();
-    for (int64_t b = 0; b < B; b += 4) {
-        int64_t nb = B - b < 4 ? B - b : 4;  // blocks in this chunk
-        __mmask64 bytes = nb == 4 ? ~(__mmask64)0 : ((__mmask64)1 << 16 * nb) - 1;
-        __mmask8 blocks = (__mmask8)((1 << nb) - 1);
-        __m512i xlo = _mm512_loadu_si512(xq + b * 32), xhi = _mm512_loadu_si512(xq + b * 32 + 64);
-        __m128 sx = _mm_loadu_ps(xs + b), sum = _mm_loadu_ps(xsum + b);
-        for (int r = 0; r < R; r++) {
-            _mm_prefetch((const char *)(qs + (R + r) * H + b * 16), _MM_HINT_T0);
-            __m512i w = _mm512_maskz_loadu_epi8(bytes, qs + r * H + b * 16);
-            __m512i lo = _mm512_and_si512(w, low), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), low);
-            __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, lo, xlo), hi, xhi);
-            __m128 dv = _mm_cvtph_ps(_mm_maskz_loadu_epi16(blocks, d + r * B + b));
-            __m128 mv = _mm_cvtph_ps(_mm_maskz_loadu_epi16(blocks, m + r * B + b));
-            __m512 s = _mm512_permutexvar_ps(quarters, _mm512_castps128_ps512(_mm_mul_ps(dv, sx)));
-            f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, f[r]);
-            fm[r] = _mm_fmadd_ps(mv, sum, fm[r]);
-        }
-    }
-    for (int r = 0; r < R; r++) out[r] = hsum(_mm512_add_ps(f[r], _mm512_castps128_ps512(fm[r])));
-}
-
 /* x [M, K] f32, qs [N, K/2] u8, d, m [N, K/32] fp16 -> out [M, N]; threads take contiguous shares of
    the groups of four rows, each group meets every row of x while in L1. */
 static void gemv(const float *x, int64_t M, int64_t K, const uint8_t *qs, const uint16_t *d, const uint16_t *m,
@@ -65,11 +34,11 @@ static void gemv(const float *x, int64_t M, int64_t K, const uint8_t *qs, const 
                 const int8_t *xi = &xq[i * Kp];
                 const float *si = &xs[i * (Kp / 32)], *ti = &xsum[i * (Kp / 32)];
                 if (n + 4 <= N) {
-                    dot_rows<4>(qs + n * (K / 2), d + n * B, m + n * B, K, xi, si, ti, dots);
+                    q4_dot_rows<4>(qs + n * (K / 2), d + n * B, m + n * B, K, xi, si, ti, dots);
                     for (int r = 0; r < 4; r++) out[i * N + n + r] = dots[r];
                 } else {
                     for (int64_t r = n; r < N; r++) {
-                        dot_rows<1>(qs + r * (K / 2), d + r * B, m + r * B, K, xi, si, ti, dots);
+                        q4_dot_rows<1>(qs + r * (K / 2), d + r * B, m + r * B, K, xi, si, ti, dots);
                         out[i * N + r] = dots[0];
                     }
                 }

@@ -7,8 +7,8 @@
      q4:   uint8 q [F, d/2] (nibbles as q4_gemv.cpp) + fp16 d, m [F, d/32].
    down is int8 [F, d] with fp16 block scales [F, d/32] (q8_0) or a float scale per column [d] (int8).
    x is quantized per block of 32 to int8 (x_quant.h), as the dense GEMVs do, so on the superset this op
-   computes what q8_0_gemv/q4_gemv/int8_gemv followed by neuron_rows' rows sum compute. The dot routines
-   follow q8_0_gemv.cpp and q4_gemv.cpp (kept here so that this file builds on its own); gate/up's rows
+   computes what q8_0_gemv/q4_gemv/int8_gemv followed by neuron_rows' rows sum compute. The q4 dots are
+   q4_gemv.cpp's own (q4_dot.h); the int8 dots follow q8_0_gemv.cpp; gate/up's rows
    stream four at a time (each chunk of x loaded once for four rows), groups split across threads, then down's chosen rows in per-thread shares. Scratch (a,
    the chosen ids, partial sums) is per call on the stack of std::vector: a few KiB, no weight copies. */
 #include <ATen/Parallel.h>
@@ -20,7 +20,7 @@
 #include <optional>
 #include <vector>
 
-#include "x_quant.h"
+#include "q4_dot.h"
 
 enum Act { SILU = 0, RELU = 1, GELU = 2, GELU_TANH = 3 };
 
@@ -82,36 +82,12 @@ static inline void dot_int8(const Rows &w, int64_t r, int64_t K, const XQ &x, fl
     for (int i = 0; i < R; i++) out[i] = hsum(f[i]) * (w.rs ? w.rs[r + i] : 1.f);
 }
 
-/* Rows r..r+R-1 of a q4 matrix . x (x in nibble order) -> out [R] */
+/* Rows r..r+R-1 of a q4 matrix . x (x in nibble order) -> out [R]: q4_gemv.cpp's dots (q4_dot.h) */
 template <int R>
 static inline void dot_q4(const Rows &w, int64_t r, int64_t K, const XQ &x, float *out) {
-    const __m512i z = _mm512_setzero_si512(), low = _mm512_set1_epi8(0x0F);
-    const __m512i quarters = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    const int64_t B = K / 32, H = K / 2;
-    const uint8_t *qs = (const uint8_t *)w.q + r * H;
-    const uint16_t *d = w.d + r * B, *m = w.m + r * B;
-    __m512 f[R];
-    __m128 fm[R];
-    for (int i = 0; i < R; i++) f[i] = _mm512_setzero_ps(), fm[i] = _mm_setzero_ps();
-    for (int64_t b = 0; b < B; b += 4) {
-        int64_t nb = B - b < 4 ? B - b : 4;
-        __mmask64 bytes = nb == 4 ? ~(__mmask64)0 : ((__mmask64)1 << 16 * nb) - 1;
-        __mmask8 blocks = (__mmask8)((1 << nb) - 1);
-        __m512i xlo = _mm512_loadu_si512(&x.nq[b * 32]), xhi = _mm512_loadu_si512(&x.nq[b * 32 + 64]);
-        __m128 sx = _mm_loadu_ps(&x.ns[b]), sum = _mm_loadu_ps(&x.nsum[b]);
-        for (int i = 0; i < R; i++) {
-            _mm_prefetch((const char *)(qs + (R + i) * H + b * 16), _MM_HINT_T0);
-            __m512i wv = _mm512_maskz_loadu_epi8(bytes, qs + i * H + b * 16);
-            __m512i lo = _mm512_and_si512(wv, low), hi = _mm512_and_si512(_mm512_srli_epi16(wv, 4), low);
-            __m512i dot = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(z, lo, xlo), hi, xhi);
-            __m128 dv = _mm_cvtph_ps(_mm_maskz_loadu_epi16(blocks, d + i * B + b));
-            __m128 mv = _mm_cvtph_ps(_mm_maskz_loadu_epi16(blocks, m + i * B + b));
-            __m512 sc = _mm512_permutexvar_ps(quarters, _mm512_castps128_ps512(_mm_mul_ps(dv, sx)));
-            f[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), sc, f[i]);
-            fm[i] = _mm_fmadd_ps(mv, sum, fm[i]);
-        }
-    }
-    for (int i = 0; i < R; i++) out[i] = hsum(_mm512_add_ps(f[i], _mm512_castps128_ps512(fm[i])));
+    const int64_t B = K / 32;
+    q4_dot_rows<R>((const uint8_t *)w.q + r * (K / 2), w.d + r * B, w.m + r * B, K, x.nq.data(), x.ns.data(),
+                   x.nsum.data(), out);
 }
 
 /* Rows f..f+R-1 of one gate/up matrix . x -> out [R] */
