@@ -52,13 +52,14 @@ class RuntimeConfig:
     compile: a compiled decode step (engine/compiled.py); None: on where it pays: int8 and int4 weights on
     the CPU (~1.7x decode) and float weights on CUDA (inside the CUDA graphs, ~1.4x), off elsewhere.
     background_compile: on the CPU, decode eager while a new shape's compiled step builds in a worker
-    thread, and switch to it once built (engine/background.py); False: the first step of a shape waits."""
+    thread, and switch to it once built (engine/background.py); False: the first step of a shape waits.
+    weights None: `default_weights`, the fastest format that keeps quality where this model runs."""
 
     model: str | None = None
     device: str = "cpu"
     dtype: str | None = None
     threads: int | None = None
-    weights: str = "dense"
+    weights: str | None = None
     max_gpu_memory: str | int | None = None  # e.g. "2GiB": the memory-limited mode (engine/offload.py)
     max_memory: str | int | None = None  # e.g. "3GiB": the CPU memory-limited mode (engine/residency.py)
     compile: bool | None = None
@@ -81,6 +82,8 @@ class RuntimeConfig:
         return self.weights in ("int8", "int4", *LOAD_FORMATS) if not cuda else self.weights == "dense"
 
     def __post_init__(self):
+        if self.weights is None:
+            self.weights = default_weights(self.model, self.device)
         if self.weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights must be one of {WEIGHT_FORMATS}, got {self.weights!r}")
         if self.weights == "int4" and torch.device(self.device).type != "cpu":
@@ -110,6 +113,16 @@ class RuntimeConfig:
         if name not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
         return DTYPES[name]
+
+
+def default_weights(model: str | None, device: str) -> str:
+    """The format `--weights` defaults to. On the CPU, a GGUF (the embedded model is one) decodes in its own
+    block formats (auto): compiled, with its calibrated threshold profile, the embedded model decodes at
+    ~1.4x llama.cpp on the same file (docs/speed.md, issue 20) and computes the file's own weights, where
+    int8 requantizes them. An HF folder holds float weights, which dense computes as they are; CUDA runs
+    dense (the block formats have no GPU kernels)."""
+    gguf = model is None or str(model).lower().endswith(".gguf")
+    return "auto" if gguf and torch.device(device).type == "cpu" else "dense"
 
 
 def physical_cores() -> int:
@@ -221,7 +234,7 @@ def first_divergence(a: list[int], b: list[int]) -> int | None:
 
 class LLM:
     def __init__(self, model: str | None = None, device: str = "cpu", dtype: str | None = None,
-                 threads: int | None = None, weights: str = "dense", progress: bool = True,
+                 threads: int | None = None, weights: str | None = None, progress: bool = True,
                  max_gpu_memory: str | int | None = None, compile: bool | None = None,
                  max_memory: str | int | None = None, background_compile: bool = True):
         self.runtime = RuntimeConfig(model, device, dtype, threads, weights, max_gpu_memory=max_gpu_memory,
@@ -231,6 +244,7 @@ class LLM:
         self.name = ckpt.source
         self.config = ckpt.config
         limited = max_gpu_memory is not None
+        weights = self.runtime.weights  # resolved: None is the default format
         formats = weights if weights in LOAD_FORMATS else "dense"  # block formats are adopted while loading
         in_file = {} if max_memory is not None and formats != "dense" else None  # FFNs left in the GGUF, by layer
         self.model = build_model(ckpt.config, ckpt.weights, "cpu" if limited else device, self.runtime.torch_dtype(),
@@ -294,6 +308,15 @@ class LLM:
         return str(path), (f"core neurons: calibrated profile {path.name} (held-out top-1 agreement "
                            f"{got.get('top1_agree', float('nan')):.1%} >= {target:g}, {profile.ffn_share(self.model):.0%} "
                            "of the FFN bytes)")
+
+    def runtime_line(self) -> str:
+        """What decodes, in words: 'weights auto (FFN q4, down q8_0), compiled step built in the background'."""
+        ffn = self.model.ffns()[0]
+        formats = f" (FFN {ffn.format}, down {ffn.down_format})" if ffn.blocked else ""
+        step = ("CUDA graphs" if isinstance(self.compiled, GraphedStep) else
+                "compiled step built in the background" if isinstance(self.compiled, BackgroundStep) else
+                "compiled step" if self.compiled is not None else "eager")
+        return f"weights {self.runtime.weights}{formats}, {step}"
 
     def resolve(self, core: CoreConfig | SelectionPolicy | None) -> CoreConfig | SelectionPolicy | None:
         """`core` with profile "auto" replaced by what `default_core` chose (None: dense)."""

@@ -251,6 +251,9 @@ class FakeLLM:
     def default_core(self):
         return None, "core neurons: no calibrated profile for this model, decoding dense"
 
+    def runtime_line(self):
+        return "weights dense, eager"
+
     def stream(self, messages, gen, core):
         FakeLLM.seen.append([dict(m) for m in messages])
         reply = FakeLLM.replies.pop(0)

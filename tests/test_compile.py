@@ -210,7 +210,8 @@ def test_compiled_by_default_where_it_pays():
     """int8 and int4 on the CPU: on by default (later starts load the compiled step, see below); else off."""
     assert RuntimeConfig(weights="int8").compiles()  # where it pays: on by default
     assert RuntimeConfig(weights="int4").compiles()
-    assert not RuntimeConfig().compiles()  # fp32: little to gain
+    assert not RuntimeConfig(weights="dense").compiles()  # fp32: little to gain
+    assert RuntimeConfig().compiles()  # the default on the CPU: the embedded GGUF in its own block formats
     assert not RuntimeConfig(weights="int8", compile=False).compiles()
     assert RuntimeConfig(weights="int8", compile=True).compiles()
 

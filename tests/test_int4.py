@@ -116,7 +116,7 @@ def test_int4_is_refused_where_it_cannot_run():
 def test_embedded_model_int4_close_to_fp32():
     """SmolLM2-135M: int4 next-token logits on natural text against fp32's (the real weights'
     rounding, not a random model's); top-1 agreement is what greedy decoding sees."""
-    fp32 = LLM(progress=False)
+    fp32 = LLM(progress=False, weights="dense")
     ids = fp32.tokenizer.encode("The history of the printing press begins in the fifteenth century, when "
                                 "Johannes Gutenberg combined movable metal type, oil-based inks and a wooden press.")
     ref, _ = our_logits(fp32.model, [ids], [[]])

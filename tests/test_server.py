@@ -59,7 +59,7 @@ def llm():
 
     # one thread: on a shared 2-core machine, two spin-waiting threads run many times slower
     threads = torch.get_num_threads()
-    yield LLM(progress=False, threads=1)
+    yield LLM(progress=False, threads=1, weights="dense")
     torch.set_num_threads(threads)
 
 

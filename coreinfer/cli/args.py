@@ -49,8 +49,9 @@ def add_runtime_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None,
                    help="CPU threads (default: the physical cores this process may use, SMT siblings counted once, "
                         "less those the 1-minute load average shows busy; at least 1)")
-    g.add_argument("--weights", default="dense",
-                   help="dense (the dtype's), int8 (weight-only, per channel), int4 (group-wise, CPU only; FFN "
+    g.add_argument("--weights", default=None,
+                   help="default: auto for a GGUF on the CPU (the embedded model is one), dense for an HF folder or "
+                        "on CUDA. dense (the dtype's), int8 (weight-only, per channel), int4 (group-wise, CPU only; FFN "
                         "down stays int8), auto (CPU: each tensor in the block format its GGUF holds, q4 or q8_0, "
                         "loaded tensor by tensor without a float copy; an HF folder's in q8_0; FFN down re-blocked to q8_0), small (as "
                         "auto, with down in q4 where the file's is 4-bit: least memory, less faithful) or q8_0 (q8_0 throughout)")

@@ -40,11 +40,14 @@ def cmd_generate(args) -> None:
 
 
 def say_default(llm, core) -> None:
-    """With the default core setting, one stderr line: the calibrated profile it found, or why dense."""
+    """One stderr line: the weight format and decode step this run uses, and with the default core
+    setting the calibrated profile it found, or why dense."""
     from ..engine.profile import AUTO
 
+    line = llm.runtime_line()
     if core is not None and core.profile == AUTO:
-        print(llm.default_core()[1], file=sys.stderr)
+        line += "; " + llm.default_core()[1]
+    print(line, file=sys.stderr)
 
 
 def print_comparison(prompt: str, c) -> None:
