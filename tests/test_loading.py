@@ -351,7 +351,7 @@ def test_gemma3_270m_logits_match_transformers(gemma, gemma_path):
     from coreinfer import LLM
     from coreinfer.engine.session import Session
 
-    llm = LLM(str(gemma_path), progress=False)
+    llm = LLM(str(gemma_path), progress=False, weights="dense")  # fp32, as transformers
     hf = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**gemma.config),
                                                        dtype=torch.float32).eval()
     missing, unexpected = hf.load_state_dict(float_weights(gemma), strict=False)
