@@ -280,3 +280,38 @@ def test_llm_max_memory_on_a_gguf_decodes_what_the_unlimited_llm_decodes(gguf_fi
     assert limited.token_ids == unlimited.token_ids and len(limited.token_ids) == 6
     with pytest.raises(MemoryError, match="^--max-memory 0.50 MiB is too small.*nothing fits below"):
         LLM(str(path), weights="auto", progress=False, max_memory="512KiB")
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q8_0"])
+def test_native_ffn_conversion_is_bit_for_bit_the_pytorch_one(kind):
+    """kernels/ffn_convert.cpp against formats/: Q4_K up rows into q4, a down's file rows [d, F] into
+    neuron-major q8_0 [F, d], converted 32 file rows at a time."""
+    from gguf import GGMLQuantizationType
+
+    from coreinfer.formats import q4, q8_0
+    from coreinfer.formats.ggml import TYPES
+    from coreinfer.kernels import ffn_convert
+
+    if not ffn_convert.load():
+        pytest.skip("no native ffn_convert here")
+    t, g = TYPES[GGMLQuantizationType[kind]], torch.Generator().manual_seed(0)
+
+    def blocks(rows, cols):  # random bytes, with finite fp16 scales where the type keeps them
+        b = torch.randint(0, 256, (rows * cols // t.block, t.nbytes), dtype=torch.uint8, generator=g)
+        h = (torch.rand(b.shape[0], 2, generator=g) * 0.01 + 1e-4).half().view(torch.uint8).reshape(-1, 4)
+        at = {"Q4_K": slice(0, 4), "Q6_K": slice(208, 210), "Q8_0": slice(0, 2)}[kind]
+        b[:, at] = h[:, :at.stop - at.start]
+        return b.view(rows, -1).contiguous()
+
+    if kind == "Q4_K":
+        raw = blocks(96, 512)
+        ref = q4.from_blocks(t, raw, (96, 512))
+        got = {n: torch.empty_like(x) for n, x in ref.items()}
+        ffn_convert.q4k_to_q4(raw, got)
+        assert all(torch.equal(got[n].view(torch.uint8), ref[n].view(torch.uint8)) for n in ref)
+    raw = blocks(96, 512)  # down's file rows: d = 96 of F = 512
+    ref = q8_0.pack(t.dequantize(raw, (96, 512)).t())
+    got = {"qs": torch.zeros(512, 96, dtype=torch.int8), "d": torch.zeros(512, 3, dtype=torch.half)}
+    for c0 in range(0, 96, 32):
+        ffn_convert.to_q8_0_t(raw[c0:c0 + 32].contiguous(), kind, got, c0)
+    assert torch.equal(got["qs"], ref["qs"]) and torch.equal(got["d"].view(torch.int16), ref["d"].view(torch.int16))

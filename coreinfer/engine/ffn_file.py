@@ -26,6 +26,7 @@ from dataclasses import replace
 import torch
 
 from ..formats import FORMATS
+from ..kernels import ffn_convert
 from ..models.adopt import convert, ffn_formats
 from ..models.common import FFN
 
@@ -37,6 +38,7 @@ _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
 _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+_libc.malloc_trim.argtypes = [ctypes.c_size_t]
 
 
 def placeholders(fmt: str, rows: int, cols: int) -> dict[str, torch.Tensor]:
@@ -154,6 +156,9 @@ class GGUFStreamer:
         self.staging.dim = dim
         self.staging.row_block, self.staging.column_block = blocks
         self.bytes_moved, self.fetch_s = 0, 0.0
+        for path in {w.path for roles in in_file.values() for w in roles.values() if w is not None}:
+            advise(path, 0, os.path.getsize(path), os.POSIX_FADV_DONTNEED)  # the load's reads of the other
+            # weights: clean page cache, but charged to a memory cgroup (1.5 GB of the 7B shape's file)
 
     def spans(self, layer: int) -> list[tuple[object, int, int]]:
         """(path, offset, bytes) of each of the layer's FFN tensors in the file."""
@@ -175,6 +180,7 @@ class GGUFStreamer:
                 self.read_role(w, self.chosen[layer][role], dst.role(role))
         for path, offset, n in self.spans(layer):  # with the folios at their ends, and readahead's pages
             advise(path, offset, n, os.POSIX_FADV_DONTNEED, FOLIO)
+        _libc.malloc_trim(0)  # give back the heap the chunks' buffers freed: glibc keeps it otherwise
         self.fetch_s += time.perf_counter() - t0
         dst.layer_id, dst.up_bias, dst.down_bias = layer, src.up_bias, src.down_bias
         if then is not None:
@@ -182,19 +188,31 @@ class GGUFStreamer:
         return dst
 
     def read_role(self, w, fmt: str, out: dict[str, torch.Tensor]) -> None:
-        """Convert FileTensor w, chunk by chunk, into `out`: its format `fmt`'s tensors in the staging FFN."""
+        """Convert FileTensor w, chunk by chunk, into `out`: its format `fmt`'s tensors in the staging FFN.
+        Native where ffn_convert.cpp takes the file's type (Q4_K up/gate into q4; Q4_K, Q6_K or Q8_0
+        down into q8_0): it writes the staging tensors in place, bit for bit what adopt.py's PyTorch
+        `convert` makes, with no float temporaries (that path holds a chunk's floats, twice)."""
         step = max(1, CHUNK_BYTES // w.kind.row_bytes(w.shape[-1]))
         if w.transposed:  # down: file rows are the model's columns, converted in whole blocks of them
             block = FORMATS[fmt].BLOCK
             step = max(block, step // block * block)
+        native = w.row_order is None and not w.shift and ffn_convert.load() and (
+            (w.transposed and fmt == "q8_0" and w.kind.name in ffn_convert.DOWN_KINDS)
+            or (not w.transposed and fmt == "q4" and w.kind.name == "Q4_K"))
         for start in range(0, w.shape[0], step):
-            part = file_rows(w, start, min(w.shape[0], start + step))
-            for name, t in convert(part, fmt, "cpu").items():
-                if w.transposed:  # t [F, this band's columns]
-                    c0 = start * out[name].shape[1] // w.shape[0]
-                    out[name][:, c0:c0 + t.shape[1]].copy_(t)
-                else:
-                    out[name][start:start + t.shape[0]].copy_(t)
+            stop = min(w.shape[0], start + step)
+            part = file_rows(w, start, stop)
+            if native and w.transposed:  # file rows start..stop are down's columns start..stop
+                ffn_convert.to_q8_0_t(part.read(), w.kind.name, out, start)
+            elif native:
+                ffn_convert.q4k_to_q4(part.read(), {name: t[start:stop] for name, t in out.items()})
+            else:
+                for name, t in convert(part, fmt, "cpu").items():
+                    if w.transposed:  # t [F, this band's columns]
+                        c0 = start * out[name].shape[1] // w.shape[0]
+                        out[name][:, c0:c0 + t.shape[1]].copy_(t)
+                    else:
+                        out[name][start:stop].copy_(t)
             offset, n = span(part)
             advise(w.path, offset, n, os.POSIX_FADV_DONTNEED)
             self.bytes_moved += n

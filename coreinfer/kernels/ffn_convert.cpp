@@ -1,0 +1,183 @@
+/* A GGUF FFN's blocks -> the staging FFN's formats, for the CPU memory-limited mode's prefill
+   (engine/ffn_file.py), which converts every FFN of the model once per prompt.
+
+   q4k_to_q4:  Q4_K rows [N, K / 256 * 144] -> q4 (qs [N, K / 2] u8, d and m [N, K / 32] fp16): each
+               32-wide sub-block is q4 already, W = (d_super * sc) * q - (dmin * mn); only the nibbles
+               are reordered and the scale and min rounded to fp16 (formats/q4.py's from_blocks).
+   to_q8_0_t:  R file rows of down ([R, F] in Q4_K, Q6_K or Q8_0; file row r is output column c0 + r)
+               -> columns c0..c0 + R of the neuron-major q8_0 down (qs [F, d] s8, d [F, d / 32] fp16):
+               dequantize, transpose, requantize per 32 along d (formats/q8_0.py's pack).
+
+   Both reproduce the PyTorch path bit for bit (tests/test_residency.py): fp32 products rounded one by
+   one as torch's elementwise ops round them (no fused multiply-add), d = amax / 127, q = sign(x) *
+   floor(|x| + 0.5) against the reciprocal of d, fp16 rounded to nearest even. Plain C++: the compiler
+   vectorizes it; the conversion is bound by the 8 MB chunk's cache traffic, not by arithmetic. */
+#pragma GCC optimize("fp-contract=off")
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace {
+
+constexpr int64_t QK_K = 256;
+enum Kind : int64_t { Q8_0 = 8, Q4_K = 12, Q6_K = 14 };  // gguf's GGMLQuantizationType codes
+
+inline float f16(const uint8_t *p) {
+    uint16_t h;
+    std::memcpy(&h, p, 2);
+    return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+}
+
+inline uint16_t half_bits(float x) { return c10::Half(x).x; }
+
+/* ggml's get_scale_min_k4: sub-block j's 6-bit scale and min from a Q4_K super-block's 12 bytes */
+inline void scale_min(const uint8_t *s, int j, uint8_t *sc, uint8_t *mn) {
+    if (j < 4) {
+        *sc = s[j] & 63;
+        *mn = s[j + 4] & 63;
+    } else {
+        *sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+        *mn = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+/* One Q4_K super-block (144 bytes) -> 256 floats, as formats/ggml.py's _q4_k: (d sc) q - (dmin mn) */
+void q4_k_floats(const uint8_t *b, float *out) {
+    float d = f16(b), dmin = f16(b + 2);
+    for (int j = 0; j < 8; j++) {
+        uint8_t sc, mn;
+        scale_min(b + 4, j, &sc, &mn);
+        float scale = d * float(sc), min = dmin * float(mn);
+        const uint8_t *q = b + 16 + 32 * (j / 2);
+        int shift = 4 * (j % 2);
+        for (int i = 0; i < 32; i++) {
+            float p = scale * float((q[i] >> shift) & 0xF);
+            out[32 * j + i] = p - min;
+        }
+    }
+}
+
+/* One Q6_K super-block (210 bytes: ql 128, qh 64, int8 scales 16, fp16 d) -> 256 floats (ggml's
+   dequantize_row_q6_K): halves of 128 weights, each 4 runs of 32 from ql's nibbles and qh's bit pairs */
+void q6_k_floats(const uint8_t *b, float *out) {
+    const uint8_t *ql = b, *qh = b + 128;
+    const int8_t *sc = reinterpret_cast<const int8_t *>(b + 192);
+    float d = f16(b + 208);
+    for (int h = 0; h < 2; h++, ql += 64, qh += 32, sc += 8, out += 128) {
+        for (int i = 0; i < 32; i++) {
+            int q[4] = {(ql[i] & 0xF) | (((qh[i] >> 0) & 3) << 4), (ql[i + 32] & 0xF) | (((qh[i] >> 2) & 3) << 4),
+                        (ql[i] >> 4) | (((qh[i] >> 4) & 3) << 4), (ql[i + 32] >> 4) | (((qh[i] >> 6) & 3) << 4)};
+            for (int r = 0; r < 4; r++) {
+                float scale = d * float(sc[2 * r + i / 16]);
+                out[32 * r + i] = scale * float(q[r] - 32);
+            }
+        }
+    }
+}
+
+/* 32 Q8_0 blocks (34 bytes each) -> 256 floats */
+void q8_0_floats(const uint8_t *b, float *out) {
+    for (int k = 0; k < 8; k++, b += 34) {
+        float d = f16(b);
+        for (int i = 0; i < 32; i++) out[32 * k + i] = d * float(reinterpret_cast<const int8_t *>(b + 2)[i]);
+    }
+}
+
+int64_t block_bytes(int64_t kind) { return kind == Q4_K ? 144 : kind == Q6_K ? 210 : 8 * 34; }
+
+void floats(int64_t kind, const uint8_t *b, float *out) {
+    if (kind == Q4_K) q4_k_floats(b, out);
+    else if (kind == Q6_K) q6_k_floats(b, out);
+    else q8_0_floats(b, out);
+}
+
+/* 32 floats -> one q8_0 block (formats/q8_0.py's pack) */
+inline void q8_0_block(const float *x, int8_t *qs, uint16_t *d) {
+    float amax = 0.f;
+    for (int i = 0; i < 32; i++) amax = std::fmax(amax, std::fabs(x[i]));
+    float s = amax / 127.f;
+    float inv = s == 0.f ? 0.f : 1.f / s;
+    for (int i = 0; i < 32; i++) {
+        float v = x[i] * inv;
+        float r = std::floor(std::fabs(v) + 0.5f);
+        r = std::fmin(r, 127.f);
+        qs[i] = static_cast<int8_t>(v < 0 ? -r : r);
+    }
+    *d = half_bits(s);
+}
+
+void q4k_to_q4(const at::Tensor &raw, at::Tensor &qs, at::Tensor &d, at::Tensor &m) {
+    int64_t N = qs.size(0), K = qs.size(1) * 2, S = K / QK_K;
+    TORCH_CHECK(K % QK_K == 0 && raw.size(0) == N && raw.size(1) == S * 144 && d.size(0) == N &&
+                    d.size(1) == K / 32 && m.sizes() == d.sizes(),
+                "coreinfer::q4k_to_q4: raw [N, K / 256 * 144] u8, qs [N, K / 2], d and m [N, K / 32]");
+    TORCH_CHECK(raw.is_contiguous() && qs.is_contiguous() && d.is_contiguous() && m.is_contiguous() &&
+                    raw.scalar_type() == at::kByte && qs.scalar_type() == at::kByte &&
+                    d.scalar_type() == at::kHalf && m.scalar_type() == at::kHalf,
+                "coreinfer::q4k_to_q4: contiguous u8 raw and qs, fp16 d and m");
+    const uint8_t *src = raw.data_ptr<uint8_t>();
+    uint8_t *q = qs.data_ptr<uint8_t>();
+    uint16_t *dd = reinterpret_cast<uint16_t *>(d.data_ptr()), *mm = reinterpret_cast<uint16_t *>(m.data_ptr());
+    at::parallel_for(0, N * S, 64, [&](int64_t s0, int64_t s1) {
+        for (int64_t s = s0; s < s1; s++) {  // super-block s: row s / S, sub-blocks 8 (s % S) .. + 8
+            const uint8_t *b = src + s * 144;
+            float sd = f16(b), sdmin = f16(b + 2);
+            for (int j = 0; j < 8; j++) {
+                uint8_t sc, mn;
+                scale_min(b + 4, j, &sc, &mn);
+                dd[s * 8 + j] = half_bits(sd * float(sc));
+                mm[s * 8 + j] = half_bits(-(sdmin * float(mn)));
+                const uint8_t *nib = b + 16 + 32 * (j / 2);
+                int shift = 4 * (j % 2);
+                uint8_t *o = q + s * 128 + 16 * j;  // q4's byte i: weight i low, weight 16 + i high
+                for (int i = 0; i < 16; i++)
+                    o[i] = ((nib[i] >> shift) & 0xF) | (((nib[i + 16] >> shift) & 0xF) << 4);
+            }
+        }
+    });
+}
+
+void to_q8_0_t(const at::Tensor &raw, int64_t kind, at::Tensor &qs, at::Tensor &d, int64_t c0) {
+    int64_t F = qs.size(0), D = qs.size(1), R = raw.size(0), S = F / QK_K, nb = block_bytes(kind);
+    TORCH_CHECK(kind == Q4_K || kind == Q6_K || kind == Q8_0, "coreinfer::to_q8_0_t: Q4_K, Q6_K or Q8_0 rows");
+    TORCH_CHECK(F % QK_K == 0 && R % 32 == 0 && c0 % 32 == 0 && c0 + R <= D && raw.size(1) == S * nb &&
+                    d.size(0) == F && d.size(1) == D / 32,
+                "coreinfer::to_q8_0_t: raw [R, F row bytes] (R, c0 multiples of 32, F of 256), qs [F, d], "
+                "d [F, d / 32]");
+    TORCH_CHECK(raw.is_contiguous() && qs.is_contiguous() && d.is_contiguous() && raw.scalar_type() == at::kByte &&
+                    qs.scalar_type() == at::kChar && d.scalar_type() == at::kHalf,
+                "coreinfer::to_q8_0_t: contiguous u8 raw, s8 qs, fp16 d");
+    const uint8_t *src = raw.data_ptr<uint8_t>();
+    int8_t *q = qs.data_ptr<int8_t>();
+    uint16_t *dd = reinterpret_cast<uint16_t *>(d.data_ptr());
+    // a task: 32 file rows (one q8_0 block along d) x one super-block of 256 neurons, 32 KiB of floats
+    at::parallel_for(0, R / 32 * S, 4, [&](int64_t t0, int64_t t1) {
+        alignas(64) float w[32][QK_K];
+        alignas(64) float col[32];
+        for (int64_t t = t0; t < t1; t++) {
+            int64_t g = t / S, s = t % S;
+            for (int r = 0; r < 32; r++) floats(kind, src + (32 * g + r) * S * nb + s * nb, w[r]);
+            for (int f = 0; f < QK_K; f++) {
+                int64_t n = s * QK_K + f, c = c0 + 32 * g;
+                for (int r = 0; r < 32; r++) col[r] = w[r][f];
+                q8_0_block(col, q + n * D + c, dd + n * (D / 32) + c / 32);
+            }
+        }
+    });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(coreinfer, m) {
+    m.def("q4k_to_q4(Tensor raw, Tensor(a!) qs, Tensor(b!) d, Tensor(c!) m) -> ()");
+    m.def("to_q8_0_t(Tensor raw, int kind, Tensor(a!) qs, Tensor(b!) d, int c0) -> ()");
+}
+TORCH_LIBRARY_IMPL(coreinfer, CPU, m) {
+    m.impl("q4k_to_q4", &q4k_to_q4);
+    m.impl("to_q8_0_t", &to_q8_0_t);
+}
