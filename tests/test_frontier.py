@@ -45,19 +45,25 @@ def predicted_oracle(ffn, x, plan: PredictPlan) -> torch.Tensor:
     return ffn.project(a[None])[0]
 
 
-@pytest.mark.parametrize("scorer", ["oracle", "gate", "lowrank"])
-def test_predicted_decode_equals_reference_and_masked_dense(tiny, scorer):
-    ffn = tiny.model.ffns()[1]
-    factors = fit_lowrank(ffn, inputs(ffn), 8) if scorer == "lowrank" else {}
-    plan = PredictPlan(scorer, 0.5, 0.3, factors)
+def check_decode(ffn, plan, oracle_fn):
+    """Decode two tokens over the whole width; the step must equal its masked reference and the masked
+    dense math of oracle_fn(ffn, x [T, d], plan). Returns (core, x [B=2, T=1, d], reference)."""
     core = plan.build()
     core.load(ffn, torch.arange(ffn.width)[None].expand(2, -1))
     x = inputs(ffn, 2, seed=1)[:, None]  # [B=2, T=1, d]
     with torch.inference_mode():
         fast, ref = core(x), core.reference(x)
-        oracle = torch.stack([predicted_oracle(ffn, x[b], plan) for b in range(2)])
-    print(f"{scorer}: max|fast-ref| {(fast - ref).abs().max():.2e}, max|ref-oracle| {(ref - oracle).abs().max():.2e}")
+        oracle = torch.stack([oracle_fn(ffn, x[b], plan) for b in range(2)])
+    print(f"{plan.scorer}: max|fast-ref| {(fast - ref).abs().max():.2e}, max|ref-oracle| {(ref - oracle).abs().max():.2e}")
     assert torch.allclose(fast, ref, atol=1e-5) and torch.allclose(ref, oracle, atol=1e-5)
+    return core, x, ref
+
+
+@pytest.mark.parametrize("scorer", ["oracle", "gate", "lowrank"])
+def test_predicted_decode_equals_reference_and_masked_dense(tiny, scorer):
+    ffn = tiny.model.ffns()[1]
+    factors = fit_lowrank(ffn, inputs(ffn), 8) if scorer == "lowrank" else {}
+    core, x, ref = check_decode(ffn, PredictPlan(scorer, 0.5, 0.3, factors), predicted_oracle)
     assert not torch.allclose(ref, ffn(x), atol=1e-3)  # the sparsity is real
 
 
@@ -259,15 +265,7 @@ def test_trained_decode_equals_reference_and_masked_dense_inside_a_superset(tiny
 
     ffn = tiny.model.ffns()[1]
     factors = train_predictor(ffn, inputs(ffn), TrainConfig(hidden=16, steps=20))
-    plan = PredictPlan("trained", 0.5, 0.3, factors)
-    core = plan.build()
-    core.load(ffn, torch.arange(ffn.width)[None].expand(2, -1))
-    x = inputs(ffn, 2, seed=1)[:, None]  # [B=2, T=1, d]
-    with torch.inference_mode():
-        fast, ref = core(x), core.reference(x)
-        oracle = torch.stack([trained_oracle(ffn, x[b], plan) for b in range(2)])
-    print(f"max|fast-ref| {(fast - ref).abs().max():.2e}, max|ref-oracle| {(ref - oracle).abs().max():.2e}")
-    assert torch.allclose(fast, ref, atol=1e-5) and torch.allclose(ref, oracle, atol=1e-5)
+    core, x, _ = check_decode(ffn, PredictPlan("trained", 0.5, 0.3, factors), trained_oracle)
     F, d = ffn.up.shape
     net = 16 * (d + F) + 16 + F
     assert core.nbytes() == 2 * net * 4 + 2 * (2 * 64 + keep_count(0.3, F)) * d * 4  # its own net, per sequence
