@@ -30,24 +30,35 @@ def cmd_generate(args) -> None:
     say_default(llm, core)
     if args.compare:
         print_comparison(args.prompt, llm.compare(args.prompt, gen, core, chat=args.chat))
+        say_runtime(llm, core)
         return
     final = None
     for event in llm.stream(args.prompt, gen, core, chat=args.chat):
         print(event.text, end="", flush=True)
         final = event.completion or final
     print()
+    say_runtime(llm, core)
     report_speed(final)
 
 
-def say_default(llm, core) -> None:
-    """One stderr line: the weight format and decode step this run uses, and with the default core
-    setting the calibrated profile it found, or why dense."""
+def is_default(core) -> bool:
     from ..engine.profile import AUTO
 
-    line = llm.runtime_line()
-    if core is not None and core.profile == AUTO:
-        line += "; " + llm.default_core()[1]
-    print(line, file=sys.stderr)
+    return core is not None and core.profile == AUTO
+
+
+def say_default(llm, core) -> None:
+    """With the default core setting, one stderr line before the run: the weight format and decode step,
+    and the calibrated profile it found, or why dense."""
+    if is_default(core):
+        print(f"{llm.runtime_line()}; {llm.default_core()[1]}", file=sys.stderr)
+
+
+def say_runtime(llm, core) -> None:
+    """With a core setting of the user's, the weight format and decode step, said after the run: a setting
+    that cannot run (a missing profile, layers out of range) fails in one line, as every bad input does."""
+    if not is_default(core):
+        print(llm.runtime_line(), file=sys.stderr)
 
 
 def print_comparison(prompt: str, c) -> None:
