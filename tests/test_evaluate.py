@@ -399,7 +399,7 @@ def test_quantized_scoring_runs_the_kernels_decoding_runs(tiny_model_dir):
         forward_worst = max((f - r).abs().max().item() for (f, _), r in zip(forward, ref))
         print(f"int8 {setting_name(core)}: max |d logprob| against decoding: stepped {worst:.2e}, "
               f"one forward {forward_worst:.2e}")
-        assert worst < 1e-5 < forward_worst  # the forward's kernel is not decoding's
+        assert worst < 1e-4 < forward_worst  # the forward's kernel is not decoding's (float summation order: ~3e-5 on AVX512-FP16 hosts)
 
 
 def test_eval_scores_generates_default(tiny_model_dir, tmp_path, monkeypatch, capsys):
