@@ -11,6 +11,7 @@ import torch
 
 KERNEL_MODULES = {"q8_0_gemv": "q8_0", "q4_gemv": "q4", "q8_0_rows": "rows", "q4_rows": "rows",
                   "int8_rows": "rows"}
+SOURCES = ("q8_0_gemv.cpp", "q4_gemv.cpp", "neuron_rows.cpp")  # the kernel modules' sources, built together
 
 
 # name -> the op or None, filled on first ask; like torch.ops itself, a registry of what this process
@@ -23,7 +24,12 @@ def op(name: str):
     """torch.ops.coreinfer.<name> if its kernels module (coreinfer.kernels.<module>) builds it and says it
     runs on this CPU, else None. Imported here, when first asked, not at import time: the kernels'
     builder reads the cache folder from io.loading, which imports the formats. The eager prefill asks
-    first, so a compiled step finds the answer in the registry."""
+    first, so a compiled step finds the answer in the registry. The first ask builds all of the contract's
+    sources at once (kernels/build.py: build_all), not one per format as each is first used."""
+    if not _LOADED:
+        from ..kernels import build
+
+        build.build_all(SOURCES, "block formats take their PyTorch references")
     if name not in _LOADED:
         _LOADED[name] = _load(name)
     return _LOADED[name]

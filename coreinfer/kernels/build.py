@@ -13,6 +13,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -69,6 +70,19 @@ def build(name: str, folder: Path, fallback: str) -> Path | None:
             return None
         os.replace(out, path)  # atomic: another process may be building the same file
     return path
+
+
+def build_all(names: tuple[str, ...], fallback: str) -> None:
+    """Compile those of `names` not yet in the cache folder at once, one compiler each: a first start
+    waited for three serial builds of ~10 s (each mostly parsing torch's headers, one core each), and the
+    machine has more than one core. The later `load_operators` calls then find the libraries built."""
+    from ..io.loading import cache_dir
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return
+    folder = cache_dir() / "native"
+    with ThreadPoolExecutor(len(names)) as pool:  # threads wait on compiler processes, outside the GIL
+        list(pool.map(lambda name: build(name, folder, fallback), names))
 
 
 def load_operators(name: str, fallback: str) -> bool:
