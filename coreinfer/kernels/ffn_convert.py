@@ -2,19 +2,21 @@
 mode's prefill, engine/ffn_file.py), writing into the staging tensors in place; False from `load()`
 where it does not build, and the caller keeps models/adopt.py's PyTorch conversion.
 
-    q4k_to_q4(raw, qs, d, m)          # Q4_K rows [N, row bytes] -> q4 rows, verbatim but for fp16 scales
-    to_q8_0_t(raw, kind, qs, d, c0)   # file rows [R, F row bytes] of down -> its neuron-major q8_0 columns
+    q4k_to_q4(raw, out)               # Q4_K rows [N, row bytes] -> q4 rows, verbatim but for fp16 scales
+    to_q8_0_t(raw, kind, out, c0)     # file rows [R, F row bytes] of down -> its neuron-major q8_0 columns
                                       # c0..c0 + R (kind: Q4_K, Q6_K or Q8_0)
 """
 
 from functools import cache
 
 import torch
+from gguf import GGMLQuantizationType
 
 from . import build as builder
 
 FALLBACK = "GGUF FFNs convert in PyTorch"
-DOWN_KINDS = {"Q8_0": 8, "Q4_K": 12, "Q6_K": 14}  # the file types to_q8_0_t reads, by gguf's type code
+DOWN_KINDS = {name: GGMLQuantizationType[name].value for name in ("Q8_0", "Q4_K", "Q6_K")}  # what to_q8_0_t
+# reads, by gguf's type code (the kernel switches on it)
 
 
 @cache
