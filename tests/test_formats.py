@@ -304,22 +304,31 @@ def test_chunked_conversion_equals_the_whole_tensor(tiny_gguf, name, fmt):
         assert torch.equal(chunked[key], whole[key]), key
 
 
+@pytest.mark.parametrize("kernels", [False, True], ids=["pytorch", "native"])
 @pytest.mark.parametrize("formats", ["auto", "q8_0"])
-def test_compacted_equals_masked_on_block_formats(tiny_gguf, formats):
+def test_compacted_equals_masked_on_block_formats(tiny_gguf, formats, kernels, monkeypatch):
     """Core neurons on q4 / q8_0 up and gate and neuron-major q4 / q8_0 down: compaction gathers rows, and
-    the compacted decode equals the masked dense one (same kernels on the same rows: float rounding)."""
+    the compacted decode equals the masked dense one. On the PyTorch references both are float products of
+    the same rows: rounding only. The native GEMVs quantize x to int8 per block of 32, so a rounding-level
+    difference upstream (the batch of two against one sequence, the summation order of R against F rows,
+    the thread count) can move an activation by a whole int8 step: ~1e-2 on logits of std ~1 (3e-3 seen in
+    CI, 1.3e-2 on 2 threads with the q8_0 rows reference), as test_quant allows the int8 GEMV; a wrong row
+    would move them as much as the core set itself (> 0.5 here)."""
     from coreinfer.engine.policy import CoreConfig
     from coreinfer.engine.session import stability_policy
+    from coreinfer.formats import native
     from coreinfer.models import build_model
     from oracle import compacted_vs_masked
 
+    if not kernels:
+        monkeypatch.setattr(native, "op", lambda name: None)
     model = build_model(tiny_gguf.config, tiny_gguf.weights, formats=formats)
     policy = stability_policy(CoreConfig(beta=0.45), model)
     errs, changes, session = compacted_vs_masked(model, [GGUF_IDS[:7], GGUF_IDS[:4]], [GGUF_IDS[7:], GGUF_IDS[4:8]],
                                                  policy)
-    print(f"{formats}: compacted vs masked {errs}, vs dense {changes}")
-    assert min(changes) > 1e-3
-    assert max(errs) < 1e-4
+    print(f"{formats}, native {kernels}: compacted vs masked {errs}, vs dense {changes}")
+    assert min(changes) > 0.1
+    assert max(errs) < (2e-2 if kernels else 1e-4)
 
 
 def test_hf_bf16_weights_quantize_per_tensor_to_q8_0(monkeypatch):
