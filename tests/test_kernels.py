@@ -180,6 +180,34 @@ def test_neuron_rows_fall_back_to_the_reference(monkeypatch):
                           rtol=1e-6, atol=1e-6)
 
 
+@needs(q8_0)
+@needs(q4)
+@needs(rows)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("M", [17, 40])
+@pytest.mark.parametrize("fmt", ["q8_0", "q4"])
+def test_format_matmuls_of_more_rows_take_the_kernels_in_chunks(fmt, M, threads):
+    """A prefill-sized x (M > 16, the ops' limit) goes through the native ops 16 rows at a time: equal bit
+    for bit to the ops row by row (a row's result depends on that row alone), and to the ops' own
+    arithmetic up to float32 summation order (int8 activations for the GEMV, floats for the rows)."""
+    from coreinfer.formats import FORMATS
+
+    g = torch.Generator().manual_seed(M + len(fmt))
+    K, N = 576, 100
+    t = FORMATS[fmt].pack(torch.randn(N, K, generator=g) * 0.05)
+    x, coef, index = activation_rows(M, K, g), torch.randn(M, 37, generator=g), torch.randint(0, N, (37,), generator=g)
+    w = (q8_0.dequantize(t["qs"], t["d"]) if fmt == "q8_0" else q4.dequantize(t["qs"], t["d"], t["m"])).double()
+    matmul = lambda x: FORMATS[fmt].matmul(x, t)  # noqa: E731
+    down = lambda c: FORMATS[fmt].rows_matmul(c, t, index)  # noqa: E731
+    out, by_row = with_threads(threads, lambda: (matmul(x), torch.cat([matmul(x[i:i + 1]) for i in range(M)])))
+    rows_out, rows_by_row = with_threads(threads, lambda: (down(coef), torch.cat([down(coef[i:i + 1]) for i in range(M)])))
+    err = relative_max(out, activations.dequantized(x) @ w.t())
+    rows_err = relative_max(rows_out, coef.double() @ w[index])
+    print(f"{fmt} M={M} threads={threads}: matmul vs its arithmetic {err:.2e}, rows_matmul vs float {rows_err:.2e}")
+    assert torch.equal(out, by_row) and torch.equal(rows_out, rows_by_row)
+    assert err < 1e-5 and rows_err < 1e-5
+
+
 class NativeOps(torch.nn.Module):
     """Every operator of coreinfer/kernels/ in one graph, weights as buffers (as coreinfer's modules hold them)."""
 

@@ -110,9 +110,11 @@ def streamed_from_file(model, in_file: dict, formats: str) -> dict[int, dict[str
 
 class StagingFFN(FFN):
     """The staging FFN. Its matmuls run a block at a time, `row_block` neurons of up and gate and
-    `column_block` output columns of down (a multiple of the format's block of 32): a prefill-sized matmul dequantizes its weights to floats
-    (formats' PyTorch path), and so holds one block's floats, not a layer's (1.1 GB for Qwen2.5-7B's
-    up, gate and down). Each output element still sums over the whole of its input."""
+    `column_block` output columns of down (a multiple of the format's block of 32). The native ops take
+    a prefill 16 rows of x at a time either way (formats/native.py: by_chunks); the blocks bound the
+    PyTorch path, where no native op runs, which dequantizes its weights to floats: one block's floats,
+    not a layer's (1.1 GB for Qwen2.5-7B's up, gate and down). Each output element still sums over the
+    whole of its input, so the blocks change no result."""
 
     def _rows(self, x: torch.Tensor, name: str) -> torch.Tensor:
         t = self.role(name)

@@ -43,7 +43,21 @@ def _load(name: str):
     return getattr(torch.ops.coreinfer, name) if kernels.load() else None
 
 
+MAX_ROWS = 16  # rows of x one native call takes (the rows ops' accumulator tiles are sized for 16)
+
+
 def usable(x: torch.Tensor, *weights: torch.Tensor) -> bool:
-    """Whether a native op may take these: CPU tensors, a decode-sized x (M <= 16 rows), contiguous."""
-    return (x.device.type == "cpu" and x.dim() == 2 and x.shape[0] <= 16
+    """Whether a native op may take these: CPU tensors, x [M, K] with M >= 1 (any M: `by_chunks`), contiguous."""
+    return (x.device.type == "cpu" and x.dim() == 2 and x.shape[0] >= 1
             and all(w.device.type == "cpu" and w.is_contiguous() for w in weights))
+
+
+def by_chunks(op, x: torch.Tensor, *args) -> torch.Tensor:
+    """op(x, *args) for x [M, K] of any M, MAX_ROWS rows of x a call, the results stacked -> [M, N]. The same
+    as one call would give, bit for bit: each op quantizes x row by row and sums each output element in
+    an order set by K, N and the thread count, never by M. So a prefill (M = prompt length) takes the
+    decode kernels too, instead of dequantizing a whole matrix to floats per call (a 0.27 GB transient
+    for a Qwen2.5-7B up projection, and ~7x slower, docs/speed.md)."""
+    if x.shape[0] <= MAX_ROWS:
+        return op(x, *args)
+    return torch.cat([op(x[i:i + MAX_ROWS], *args) for i in range(0, x.shape[0], MAX_ROWS)])  # [M, N]

@@ -55,8 +55,8 @@ def matmul(x: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
     flat = x.reshape(-1, x.shape[-1])  # [M, K]
     gemv = native.op("q8_0_gemv")
     if gemv is not None and native.usable(flat, t["qs"], t["d"]):
-        out = gemv(flat.float().contiguous(), t["qs"], t["d"])
-    else:  # prefill-sized M amortises one dequantized matrix over its rows
+        out = native.by_chunks(gemv, flat.float().contiguous(), t["qs"], t["d"])
+    else:
         out = flat @ dequantize(t, flat.dtype).t()
     return out.to(x.dtype).view(*x.shape[:-1], t["qs"].shape[0])
 
@@ -66,7 +66,7 @@ def rows_matmul(coef: torch.Tensor, t: dict[str, torch.Tensor], index: torch.Ten
     flat = coef.reshape(-1, coef.shape[-1])  # [M, R]
     op = native.op("q8_0_rows")
     if op is not None and native.usable(flat, t["qs"], t["d"]):
-        out = op(flat.float().contiguous(), t["qs"], t["d"], index)
+        out = native.by_chunks(op, flat.float().contiguous(), t["qs"], t["d"], index)
     else:
         w = t if index is None else rows(t, index)
         out = flat @ dequantize(w, flat.dtype)
