@@ -114,18 +114,45 @@ def test_memory_limited_output_equals_unlimited_at_the_same_keep(mapped):
 
 def test_budget_too_small_says_in_one_line_which_keep_fits(mapped):
     m, _, _ = mapped
-    policy = stability_policy(CORE, m)
-    need = plan(m, 2, CACHE, policy.keep, BIG, staging_layers=1, flag="--max-memory")
+    policy, streamer = stability_policy(CORE, m), FileStreamer(m)
+    need = plan(m, 2, CACHE, policy.keep, BIG, staging_layers=1, flag="--max-memory", runtime=streamer.runtime)
     budget = int((need.total - need.cores // 2) / 0.9)  # room for about half the core rows
     with pytest.raises(MemoryError) as e:
-        ResidentSession(m, PROMPTS, 5, policy=policy, budget=budget, streamer=FileStreamer(m))
+        ResidentSession(m, PROMPTS, 5, policy=policy, budget=budget, streamer=streamer)
     line = str(e.value)
     print(line)
     assert "\n" not in line and line.startswith("--max-memory") and "keep <= 0.1" in line
     fits = float(line.split("keep <= ")[1].split()[0])
-    plan(m, 2, CACHE, {l: fits for l in policy.keep}, budget, staging_layers=1).check(budget)
+    plan(m, 2, CACHE, {l: fits for l in policy.keep}, budget, staging_layers=1, runtime=streamer.runtime).check(budget)
     with pytest.raises(MemoryError, match="--max-memory .* nothing fits below"):
-        open_streamer(m, need.resident)
+        open_streamer(m, need.resident + need.runtime)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def test_plan_counts_the_process_runtime_beside_the_tensors(mapped):
+    """On the CPU the budget is the process's memory: the plan adds what the process holds beyond its
+    resident weights (interpreter, torch, heap; VmRSS less the weights, read here independently), so a
+    budget that holds the tensors but not the process fails, and its line names the runtime."""
+    m, _, _ = mapped
+    policy = stability_policy(CORE, m)
+    before = rss_bytes()
+    streamer = FileStreamer(m)
+    after = rss_bytes()
+    tensors = plan(m, 2, CACHE, policy.keep, BIG, staging_layers=1, flag="--max-memory")
+    p = plan(m, 2, CACHE, policy.keep, BIG, staging_layers=1, flag="--max-memory", runtime=streamer.runtime)
+    print(f"runtime {streamer.runtime / 2**20:.1f} MiB (VmRSS {before / 2**20:.1f} -> {after / 2**20:.1f} MiB, "
+          f"resident weights {resident_bytes(m) / 2**20:.2f} MiB); tensors {tensors.total / 2**20:.2f} MiB")
+    assert 50 << 20 < streamer.runtime  # an interpreter with torch loaded holds far more than 50 MiB
+    assert after - (16 << 20) <= streamer.runtime + resident_bytes(m) <= max(before, after) + (16 << 20)
+    assert p.total == tensors.total + streamer.runtime
+    budget = int((tensors.total + streamer.runtime // 2) / 0.9)  # the tensors fit, the process does not
+    tensors.check(budget)
+    with pytest.raises(MemoryError, match=r"^--max-memory .*, runtime [0-9.]+ [MG]iB; .*nothing fits below"):
+        ResidentSession(m, PROMPTS, 5, policy=policy, budget=budget, streamer=streamer)
 
 
 def test_in_ram_weights_are_refused_in_one_line(mapped):
@@ -149,7 +176,7 @@ def test_llm_max_memory_decodes_what_the_unlimited_llm_decodes_at_the_same_keep(
     from coreinfer import LLM, GenerationConfig
 
     gen, core = GenerationConfig(max_new_tokens=8, ignore_eos=True), CoreConfig(beta=0.25)
-    [limited] = LLM(str(tiny_model_dir), progress=False, max_memory="64MiB").generate("The press", gen, core)
+    [limited] = LLM(str(tiny_model_dir), progress=False, max_memory="16GiB").generate("The press", gen, core)
     [unlimited] = LLM(str(tiny_model_dir), progress=False).generate("The press", gen, core)
     assert limited.token_ids == unlimited.token_ids and len(limited.token_ids) == 8
 
@@ -258,7 +285,7 @@ def test_gguf_budget_too_small_says_in_one_line_which_keep_fits(streamed):
     model, streamer, _ = streamed
     policy = stability_policy(GGUF_CORE, model)
     cache = cache_length(len(GGUF_PROMPTS[0]) + 5, model.max_context)
-    need = plan(model, 2, cache, policy.keep, BIG, staging_layers=2, flag="--max-memory")
+    need = plan(model, 2, cache, policy.keep, BIG, staging_layers=2, flag="--max-memory", runtime=streamer.runtime)
     budget = int((need.total - need.cores // 2) / 0.9)
     with pytest.raises(MemoryError) as e:
         ResidentSession(model, GGUF_PROMPTS, 5, policy=policy, budget=budget, streamer=streamer)
@@ -266,7 +293,7 @@ def test_gguf_budget_too_small_says_in_one_line_which_keep_fits(streamed):
     print(line)
     assert "\n" not in line and line.startswith("--max-memory") and "keep <= 0.1" in line
     fits = float(line.split("keep <= ")[1].split()[0])
-    plan(model, 2, cache, {l: fits for l in policy.keep}, budget, staging_layers=2).check(budget)
+    plan(model, 2, cache, {l: fits for l in policy.keep}, budget, staging_layers=2, runtime=streamer.runtime).check(budget)
 
 
 def test_llm_max_memory_on_a_gguf_decodes_what_the_unlimited_llm_decodes(gguf_file, monkeypatch):
@@ -275,7 +302,7 @@ def test_llm_max_memory_on_a_gguf_decodes_what_the_unlimited_llm_decodes(gguf_fi
     path, _ = gguf_file
     monkeypatch.setenv("COREINFER_CACHE", str(path.parent / "cache"))
     gen, core = GenerationConfig(max_new_tokens=6, ignore_eos=True), CoreConfig(beta=0.3)
-    [limited] = LLM(str(path), weights="auto", progress=False, max_memory="64MiB").generate("tt t", gen, core)
+    [limited] = LLM(str(path), weights="auto", progress=False, max_memory="16GiB").generate("tt t", gen, core)
     [unlimited] = LLM(str(path), weights="auto", progress=False, compile=False).generate("tt t", gen, core)
     assert limited.token_ids == unlimited.token_ids and len(limited.token_ids) == 6
     with pytest.raises(MemoryError, match="^--max-memory 0.50 MiB is too small.*nothing fits below"):

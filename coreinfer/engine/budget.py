@@ -2,9 +2,11 @@
 (engine/offload.py, `--max-gpu-memory`) and the CPU mode (engine/residency.py, `--max-memory`).
 
 Resident: every weight but the FFN neurons (attention, norms, embeddings, head), the KV caches, the
-staging of the FFN being prefilled (copies on a GPU, the file's mapped pages on the CPU), and the
-FFNs kept whole or as core rows. Exact for those; activations and the allocator's slack are not
-counted (`HEADROOM` leaves room for them).
+staging of the FFN being prefilled (copies on a GPU, the file's mapped pages on the CPU), the FFNs
+kept whole or as core rows, and on the CPU the runtime: what the process holds beyond its weights
+(the interpreter, torch's and the kernels' libraries, the heap), measured by the streamer when the
+mode opens. Exact for the tensors; activations and the allocator's later slack are not counted
+(`HEADROOM` leaves room for them).
 """
 
 import math
@@ -61,8 +63,9 @@ def kv_bytes(model, batch: int, length: int) -> int:
 @dataclass
 class Plan:
     """Bytes a session needs: resident weights, KV caches, FFN staging, the resident FFNs of
-    `dense_layers` and every sequence's core rows (both per sequence, as CoreWeights holds them); the
-    FFNs of `streamed` layers are read in on every decode step. `flag` names the budget in errors."""
+    `dense_layers`, every sequence's core rows (both per sequence, as CoreWeights holds them) and the
+    runtime (0 on a GPU, whose budget holds tensors only); the FFNs of `streamed` layers are read in
+    on every decode step. `flag` names the budget in errors."""
 
     resident: int
     kv_cache: int
@@ -73,11 +76,12 @@ class Plan:
     dense_layers: list[int]
     streamed: list[int]
     flag: str = "--max-gpu-memory"
+    runtime: int = 0
     sparse: list[tuple[int, int]] = field(default_factory=list)  # per sparse layer: (width, bytes of a row, all sequences)
 
     @property
     def total(self) -> int:
-        return self.resident + self.kv_cache + self.staging + self.dense_ffns + self.cores
+        return self.resident + self.kv_cache + self.staging + self.dense_ffns + self.cores + self.runtime
 
     def check(self, budget: int) -> None:
         """One clear line when the plan does not fit `budget` (of which HEADROOM is usable)."""
@@ -85,7 +89,8 @@ class Plan:
         if self.total <= usable:
             return
         parts = (f"resident weights {size(self.resident)}, KV cache {size(self.kv_cache)}, FFN staging "
-                 f"{size(self.staging)}, dense layers' FFNs {size(self.dense_ffns)}, core rows {size(self.cores)}")
+                 f"{size(self.staging)}, dense layers' FFNs {size(self.dense_ffns)}, core rows {size(self.cores)}"
+                 + (f", runtime {size(self.runtime)}" if self.runtime else ""))
         fixed = self.total - self.cores
         keep = self.keep_that_fits(usable - fixed)
         if keep is not None:
@@ -108,14 +113,14 @@ class Plan:
 
 
 def plan(model, batch: int, cache_len: int, keep: dict[int, float] | None, budget: int, *,
-         staging_layers: int = 2, flag: str = "--max-gpu-memory") -> Plan:
+         staging_layers: int = 2, flag: str = "--max-gpu-memory", runtime: int = 0) -> Plan:
     """The bytes of a session of `batch` sequences and `cache_len` cache slots, staging
-    `staging_layers` FFNs at a time. `keep` maps sparse layers to keep ratios, and every other layer's
+    `staging_layers` FFNs at a time, beside `runtime` bytes of the process's own. `keep` maps sparse layers to keep ratios, and every other layer's
     FFN is resident; None (dense): the leading layers' FFNs that fit in `budget` are resident, the
     rest streamed every step."""
     ffns = model.ffns()
     staging = staging_layers * max(f.neuron_bytes() for f in ffns)
-    fixed = resident_bytes(model) + kv_bytes(model, batch, cache_len) + staging
+    fixed = resident_bytes(model) + kv_bytes(model, batch, cache_len) + staging + runtime
     if keep is None:
         fits = max(0, (int(budget * HEADROOM) - fixed) // (batch * max(f.neuron_bytes() for f in ffns)))
         dense_layers, keep = list(range(min(len(ffns), fits))), {}
@@ -126,4 +131,4 @@ def plan(model, batch: int, cache_len: int, keep: dict[int, float] | None, budge
     return Plan(resident_bytes(model), kv_bytes(model, batch, cache_len), staging,
                 batch * sum(ffns[l].neuron_bytes() for l in dense_layers), cores, sum(w * row for w, row in sparse),
                 dense_layers, [f.layer_id for f in ffns if f.layer_id not in keep and f.layer_id not in dense_layers],
-                flag, sparse)
+                flag, runtime, sparse)

@@ -29,6 +29,7 @@ from ..formats import FORMATS
 from ..kernels import ffn_convert
 from ..models.adopt import convert, ffn_formats
 from ..models.common import FFN
+from .budget import resident_bytes
 
 CHUNK_BYTES = 8 << 20  # file bytes read and converted at a time: the conversion's float temporaries stay small
 PAGE = mmap.PAGESIZE
@@ -39,6 +40,17 @@ _libc.mmap.restype = ctypes.c_void_p
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
 _libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
 _libc.malloc_trim.argtypes = [ctypes.c_size_t]
+
+
+def runtime_bytes(weights: int) -> int:
+    """The memory this process holds now beyond `weights` bytes of resident weights: the interpreter,
+    torch's and the kernels' libraries, and the heap the load leaves (its freed chunks handed back
+    first). The CPU budget holds it as the tensors: 0.35 GiB beside the 7B shape's 1.43 GiB of resident
+    weights, where the planner without it missed ~0.3 GiB at decode (docs/speed.md)."""
+    _libc.malloc_trim(0)
+    with open("/proc/self/statm") as f:
+        rss = int(f.read().split()[1]) * PAGE  # resident pages, anonymous and file-backed
+    return max(0, rss - weights)
 
 
 def placeholders(fmt: str, rows: int, cols: int) -> dict[str, torch.Tensor]:
@@ -142,7 +154,8 @@ class GGUFStreamer:
     """The Streamer of engine/offload.py for FFNs left in a GGUF file (see the module docstring);
     `blocks`: the staging FFN's (row_block, column_block).
     `bytes_moved`: FFN bytes read from the file by fetches; `fetch_s`: seconds spent reading and
-    converting them."""
+    converting them. `runtime`: runtime_bytes once the model is built (the staging is not yet written,
+    so not yet in memory: the plan counts it)."""
 
     staging_layers = 2  # the converted layer computing, and the next layer's file pages read ahead
 
@@ -158,6 +171,7 @@ class GGUFStreamer:
         self.staging.dim = dim
         self.staging.row_block, self.staging.column_block = blocks
         self.bytes_moved, self.fetch_s = 0, 0.0
+        self.runtime = runtime_bytes(resident_bytes(model))
         for path in {w.path for roles in in_file.values() for w in roles.values() if w is not None}:
             advise(path, 0, os.path.getsize(path), os.POSIX_FADV_DONTNEED)  # the load's reads of the other
             # weights: clean page cache, but charged to a memory cgroup (1.5 GB of the 7B shape's file)

@@ -65,6 +65,7 @@ class Streamer:
     host-to-device bytes. Slots keep what they hold across sessions: the model's weights never change."""
 
     staging_layers = STAGING_BUFFERS  # FFNs staged at a time, as the budget plans them
+    runtime = 0  # bytes the budget holds beside tensors: none, the GPU's budget is its tensors' memory
 
     def __init__(self, model, device):
         self.ffns, self.device = model.ffns(), torch.device(device)
@@ -149,7 +150,7 @@ class OffloadSession(Session):
         total = max(len(p) for p in prompts) + max_new_tokens
         cache_len = max(cache_length(total, model.max_context), total)
         self.plan = plan(model, len(prompts), cache_len, None if policy is None else policy.keep, budget,
-                         staging_layers=streamer.staging_layers, flag=self.flag)
+                         staging_layers=streamer.staging_layers, flag=self.flag, runtime=streamer.runtime)
         self.plan.check(budget)
         policy = policy or StabilityPolicy({}, model.ffns()[0].width)
         # prefill in one chunk by default: every chunk streams every FFN again

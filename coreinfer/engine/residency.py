@@ -22,8 +22,8 @@ import os
 import torch
 
 from ..models.common import FFN
-from .budget import plan, streamed_tensors
-from .ffn_file import GGUFStreamer
+from .budget import plan, resident_bytes, streamed_tensors
+from .ffn_file import GGUFStreamer, runtime_bytes
 from .offload import OffloadSession
 
 PAGE = mmap.PAGESIZE
@@ -111,7 +111,8 @@ def open_streamer(model, budget: int, in_file: dict | None = None, formats: str 
     else:
         raise ValueError("--max-memory reads FFN weights from their file: this checkpoint's FFN weights are in "
                          "RAM (converted on loading; a GGUF takes --weights auto, a safetensors model --dtype fp32)")
-    plan(model, 1, 1, None, 0, staging_layers=streamer.staging_layers, flag=ResidentSession.flag).check(budget)
+    plan(model, 1, 1, None, 0, staging_layers=streamer.staging_layers, flag=ResidentSession.flag,
+         runtime=streamer.runtime).check(budget)
     return streamer
 
 
@@ -119,13 +120,15 @@ class FileStreamer:
     """The Streamer of engine/offload.py for FFNs that stay in their memory-mapped file: `fetch(layer)`
     is the model's own FFN (its pages fault in as the prefill reads them) and asks the kernel to start
     reading the next; `release(layer)` drops the layer's pages. `bytes_moved`: FFN bytes read by
-    fetches (from the disk unless the page cache still held them)."""
+    fetches (from the disk unless the page cache still held them). `runtime`: see ffn_file.runtime_bytes
+    (a lower bound here: the resident weights still in the file's pages are not yet in memory)."""
 
     def __init__(self, model):
         self.ffns, self.device = model.ffns(), torch.device("cpu")
         if any(f.quantized for f in self.ffns):
             raise ValueError("--max-memory keeps the checkpoint's float FFN weights in the file: use --weights dense")
         self.bytes_moved = 0
+        self.runtime = runtime_bytes(resident_bytes(model))
 
     staging_layers = 1  # the mapped pages of the layer being prefilled
 
