@@ -2,7 +2,8 @@
 
     sudo python benchmarks/memory_limited_cpu.py --gguf MODEL.gguf --coreinfer-model MODEL --limit 3GiB
     python benchmarks/memory_limited_cpu.py --gguf /work/models/synthetic/qwen2.5-7b-q4_k_m.gguf \\
-        --coreinfer-model same --limit 3GiB --keep 0.2   # both on the GGUF (coreinfer: --weights auto)
+        --coreinfer-model same --limit 3GiB --keep 0.14 --layers all   # both on the GGUF (coreinfer: --weights
+        auto); 0.14: the largest keep the plan fits in 3 GiB
 
 Each run is a fresh process inside its own child of the cgroup-v1 memory controller
 (/sys/fs/cgroup/memory), with memory.limit_in_bytes set (or no limit: the unconstrained row). Page
