@@ -12,10 +12,11 @@ Every figure comes from fresh processes, so no run inherits another's memory or 
    child's start, imports included), its peak RSS (VmHWM) and the bytes the cache holds by entry, as
    `coreinfer cache list` counts them.
 2. Decode side by side: one long-lived worker per engine (coreinfer with the contenders of one
-   --weights setting, llama.cpp on the file and, with --q8-0, on its Q8_0 requantization by
+   --weights setting, llama.cpp on the file and/or (--llama) on its Q8_0 requantization by
    llama_cpp.llama_model_quantize), driven in alternation: a warm-up round, then --rounds rounds, each
    running every contender once back to back on the same prompt ids. Medians over the rounds; the
-   ratio to llama.cpp on the file is the median of the rounds' ratios, with its min-max. Each worker's
+   ratio to llama.cpp (its first worker: the file, unless --llama q8_0) is the median of the rounds'
+   ratios, with its min-max. Each worker's
    peak RSS (VmHWM, its compile included) is read when it exits.
 """
 
@@ -170,7 +171,7 @@ def run_decode(args) -> tuple[list[dict], float]:
 
     workers = [Worker(child_args(args, child="worker", worker="coreinfer"))]
     ids = workers[0].hello["ids"]
-    ggufs = [Path(args.model)] + ([q8_0(Path(args.model))] if args.q8_0 else [])
+    ggufs = [Path(args.model) if kind == "file" else q8_0(Path(args.model)) for kind in args.llama.split(",")]
     workers += [Worker(child_args(args, child="worker", worker=g)) for g in ggufs]
     slots = [(w, i, name) for w in workers for i, name in enumerate(w.hello["names"])]
     runs = {name: [] for _, _, name in slots}
@@ -210,7 +211,8 @@ def main() -> None:
     p.add_argument("--statistic", default="norm")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                    help="also time the compiled decode step (its compile is in the warm-up round)")
-    p.add_argument("--q8-0", action="store_true", help="also llama.cpp on the file requantized to Q8_0")
+    p.add_argument("--llama", default="file", choices=["file", "q8_0", "file,q8_0"],
+                   help="llama.cpp on the file, on its Q8_0 requantization, or both (each its own worker)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=16)
@@ -228,11 +230,12 @@ def main() -> None:
           f"{args.new_tokens} new tok")
     starts = [row for w in args.weights.split(",") for row in run_starts(args, w)] if args.starts else []
     if starts:
-        print("\n| --weights | start | ready s | first token s | peak RSS | RSS / file | cache written | of it, the model's entry |")
-        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        print("\n| --weights | start | ready s | first token s | peak RSS loaded | peak RSS at the first token | RSS / file "
+              "| cache written | of it, the model's entry |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
         for s in starts:
             model = sum(n for k, n in s["cache"].items() if not k.endswith("/"))
-            print(f"| {s['weights']} | {s['kind']} | {s['ready_s']:.1f} | {s['first_token_s']:.1f} | {gb(s['rss'])} "
+            print(f"| {s['weights']} | {s['kind']} | {s['ready_s']:.1f} | {s['first_token_s']:.1f} | {gb(s['rss_load'])} | {gb(s['rss'])} "
                   f"| {s['rss'] / size:.2f}x | {gb(sum(s['cache'].values()))} | {model / 1e6:.1f} MB |")
         print("decoding: " + "; ".join(sorted({f"{s['weights']}: {s['runs']}" for s in starts})))
     if args.no_decode:
@@ -240,7 +243,7 @@ def main() -> None:
     for w in args.weights.split(","):
         rows, bandwidth = run_decode(argparse.Namespace(**{**vars(args), "weights": w}))
         print(f"\nmachine read bandwidth {bandwidth:.1f} GB/s; {args.rounds} rounds after a warm-up, alternating")
-        print("| contender | load s | prefill tok/s | decode tok/s | vs llama.cpp (file) | MB/token | GB/s | compile s | worker peak RSS |")
+        print("| contender | load s | prefill tok/s | decode tok/s | vs llama.cpp | MB/token | GB/s | compile s | worker peak RSS |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
             v = "-" if r["vs_llama"] is None else "{:.2f}x ({:.2f}-{:.2f})".format(*r["vs_llama"])
