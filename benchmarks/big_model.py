@@ -126,10 +126,9 @@ def run_starts(args, weights: str) -> list[dict]:
     rows = []
     try:
         for kind in args.starts.split(","):
-            if kind == "new":  # the model's own entry removed, the native kernels kept
+            if kind == "new":  # the model's own entry (<file stem>-<hash>) removed, the native/ kernels kept
                 for entry in (root / "cache").glob("*-*"):
-                    if entry.is_dir() and entry.name not in ("native", "inductor"):
-                        shutil.rmtree(entry)
+                    shutil.rmtree(entry)
             elif kind == "cold":
                 shutil.rmtree(root / "cache", ignore_errors=True)
             elif kind != "warm":
