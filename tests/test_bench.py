@@ -2,10 +2,12 @@
 contenders round by round; one row is generate's default as it runs."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from coreinfer.api import LLM
+from coreinfer.bench.contenders import gguf_type
 from coreinfer.bench.run import ratio_spread
 from coreinfer.cli.main import main
 from coreinfer.engine.profile import LayerBudget, Profile
@@ -25,6 +27,15 @@ def test_ratios_pair_rounds_not_medians():
     assert ratio_spread([], []) is None
     with pytest.raises(ValueError):
         ratio_spread([1.0], [1.0, 2.0])  # rounds must pair
+
+
+def test_llama_rows_name_the_file_type_in_either_case():
+    """llama.cpp's row names the type the file name announces, in upper or lower case (Hugging Face repos
+    often write q4_k_m), and says "gguf" where the name announces none."""
+    assert gguf_type(Path("SmolLM2-135M-Instruct.Q4_1.gguf")) == "Q4_1"
+    assert gguf_type(Path("qwen2.5-coder-1.5b-instruct-q4_k_m.gguf")) == "Q4_K_M"
+    assert gguf_type(Path("qwen2.5-7b-q4_k_m.Q8_0.gguf")) == "Q8_0"
+    assert gguf_type(Path("model.gguf")) == "gguf"
 
 
 def test_bench_json_on_tiny_model(tiny_model_dir, tmp_path, monkeypatch, capsys):

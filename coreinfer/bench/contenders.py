@@ -122,8 +122,9 @@ class LlamaCpp:
 
 
 def gguf_type(path: Path) -> str:
-    """The weight type a GGUF's name announces (SmolLM2-135M-Instruct-Q4_1.gguf -> Q4_1), else "gguf"."""
-    parts = path.stem.replace("-", ".").split(".")
+    """The weight type a GGUF's name announces (SmolLM2-135M-Instruct-Q4_1.gguf -> Q4_1, and lower case as
+    Hugging Face repos often name them: qwen2.5-7b-q4_k_m.gguf -> Q4_K_M), else "gguf"."""
+    parts = path.stem.upper().replace("-", ".").split(".")
     return next((p for p in reversed(parts) if p[:1] in "QF" and p[1:2].isdigit()), "gguf")
 
 

@@ -18,11 +18,13 @@ q8_0, which keeps it faithful, except under "small"; the embedding stays in its 
 dequantizes its rows) and a tied head shares its tensors; norms and biases are dense in the compute dtype.
 """
 
+import threading
+
 import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from ..formats import FORMATS, common_format, file_format
+from ..formats import FORMATS, common_format, file_format, native
 from .common import QEmbedding, QLinear
 
 QUANTIZED_FORMATS = ("auto", "small", "q8_0")
@@ -109,6 +111,18 @@ def adopt(model: nn.Module, state: dict, formats: str, device, dtype, progress: 
     {"up", "gate", "down": checkpoint weight or None}, and the FFNs' own weights stay on the meta device."""
     if formats not in QUANTIZED_FORMATS:
         raise ValueError(f"formats must be one of {QUANTIZED_FORMATS}, got {formats!r}")
+    # The native ops these formats decode with build on a cold cache in ~20-30 s (a compiler process per
+    # source): built here, beside the conversion, which leaves a core idle much of the time, instead of
+    # when the first token asks for them. Loaded before adopt returns, so no later lookup races them.
+    kernels = threading.Thread(target=lambda: [native.op(name) for name in native.KERNEL_MODULES], daemon=True)
+    kernels.start()
+    try:
+        _adopt(model, state, formats, device, dtype, progress, in_file)
+    finally:
+        kernels.join()
+
+
+def _adopt(model: nn.Module, state: dict, formats: str, device, dtype, progress: bool, in_file: dict | None) -> None:
     state, streamed = dict(state), set()
     embed = state.pop("embed_tokens.weight")
     head = state.pop("lm_head.weight")
