@@ -19,6 +19,7 @@ from coreinfer.engine.policy import CoreConfig, StabilityPolicy
 from coreinfer.engine.quant import quantize_model
 from coreinfer.engine.selection import keep_count
 from coreinfer.engine.session import Session, stability_policy
+from coreinfer.models.common import KVCache
 from oracle import hf_pair
 
 TINY = dict(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
@@ -244,6 +245,7 @@ from coreinfer.engine.policy import CoreConfig, StabilityPolicy
 from coreinfer.engine.quant import quantize_model
 from coreinfer.engine.selection import keep_count
 from coreinfer.engine.session import Session, stability_policy
+from coreinfer.models.common import KVCache
 from oracle import hf_pair
 _, model = hf_pair(transformers.LlamaConfig(**{tiny!r}))
 quantize_model(model)
@@ -269,3 +271,28 @@ def test_a_second_process_loads_the_compiled_step_from_the_cache(tmp_path):
     print(runs)
     assert runs[0].get("fxgraph_cache_miss", 0) >= 1  # a fresh cache compiles
     assert runs[1].get("fxgraph_cache_hit", 0) >= 1 and not runs[1].get("fxgraph_cache_miss")
+
+
+def test_kv_cache_writes_in_place_what_a_per_row_copy_writes():
+    """KVCache.update (an index_put_, which the compiled step writes in place) against a per-row slice
+    copy: rows at different slots (a continuous batch) and several new tokens (a prefill chunk); eager and
+    compiled; the returned views are the cache's own storage."""
+    torch.manual_seed(0)
+    B, H, S, hd, T = 2, 2, 16, 8, 3
+    slots = torch.tensor([[4, 5, 6], [9, 10, 11]])  # [B, T]
+    k, v = torch.randn(B, H, T, hd), torch.randn(B, H, T, hd)
+    want_k, want_v = torch.randn(B, H, S, hd), torch.randn(B, H, S, hd)
+    start_k, start_v = want_k.clone(), want_v.clone()
+    for b in range(B):
+        want_k[b, :, slots[b]] = k[b]
+        want_v[b, :, slots[b]] = v[b]
+
+    def write(cache, slots, k, v):
+        return cache.update(slots, k, v, kv_len=12)
+
+    for fn in (write, torch.compile(write, fullgraph=True, dynamic=False)):
+        cache = KVCache(B, H, S, hd, torch.float32, "cpu")
+        cache.k.copy_(start_k), cache.v.copy_(start_v)
+        out_k, out_v = fn(cache, slots, k, v)
+        assert torch.equal(cache.k, want_k) and torch.equal(cache.v, want_v)
+        assert torch.equal(out_k, want_k[:, :, :12]) and out_k.data_ptr() == cache.k.data_ptr()

@@ -23,9 +23,9 @@ def pack(fmt: str, w: torch.Tensor) -> dict:
 
 
 def pack_down(fmt: str, w: torch.Tensor) -> dict:
-    """down [F, d] neuron-major: q8_0 blocks along d, or int8 with a scale per output channel [d]."""
-    if fmt == "q8_0":
-        return q8_0.pack(w)
+    """down [F, d] neuron-major: q8_0 or q4 blocks along d, or int8 with a scale per output channel [d]."""
+    if fmt in ("q8_0", "q4"):
+        return pack(fmt, w)
     t = int8_format.pack(w.t().contiguous())  # a scale per column of [F, d]
     return {"q": t["q"].t().contiguous(), "scale": t["scale"].float()}
 
@@ -58,6 +58,9 @@ def gap_threshold(score: torch.Tensor, share: float) -> float:
     ("int8", "int8", "silu", True, False, 1, 257, 576),
     ("q8_0", "int8", "relu", False, True, 2, 64, 64),
     ("q4", "q8_0", "gelu", True, False, 16, 96, 128),
+    ("q4", "q4", "silu", True, False, 1, 1536, 576),  # SmolLM2's layer under --weights small
+    ("q4", "q4", "gelu_pytorch_tanh", True, False, 5, 130, 160),  # d / 32 = 5 blocks, F % 4 != 0
+    ("q8_0", "q4", "relu", False, True, 16, 64, 64),
 ])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_op_equals_reference_on_its_own_arithmetic(fmt, down_fmt, act, gated, bias, M, F, d, threads):
@@ -122,8 +125,7 @@ def quantized(request, tiny_model_dir):
 def dim(ffn) -> int:
     from coreinfer.engine.threshold import neuron_rows
 
-    down = neuron_rows(ffn)["down"]
-    return down.get("qs", down.get("q")).shape[1]
+    return sparse_ffn.dequantize(neuron_rows(ffn)["down"], down=True).shape[1]
 
 
 def threshold_budgets(llm, share: float = 0.5) -> dict:
@@ -136,10 +138,29 @@ def threshold_budgets(llm, share: float = 0.5) -> dict:
 
 @needs_op
 def test_threshold_layer_equals_masked_dense_on_every_row(quantized):
+    check_threshold_layer(quantized.model.ffns()[1], threshold_budgets(quantized)[1])
+
+
+@needs_op
+def test_threshold_layer_with_a_q4_down_equals_masked_dense():
+    """--weights small: q4 gate/up and a q4 neuron-major down (the file's 4-bit down, re-blocked along d)."""
+    from coreinfer.eval.thresholds import threshold_errors
+    from coreinfer.models.common import FFN
+
+    F, d = 160, 96
+    g = torch.Generator().manual_seed(4)
+    ffn = FFN(0, d, F, "silu", gated=True, bias=False)
+    w = {name: torch.randn(F, d, generator=g) * 0.05 for name in ("up", "gate", "down")}
+    ffn.adopt_("q4", q4.pack(w["up"]), q4.pack(w["gate"]), "q4", q4.pack(w["down"]))
+    x = torch.randn(64, d, generator=g)
+    check_threshold_layer(ffn, next(b for b in threshold_errors(ffn, x) if b.refine == 0.5))
+
+
+def check_threshold_layer(ffn, budget) -> None:
+    """A ThresholdPlan layer, loaded with the whole FFN and with two 96-neuron supersets, against the
+    masked dense FFN in float math (x at the op's int8 rounding): every row of 20 picks its own rows."""
     from coreinfer.engine.threshold import ThresholdPlan, neuron_rows, row_norms
 
-    ffn = quantized.model.ffns()[1]
-    budget = threshold_budgets(quantized)[1]
     core = ThresholdPlan(budget.threshold, budget.refine).build()
     F, d = ffn.width, dim(ffn)
     g = torch.Generator().manual_seed(2)

@@ -8,7 +8,7 @@ step calls from its C++ wrapper. `share` is the calibrated mean share of the sup
 keeps: what the byte count assumes (the rows read vary per token).
 
 It runs on the quantized formats the op reads: int8 (quantize_) and the block formats of a GGUF (q8_0 or
-q4 gate/up, q8_0 neuron-major down; FFN.adopt_). Float layers keep `adaptive.Plan` (profile.LayerBudget
+q4 gate/up, q8_0 neuron-major down, or q4 under `--weights small`; FFN.adopt_). Float layers keep `adaptive.Plan` (profile.LayerBudget
 picks). Teacher-forced scoring (T > 1) goes through the same op, 16 rows a call, so `eval ppl` scores
 what decode computes.
 """

@@ -5,7 +5,8 @@
    gate/up [F, d] (a neuron a row, blocks along d) come in three formats, told apart by their tensors:
      q8_0: int8 q + fp16 block scales d [F, d/32];   int8: int8 q + a float scale per row rs [F];
      q4:   uint8 q [F, d/2] (nibbles as q4_gemv.cpp) + fp16 d, m [F, d/32].
-   down is int8 [F, d] with fp16 block scales [F, d/32] (q8_0) or a float scale per column [d] (int8).
+   down is int8 [F, d] with fp16 block scales [F, d/32] (q8_0) or a float scale per column [d] (int8), or
+   q4 [F, d/2] (q4_gemv.cpp's nibbles) with fp16 d, m [F, d/32] (`--weights small`: the file's 4-bit down).
    x is quantized per block of 32 to int8 (x_quant.h), as the dense GEMVs do, so on the superset this op
    computes what q8_0_gemv/q4_gemv/int8_gemv followed by neuron_rows' rows sum compute. The q4 dots are
    q4_gemv.cpp's own (q4_dot.h); the int8 dots follow q8_0_gemv.cpp; gate/up's rows
@@ -97,6 +98,41 @@ static inline void dots(const Rows &w, int64_t f, int64_t K, const XQ &x, float 
     else dot_int8<R>(w, f, K, x, out);
 }
 
+/* add_rows for a q4 down (qs [F, K/2], d, m [F, K/32]): per block of 32 columns, a_i (d q + m) =
+   (a_i d) q + a_i m; the four rows' a_i m summed once and added to the block's 32 lanes */
+static void add_rows_q4(const float *a, const int64_t *chosen, int64_t c0, int64_t c1, const uint8_t *q,
+                        const uint16_t *dd, const uint16_t *dm, int64_t K, float *acc) {
+    const __m128i low = _mm_set1_epi8(0x0F);
+    const int64_t H = K / 2, B = K / 32;
+    for (int64_t c = c0; c < c1; c += 4) {
+        int n = (int)std::min<int64_t>(4, c1 - c);
+        const uint8_t *p[4];
+        const uint16_t *s[4], *mn[4];
+        float coef[4];
+        for (int k = 0; k < 4; k++) {
+            int64_t i = chosen[c + (k < n ? k : 0)];  // a short group repeats its first row, with coef 0
+            p[k] = q + i * H, s[k] = dd + i * B, mn[k] = dm + i * B, coef[k] = k < n ? a[i] : 0.f;
+        }
+        for (int64_t k = 0; k < 4 && c + 4 + k < c1; k++)
+            for (int64_t j = 0; j < H; j += 64) _mm_prefetch((const char *)(q + chosen[c + 4 + k] * H + j), _MM_HINT_T0);
+        for (int64_t b = 0; b < B; b++) {
+            __m512 a0 = _mm512_loadu_ps(acc + 32 * b), a1 = _mm512_loadu_ps(acc + 32 * b + 16);
+            float msum = 0.f;
+            for (int k = 0; k < 4; k++) {
+                __m512 cs = _mm512_set1_ps(coef[k] * _cvtsh_ss(s[k][b]));
+                msum += coef[k] * _cvtsh_ss(mn[k][b]);
+                __m128i w = _mm_loadu_si128((const __m128i *)(p[k] + 16 * b));
+                __m128i lo = _mm_and_si128(w, low), hi = _mm_and_si128(_mm_srli_epi16(w, 4), low);
+                a0 = _mm512_fmadd_ps(cs, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), a0);
+                a1 = _mm512_fmadd_ps(cs, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), a1);
+            }
+            __m512 mv = _mm512_set1_ps(msum);
+            _mm512_storeu_ps(acc + 32 * b, _mm512_add_ps(a0, mv));
+            _mm512_storeu_ps(acc + 32 * b + 16, _mm512_add_ps(a1, mv));
+        }
+    }
+}
+
 /* acc [K] += sum over chosen[c0:c1] of a_i * down[i] (down int8 [F, K], block scales dd or none); rows
    four at a time, so that each tile of acc is loaded and stored once per four rows; the next four prefetched */
 static void add_rows(const float *a, const int64_t *chosen, int64_t c0, int64_t c1, const int8_t *q,
@@ -129,8 +165,9 @@ static void add_rows(const float *a, const int64_t *chosen, int64_t c0, int64_t 
 
 /* x [M, K] -> out [M, K] (zeroed); F neurons; returns the chosen count of each row into counts [M] */
 static void sparse_ffn(const float *x, int64_t M, int64_t K, int64_t F, const Rows *gate, const Rows &up,
-                       const float *up_bias, const int8_t *down, const uint16_t *down_d, const float *down_scale,
-                       const float *norm, float threshold, int64_t act, float *out, int64_t *counts) {
+                       const float *up_bias, const int8_t *down, const uint16_t *down_d, const uint16_t *down_m,
+                       const float *down_scale, const float *norm, float threshold, int64_t act, float *out,
+                       int64_t *counts) {
     bool q4 = up.q4() || (gate && gate->q4());
     int64_t Kp = (K + 127) / 128 * 128;
     std::vector<XQ> xq(M);
@@ -177,9 +214,14 @@ static void sparse_ffn(const float *x, int64_t M, int64_t K, int64_t F, const Ro
         int64_t shares = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / 32));
         std::vector<float> partial((shares - 1) * K, 0.f);
         at::parallel_for(0, shares, 1, [&](int64_t t0, int64_t t1) {
-            for (int64_t t = t0; t < t1; t++)
-                add_rows(am, chosen.data(), n * t / shares, n * (t + 1) / shares, down, down_d, K,
-                         t ? &partial[(t - 1) * K] : o);
+            for (int64_t t = t0; t < t1; t++) {
+                float *acc = t ? &partial[(t - 1) * K] : o;
+                if (down_m)
+                    add_rows_q4(am, chosen.data(), n * t / shares, n * (t + 1) / shares, (const uint8_t *)down,
+                                down_d, down_m, K, acc);
+                else
+                    add_rows(am, chosen.data(), n * t / shares, n * (t + 1) / shares, down, down_d, K, acc);
+            }
         });
         for (int64_t t = 1; t < shares; t++)
             for (int64_t j = 0; j < K; j++) o[j] += partial[(t - 1) * K + j];
@@ -191,8 +233,8 @@ static void sparse_ffn(const float *x, int64_t M, int64_t K, int64_t F, const Ro
 static bool supported() { return true; }
 #else
 static void sparse_ffn(const float *, int64_t, int64_t, int64_t, const Rows *, const Rows &, const float *,
-                       const int8_t *, const uint16_t *, const float *, const float *, float, int64_t, float *,
-                       int64_t *) {}
+                       const int8_t *, const uint16_t *, const uint16_t *, const float *, const float *, float, int64_t,
+                       float *, int64_t *) {}
 static bool supported() { return false; }
 #endif
 
@@ -232,18 +274,25 @@ static std::tuple<at::Tensor, at::Tensor> sparse_ffn_op(
     const std::optional<at::Tensor> &gate_m, const std::optional<at::Tensor> &gate_rs, const at::Tensor &up_q,
     const std::optional<at::Tensor> &up_d, const std::optional<at::Tensor> &up_m,
     const std::optional<at::Tensor> &up_rs, const std::optional<at::Tensor> &up_bias, const at::Tensor &down_q,
-    const std::optional<at::Tensor> &down_d, const std::optional<at::Tensor> &down_scale, const at::Tensor &down_norm,
-    double threshold, int64_t act) {
+    const std::optional<at::Tensor> &down_d, const std::optional<at::Tensor> &down_m,
+    const std::optional<at::Tensor> &down_scale, const at::Tensor &down_norm, double threshold, int64_t act) {
     TORCH_CHECK(supported(), "coreinfer::sparse_ffn needs AVX512-VNNI");
     TORCH_CHECK(x.dim() == 2 && x.size(0) >= 1 && x.size(0) <= 16 && x.size(1) % 32 == 0,
                 "coreinfer::sparse_ffn: x [M, d] with 1 <= M <= 16, d % 32 == 0");
     TORCH_CHECK(act >= SILU && act <= GELU_TANH, "coreinfer::sparse_ffn: act 0 silu, 1 relu, 2 gelu, 3 gelu tanh");
     int64_t K = x.size(1), F = down_q.size(0);
-    TORCH_CHECK(down_q.dim() == 2 && down_q.size(1) == K && down_q.scalar_type() == at::kChar && down_q.is_contiguous(),
-                "coreinfer::sparse_ffn: down int8 neuron-major [F, d], contiguous");
-    TORCH_CHECK(!down_d || (down_d->dim() == 2 && down_d->size(0) == F && down_d->size(1) == K / 32 &&
-                            down_d->scalar_type() == at::kHalf && down_d->is_contiguous() && !down_scale),
+    bool down_q4 = down_q.scalar_type() == at::kByte;
+    TORCH_CHECK(down_q.dim() == 2 && down_q.size(1) == (down_q4 ? K / 2 : K) && down_q.is_contiguous() &&
+                    (down_q4 || down_q.scalar_type() == at::kChar),
+                "coreinfer::sparse_ffn: down neuron-major, int8 [F, d] or q4 uint8 [F, d / 2], contiguous");
+    auto down_blocks = [&](const std::optional<at::Tensor> &t) {
+        return t && t->dim() == 2 && t->size(0) == F && t->size(1) == K / 32 && t->scalar_type() == at::kHalf &&
+               t->is_contiguous();
+    };
+    TORCH_CHECK(!down_d || (down_blocks(down_d) && !down_scale),
                 "coreinfer::sparse_ffn: down's fp16 block scales [F, d / 32], or else its column scales");
+    TORCH_CHECK(down_q4 == (bool)down_m && (!down_q4 || (down_blocks(down_d) && down_blocks(down_m))),
+                "coreinfer::sparse_ffn: a q4 down (uint8) needs fp16 d and m [F, d / 32], and only it takes m");
     TORCH_CHECK(down_d || (down_scale && down_scale->numel() == K && down_scale->scalar_type() == at::kFloat &&
                            down_scale->is_contiguous()),
                 "coreinfer::sparse_ffn: int8 down needs float column scales [d]");
@@ -257,8 +306,8 @@ static std::tuple<at::Tensor, at::Tensor> sparse_ffn_op(
     at::Tensor out = at::zeros({x.size(0), K}, xf.options());
     at::Tensor counts = at::zeros({x.size(0)}, xf.options().dtype(at::kLong));
     sparse_ffn(xf.data_ptr<float>(), x.size(0), K, F, gate_q ? &gate : nullptr, up,
-               up_bias ? up_bias->data_ptr<float>() : nullptr, down_q.data_ptr<int8_t>(), half_ptr(down_d),
-               down_scale ? down_scale->data_ptr<float>() : nullptr, down_norm.data_ptr<float>(), (float)threshold,
+               up_bias ? up_bias->data_ptr<float>() : nullptr, reinterpret_cast<const int8_t *>(down_q.data_ptr()),
+               half_ptr(down_d), half_ptr(down_m), down_scale ? down_scale->data_ptr<float>() : nullptr, down_norm.data_ptr<float>(), (float)threshold,
                act, out.data_ptr<float>(), counts.data_ptr<int64_t>());
     return {out, counts};
 }
@@ -266,7 +315,7 @@ static std::tuple<at::Tensor, at::Tensor> sparse_ffn_op(
 TORCH_LIBRARY_FRAGMENT(coreinfer, m) {
     m.def("sparse_ffn(Tensor x, Tensor? gate_q, Tensor? gate_d, Tensor? gate_m, Tensor? gate_rs, Tensor up_q, "
           "Tensor? up_d, Tensor? up_m, Tensor? up_rs, Tensor? up_bias, Tensor down_q, Tensor? down_d, "
-          "Tensor? down_scale, Tensor down_norm, float threshold, int act) -> (Tensor, Tensor)");
+          "Tensor? down_m, Tensor? down_scale, Tensor down_norm, float threshold, int act) -> (Tensor, Tensor)");
     m.def("sparse_ffn_supported() -> bool");
 }
 TORCH_LIBRARY_IMPL(coreinfer, CPU, m) { m.impl("sparse_ffn", &sparse_ffn_op); }

@@ -7,7 +7,7 @@ superset); the neurons with |a_i| * down_norm_i >= threshold are chosen (a calib
 threshold: no sort, no top-k), and only their rows of down, stored neuron-major [F, d], are read.
 counts holds how many each row of x chose. The weights are format tensors (formats/):
   gate/up: q8_0 {qs, d}, q4 {qs, d, m}, or int8 {q, scale [F]};
-  down:    q8_0 {qs, d} of [F, d], or int8 {q [F, d], scale [d]} (a scale per output channel).
+  down:    q8_0 {qs, d} or q4 {qs, d, m} of [F, d], or int8 {q [F, d], scale [d]} (a scale per output channel).
 The op runs where it applies (CPU, 1 <= M <= 16, d % 32 == 0, an AVX512-VNNI CPU; x is then quantized per
 block of 32 to int8, as the dense GEMVs do), else the reference, in float math on the dequantized weights.
 """
@@ -36,8 +36,8 @@ def load() -> bool:
     if not builder.load_operators("sparse_ffn.cpp", FALLBACK):
         return False
 
-    def fake(x, gate_q, gate_d, gate_m, gate_rs, up_q, up_d, up_m, up_rs, up_bias, down_q, down_d, down_scale,
-             down_norm, threshold, act):
+    def fake(x, gate_q, gate_d, gate_m, gate_rs, up_q, up_d, up_m, up_rs, up_bias, down_q, down_d, down_m,
+             down_scale, down_norm, threshold, act):
         return (x.new_empty(x.shape[0], x.shape[1], dtype=torch.float32),
                 x.new_empty(x.shape[0], dtype=torch.int64))
 
@@ -99,4 +99,4 @@ def sparse_ffn(x: torch.Tensor, gate: dict | None, up: dict, down: dict, down_no
         return reference(x, gate, up, down, down_norm, threshold, act, up_bias)
     down_q, down_d, down_scale = (down["qs"], down["d"], None) if "qs" in down else (down["q"], None, down["scale"])
     return torch.ops.coreinfer.sparse_ffn(x.float().contiguous(), *_args(gate), *_args(up), up_bias, down_q, down_d,
-                                          down_scale, down_norm, float(threshold), ACTS[act][0])
+                                          down.get("m"), down_scale, down_norm, float(threshold), ACTS[act][0])
