@@ -120,6 +120,7 @@ class KVCache:
         shape = (batch, kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.rows = torch.arange(batch, device=device)[:, None]  # [B, 1]: update's batch index, made once
 
     def update(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_len: int):
         """Write k, v [B, Hkv, T, hd] at `slots` [B, T]; return the first `kv_len` slots (views, no copy).
@@ -128,7 +129,7 @@ class KVCache:
         scatter_ became a copy of the whole cache, the scatter and a copy back, for K and V of every layer
         (4 x 786 KB per layer and step at 512 slots of SmolLM2: ~94 MB of traffic a token, as much as the
         weights)."""
-        rows = torch.arange(slots.shape[0], device=slots.device)[:, None]  # [B, 1], broadcast against slots
+        rows = self.rows[:slots.shape[0]]  # [B, 1], broadcast against slots
         self.k[rows, :, slots] = k.transpose(1, 2)  # the indexed dims lead: [B, T, Hkv, hd]
         self.v[rows, :, slots] = v.transpose(1, 2)
         return self.k[:, :, :kv_len], self.v[:, :, :kv_len]
