@@ -65,18 +65,21 @@ void q4_k_floats(const uint8_t *b, float *out) {
 }
 
 /* One Q6_K super-block (210 bytes: ql 128, qh 64, int8 scales 16, fp16 d) -> 256 floats (ggml's
-   dequantize_row_q6_K): halves of 128 weights, each 4 runs of 32 from ql's nibbles and qh's bit pairs */
+   dequantize_row_q6_K): halves of 128 weights, each 4 runs r of 32 from ql's nibbles and qh's bit pairs.
+   Run by run, 16 weights of one scale a loop, so that the loop's shifts are uniform and it vectorizes
+   (weight by weight with the 4 runs interleaved: 81 ms a 7B down layer in benchmarks/ffn_convert.py, 37 so) */
 void q6_k_floats(const uint8_t *b, float *out) {
     const uint8_t *ql = b, *qh = b + 128;
     const int8_t *sc = reinterpret_cast<const int8_t *>(b + 192);
     float d = f16(b + 208);
     for (int h = 0; h < 2; h++, ql += 64, qh += 32, sc += 8, out += 128) {
-        for (int i = 0; i < 32; i++) {
-            int q[4] = {(ql[i] & 0xF) | (((qh[i] >> 0) & 3) << 4), (ql[i + 32] & 0xF) | (((qh[i] >> 2) & 3) << 4),
-                        (ql[i] >> 4) | (((qh[i] >> 4) & 3) << 4), (ql[i + 32] >> 4) | (((qh[i] >> 6) & 3) << 4)};
-            for (int r = 0; r < 4; r++) {
-                float scale = d * float(sc[2 * r + i / 16]);
-                out[32 * r + i] = scale * float(q[r] - 32);
+        for (int r = 0; r < 4; r++) {
+            const uint8_t *l = ql + 32 * (r % 2);
+            int lshift = 4 * (r / 2), hshift = 2 * r;
+            for (int i0 = 0; i0 < 32; i0 += 16) {
+                float scale = d * float(sc[2 * r + i0 / 16]);
+                for (int i = i0; i < i0 + 16; i++)
+                    out[32 * r + i] = scale * float((((l[i] >> lshift) & 0xF) | (((qh[i] >> hshift) & 3) << 4)) - 32);
             }
         }
     }
